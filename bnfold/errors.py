@@ -1,0 +1,50 @@
+"""The one family of errors a user can cause, each with the exit code the CLI uses."""
+
+from __future__ import annotations
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises for a problem the user can fix.
+
+    The message names the file, layer or option at fault and says what to do.
+    """
+
+    exit_code: int = EXIT_BAD_INPUT
+
+
+class UsageError(BnfoldError):
+    """An option or argument is malformed or inconsistent."""
+
+    exit_code = EXIT_USAGE
+
+
+class ModelLoadError(BnfoldError):
+    """A model file cannot be read, is not a model, or is unsafe to load."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """A model file would run arbitrary code when loaded and was not trusted."""
+
+
+class FoldError(BnfoldError):
+    """Folding cannot proceed (corrupt statistics, overflow, untraceable model)."""
+
+
+class ExportError(BnfoldError):
+    """The folded model could not be exported to ONNX."""
+
+
+class VerificationError(BnfoldError):
+    """The exported ONNX model does not match the original model."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,190 @@
+"""Export a folded module to ONNX (dynamic batch, metadata), verify it, and write it atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import fx, nn
+
+from . import __version__
+from .errors import ExportError, UsageError, VerificationError
+from .fold import fold
+from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
+from .progress import Progress
+from .report import ExportResult, FoldReport
+from . import verify as verification
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputsArg
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's own prints, warnings and log lines."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    """Number of ``op_type`` nodes in the model's graph, its subgraphs and its local functions."""
+
+    def in_graph(graph: onnx.GraphProto) -> int:
+        total = 0
+        for node in graph.node:
+            total += node.op_type == op_type
+            for attr in node.attribute:
+                total += sum(in_graph(g) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+        return total
+
+    return in_graph(model.graph) + sum(n.op_type == op_type for f in model.functions for n in f.node)
+
+
+def _output_count(module: fx.GraphModule) -> int:
+    return len(torch.utils._pytree.tree_leaves(module.graph.output_node().args[0]))
+
+
+def to_onnx(
+    module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool, opset: int | None
+) -> onnx.ModelProto:
+    """Translate a (folded) module to an ONNX ModelProto with torch's dynamo exporter."""
+    inputs = with_batch(example_inputs, CAPTURE_BATCH) if dynamic_batch else tuple(example_inputs)
+    n_out = _output_count(module)
+    names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                dynamic_shapes=batch_dynamic_shapes(inputs) if dynamic_batch else None,
+                opset_version=opset,
+                output_names=names,
+                verbose=False,
+                optimize=True,
+            )
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        hint = f" (opset {opset} may be unsupported; omit --opset)" if opset else ""
+        raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first}") from exc
+    return program.model_proto
+
+
+def _add_metadata(model: onnx.ModelProto, report: FoldReport) -> None:
+    props = {
+        "bnfold_version": __version__,
+        "bnfold_fold_report": json.dumps(
+            {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
+        ),
+        "bnfold_input_names": json.dumps([i.name for i in model.graph.input]),
+        "bnfold_output_names": json.dumps([o.name for o in model.graph.output]),
+    }
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> Path:
+    """The output path, checked: its folder exists and is writable, and it is not the input."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist; create it or choose another -o")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"output folder {folder} is not writable; choose another -o")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
+        raise UsageError(f"output {out} is the input model file; choose another -o")
+    return out
+
+
+def default_output_path(model_path: str | os.PathLike[str]) -> Path:
+    """``<input stem>.onnx`` beside the input."""
+    return Path(model_path).with_suffix(".onnx")
+
+
+def export(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    inputs: InputsArg = None,
+    source: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Fold ``module``'s batch-norms, export it to ONNX at ``path`` and verify it.
+
+    The file is written to a temporary name beside ``path`` and renamed only after it passed
+    verification (and the BatchNormalization count check), so ``path`` never holds an
+    unverified model. A failed verification raises :class:`VerificationError` carrying the
+    report. ``source`` (the model file) is refused as an output path.
+    """
+    progress = progress or Progress()
+    out = check_output_path(path, source)
+    progress.start("Folding batch-norms")
+    folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
+    progress.finish()
+    progress.start("Exporting to ONNX")
+    model = to_onnx(folded.module, example_inputs, dynamic_batch=dynamic_batch, opset=opset)
+    _add_metadata(model, folded.report)
+    progress.finish()
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            onnx.save(model, tmp)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot write {out}: {exc}") from exc
+        bn_count = count_ops(model, "BatchNormalization")
+        report = None
+        if verify:
+            report = verification.verify(module, tmp, inputs, rtol=rtol, atol=atol, progress=progress)
+            report.onnx_path = str(out)
+        if bn_count != folded.report.kept_count:
+            raise VerificationError(
+                f"the ONNX graph has {bn_count} BatchNormalization node(s) but the fold report keeps "
+                f"{folded.report.kept_count}; the export is inconsistent and was not written",
+                report,
+            )
+        if report is not None and not report.passed:
+            raise VerificationError(
+                f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportResult(
+        path=str(out),
+        fold_report=folded.report,
+        verify_report=report,
+        onnx_batchnorm_count=bn_count,
+        opset=opset_used,
+        input_names=[i.name for i in model.graph.input],
+        output_names=[o.name for o in model.graph.output],
+    )
+

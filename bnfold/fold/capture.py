@@ -1,0 +1,89 @@
+"""Capture an eval-mode model as a flat ATen graph (torch.export) that the fold pass can rewrite."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import FoldError
+from ..modes import eval_mode
+
+# torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
+# captured with this example batch size (inputs are repeated along dim 0 to reach it).
+CAPTURE_BATCH = 2
+
+
+def batch_dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, torch.export.Dim], ...]:
+    """A ``dynamic_shapes`` spec marking dim 0 of every input as one shared batch dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    return tuple({0: batch} for _ in inputs)
+
+
+def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """The inputs resized along dim 0 to ``batch`` rows (repeating or truncating rows)."""
+    out = []
+    for x in inputs:
+        reps = -(-batch // x.shape[0])
+        out.append(x.repeat(reps, *([1] * (x.dim() - 1)))[:batch])
+    return tuple(out)
+
+
+def _first_lines(exc: BaseException, n: int = 3) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " | ".join(lines[:n]) or type(exc).__name__
+
+
+def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    """A module torch.export can trace: TorchScript is converted to an exported program first."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module
+    from torch._export.converter import TS2EPConverter
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TS2EPConverter(module, inputs).convert().module()
+    except Exception as exc:  # the converter raises many types
+        raise FoldError(
+            f"cannot convert the TorchScript model to a traceable graph: {_first_lines(exc)}. "
+            "Save the model as a state_dict (with --arch) or with torch.export.save instead."
+        ) from exc
+
+
+def capture(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = True
+) -> torch.fx.GraphModule:
+    """Trace ``module`` in eval mode into a GraphModule whose weights are ``get_attr`` nodes.
+
+    With ``dynamic_batch`` the batch axis (dim 0 of every input) stays symbolic; a model that
+    cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch.
+    """
+    inputs = tuple(example_inputs)
+    if dynamic_batch:
+        inputs = with_batch(inputs, CAPTURE_BATCH)
+    with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traceable = _as_plain_module(module, inputs)
+        try:
+            program = torch.export.export(
+                traceable,
+                inputs,
+                dynamic_shapes=batch_dynamic_shapes(inputs) if dynamic_batch else None,
+                strict=False,
+            )
+        except torch._dynamo.exc.UserError as exc:
+            if dynamic_batch and "Constraints violated" in str(exc):
+                raise FoldError(
+                    "the model cannot take a dynamic batch size (its code fixes the batch "
+                    f"dimension: {_first_lines(exc, 2)}). Re-run with --static-batch "
+                    "(Python: dynamic_batch=False) to export for the given batch size only."
+                ) from exc
+            raise FoldError(f"torch.export cannot trace the model: {_first_lines(exc)}") from exc
+        except Exception as exc:
+            raise FoldError(
+                f"torch.export cannot trace the model: {type(exc).__name__}: {_first_lines(exc)}"
+            ) from exc
+    return program.module()

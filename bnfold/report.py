@@ -1,0 +1,200 @@
+"""Report dataclasses: what folding did to every batch-norm, and what verification measured."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FOLDED = "folded"
+KEPT = "kept"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join("  " + line for line in lines)
+
+
+@dataclass(frozen=True)
+class BatchNormEntry:
+    """One batch-norm call site of the model and what happened to it."""
+
+    name: str
+    """Module path of the batch-norm (e.g. ``layer1.0.bn1``), or the graph node name."""
+    kind: str
+    """Module class (``BatchNorm2d``) or ``batch_norm`` for a functional call."""
+    channels: int
+    status: str
+    """``"folded"`` or ``"kept"``."""
+    into: str | None = None
+    """The layer the batch-norm was folded into."""
+    pattern: str | None = None
+    """The rewrite that folded it, e.g. ``Conv2d → BatchNorm``."""
+    reason: str | None = None
+    """Why it was kept (exported as an exact BatchNormalization op)."""
+
+    @property
+    def detail(self) -> str:
+        """One human-readable phrase: where it went or why it stayed."""
+        if self.status == FOLDED:
+            return f"into {self.into} ({self.pattern})"
+        return f"kept: {self.reason}"
+
+
+@dataclass
+class FoldReport:
+    """Every batch-norm of the model: folded into which layer, or kept and why."""
+
+    entries: list[BatchNormEntry] = field(default_factory=list)
+    dynamic_batch: bool = True
+
+    @property
+    def folded_count(self) -> int:
+        return sum(e.status == FOLDED for e in self.entries)
+
+    @property
+    def kept_count(self) -> int:
+        return sum(e.status == KEPT for e in self.entries)
+
+    def kept_by_reason(self) -> dict[str, int]:
+        """Number of kept batch-norms per reason, most frequent first."""
+        return dict(Counter(e.reason or "" for e in self.entries if e.status == KEPT).most_common())
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.entries)} batch-norm(s): {self.folded_count} folded, "
+            f"{self.kept_count} kept"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_norms": len(self.entries),
+            "folded": self.folded_count,
+            "kept": self.kept_count,
+            "kept_by_reason": self.kept_by_reason(),
+            "dynamic_batch": self.dynamic_batch,
+            "entries": [asdict(e) for e in self.entries],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"Fold report: {self.summary()}"]
+        if self.entries:
+            rows = [[e.name, e.kind, str(e.channels), e.status, e.detail] for e in self.entries]
+            lines.append(_table(["layer", "type", "ch", "status", "detail"], rows))
+        for reason, count in self.kept_by_reason().items():
+            lines.append(f"  kept {count}x: {reason}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """Agreement of one model output between the reference and the ONNX model."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    """Normwise: ``max|y - y_ref| / max|y_ref|``."""
+    ref_max_abs: float
+    tolerance: float
+    """``atol + rtol * max|y_ref|``; the output passes when ``max_abs_error <= tolerance``."""
+    argmax_rows: int
+    """Rows compared for top-1 agreement (2-D outputs only; 0 otherwise)."""
+    argmax_decidable_rows: int
+    """Rows whose reference top-2 margin exceeds twice that row's error."""
+    argmax_mismatches: int
+    """Top-1 disagreements among the decidable rows (must be 0 to pass)."""
+    argmax_agreement: float | None
+    """Fraction of all compared rows with the same top-1 (informational)."""
+    passed: bool
+
+
+@dataclass
+class VerifyReport:
+    """What verification compared and measured, and whether it passed."""
+
+    onnx_path: str
+    rtol: float
+    atol: float
+    input_source: str
+    batch_sizes: list[int]
+    samples: int
+    outputs: list[OutputCheck] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
+    """Structural checks beyond the numbers (e.g. BatchNormalization count), name -> failure."""
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and not self.checks
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def failures(self) -> list[str]:
+        """One sentence per failed output or check."""
+        out = [
+            f"output '{o.name}': max abs error {o.max_abs_error:.3g} > tolerance {o.tolerance:.3g}"
+            if o.max_abs_error > o.tolerance
+            else f"output '{o.name}': top-1 differs on {o.argmax_mismatches} sample(s) with a clear margin"
+            for o in self.outputs
+            if not o.passed
+        ]
+        return out + list(self.checks.values())
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"Verification {verdict}: ONNX Runtime vs eval-mode PyTorch on {self.samples} sample(s) "
+            f"({self.input_source}; batch sizes {', '.join(map(str, self.batch_sizes))})",
+            f"  pass iff max|y - y_ref| <= atol + rtol * max|y_ref|   (rtol={self.rtol:g}, atol={self.atol:g})",
+        ]
+        rows = [
+            [
+                o.name,
+                f"{o.max_abs_error:.3e}",
+                f"{o.max_rel_error:.3e}",
+                f"{o.tolerance:.3e}",
+                "-" if o.argmax_agreement is None else f"{100 * o.argmax_agreement:.2f}%",
+                "pass" if o.passed else "FAIL",
+            ]
+            for o in self.outputs
+        ]
+        lines.append(_table(["output", "max abs err", "max rel err", "tolerance", "top-1 agree", ""], rows))
+        lines.extend(f"  FAILED: {m}" for m in self.checks.values())
+        return "\n".join(lines)
+
+
+@dataclass
+class ExportResult:
+    """The outcome of :func:`bnfold.export`."""
+
+    path: str
+    fold_report: FoldReport
+    verify_report: VerifyReport | None
+    onnx_batchnorm_count: int
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "opset": self.opset,
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+            "onnx_batchnorm_count": self.onnx_batchnorm_count,
+            "fold": self.fold_report.to_dict(),
+            "verify": None if self.verify_report is None else self.verify_report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        parts = [str(self.fold_report)]
+        parts.append(
+            f"ONNX: {self.path} (opset {self.opset}, "
+            f"{'dynamic' if self.fold_report.dynamic_batch else 'static'} batch, "
+            f"{self.onnx_batchnorm_count} BatchNormalization node(s))"
+        )
+        parts.append("Verification skipped (--no-verify)" if self.verify_report is None else str(self.verify_report))
+        return "\n".join(parts)

@@ -1,0 +1,212 @@
+"""Verification: ONNX Runtime on the exported file against the original module in eval mode."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BnfoldError, UsageError
+from .modes import run_eval
+from .predictor import Predictor, TensorSpec
+from .progress import Progress
+from .report import OutputCheck, VerifyReport
+
+# Defaults, justified in the README ("Verification tolerances"): fp32 re-association error of a
+# folded network is ~1e-6 of the output scale; a wrong fold (dropped eps, one mis-scaled channel)
+# is far above 1e-4.
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+RANDOM_BATCH_SIZES = (1, 8)
+DATA_CHUNK = 64
+_DATA_KEYS = ("x", "input", "inputs", "data")
+
+InputsArg = str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray] | None
+
+
+def _single_input(arrays: Mapping[str, np.ndarray], spec: TensorSpec, source: str) -> np.ndarray:
+    for key in (spec.name, *_DATA_KEYS):
+        if key in arrays:
+            return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise UsageError(f"{source}: no array named '{spec.name}' (the model input); it has {sorted(arrays)}")
+
+
+def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Arrays for every model input from a ``.npy``/``.npz`` path, an array or a name -> array map.
+
+    A ``.npz`` holds one array per input, named after it; for a single-input model an array
+    named ``x``/``input``/``inputs``/``data``, or the file's only array, is used.
+    """
+    label = "--inputs"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = f"--inputs {path}"
+        if not path.is_file():
+            raise UsageError(f"{label}: file does not exist")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise UsageError(f"{label}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
+        source = dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    if isinstance(source, np.ndarray):
+        if len(specs) != 1:
+            raise UsageError(f"{label}: the model has {len(specs)} inputs; give a .npz with one array per input")
+        source = {specs[0].name: source}
+    arrays = dict(source)
+    if len(specs) == 1:
+        out = {specs[0].name: _single_input(arrays, specs[0], label)}
+    else:
+        missing = [s.name for s in specs if s.name not in arrays]
+        if missing:
+            raise UsageError(f"{label}: no array for model input(s) {missing}; it has {sorted(arrays)}")
+        out = {s.name: arrays[s.name] for s in specs}
+    for spec in specs:
+        arr = out[spec.name]
+        if arr.dtype.kind != "f":
+            raise UsageError(f"{label}: array for input '{spec.name}' has dtype {arr.dtype}; expected floats")
+        if arr.ndim != len(spec.shape) or any(
+            isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
+        ):
+            raise UsageError(f"{label}: array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}")
+    if len({a.shape[0] for a in out.values()}) != 1:
+        raise UsageError(f"{label}: arrays have different numbers of samples")
+    return out
+
+
+def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded standard-normal arrays of every input's shape with the given batch size."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in specs:
+        free = [d for d in spec.shape[1:] if not isinstance(d, int)]
+        if free:
+            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass --inputs with real data")
+        out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(spec.dtype)
+    return out
+
+
+def _batches(arrays: dict[str, np.ndarray], dynamic: bool, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    n = next(iter(arrays.values())).shape[0]
+    if dynamic and n > 1:  # a second batch size: the first sample on its own
+        yield {k: v[:1] for k, v in arrays.items()}
+    for i in range(0, n, chunk):
+        yield {k: v[i : i + chunk] for k, v in arrays.items()}
+
+
+@dataclass
+class _Accumulator:
+    name: str
+    max_abs: float = 0.0
+    ref_max: float = 0.0
+    rows: int = 0
+    decidable: int = 0
+    mismatches: int = 0
+    agree: int = 0
+    shape_problem: str | None = None
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        if ref.shape != got.shape:
+            self.shape_problem = f"output '{self.name}' has shape {got.shape} in ONNX but {ref.shape} in PyTorch"
+            return
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(got64 - ref64)
+        if ref.size:
+            self.max_abs = max(self.max_abs, float(diff.max()) if np.isfinite(got64).all() else float("inf"))
+            self.ref_max = max(self.ref_max, float(np.abs(ref64).max()))
+        if ref.ndim == 2 and ref.shape[1] >= 2:
+            top2 = np.sort(ref64, axis=1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+            row_err = diff.max(axis=1)
+            same = ref64.argmax(axis=1) == got64.argmax(axis=1)
+            decidable = margin > 2 * row_err  # no error this size can swap the top-1
+            self.rows += ref.shape[0]
+            self.agree += int(same.sum())
+            self.decidable += int(decidable.sum())
+            self.mismatches += int((decidable & ~same).sum())
+
+    def check(self, rtol: float, atol: float) -> OutputCheck:
+        tolerance = atol + rtol * self.ref_max
+        return OutputCheck(
+            name=self.name,
+            max_abs_error=self.max_abs,
+            max_rel_error=self.max_abs / self.ref_max if self.ref_max else self.max_abs,
+            ref_max_abs=self.ref_max,
+            tolerance=tolerance,
+            argmax_rows=self.rows,
+            argmax_decidable_rows=self.decidable,
+            argmax_mismatches=self.mismatches,
+            argmax_agreement=self.agree / self.rows if self.rows else None,
+            passed=self.max_abs <= tolerance and self.mismatches == 0,
+        )
+
+
+def verify(
+    module: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    inputs: InputsArg = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Compare ONNX Runtime (CPU, graph optimizations off) on ``onnx_path`` with ``module`` in
+    eval mode under ``no_grad``.
+
+    ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
+    random-normal inputs of the model's input shapes at batch sizes 1 and 8 (only the fixed
+    batch when the batch axis is static). Returns the report; it does not raise on failure.
+    """
+    if rtol < 0 or atol < 0:
+        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
+    progress = progress or Progress()
+    predictor = Predictor(onnx_path, device="cpu", optimize=False)
+    specs = predictor.inputs
+    dynamic = all(s.batch_is_dynamic for s in specs)
+    if inputs is None:
+        sizes = RANDOM_BATCH_SIZES if dynamic else (predictor.static_batch or 1,)
+        batches = [random_inputs(specs, b, seed + i) for i, b in enumerate(sizes)]
+        source = f"random normal, seed {seed}"
+    else:
+        arrays = load_inputs(inputs, specs)
+        batches = list(_batches(arrays, dynamic, DATA_CHUNK if dynamic else predictor.static_batch or DATA_CHUNK))
+        source = f"{inputs}" if isinstance(inputs, (str, os.PathLike)) else "given arrays"
+    accs = [_Accumulator(s.name) for s in predictor.outputs]
+    checks: dict[str, str] = {}
+    progress.start("Verifying in ONNX Runtime")
+    for i, feeds in enumerate(batches):
+        got = predictor.run({s.name: predictor.check_input(s, feeds[s.name]) for s in specs})
+        ref = run_eval(module, [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs])
+        if len(ref) != len(got):
+            checks["outputs"] = f"the ONNX model has {len(got)} output(s), the PyTorch model {len(ref)}"
+            break
+        for acc, r, g in zip(accs, ref, got):
+            r_np = r.detach().float().cpu().numpy()
+            if not np.isfinite(r_np).all():
+                raise BnfoldError(
+                    f"the original model's output '{acc.name}' contains NaN/inf on the verification "
+                    "inputs: fix the model (or its statistics) before exporting"
+                )
+            acc.add(r_np, g)
+        progress.advance(i + 1, len(batches))
+    progress.finish()
+    checks.update({f"shape:{a.name}": a.shape_problem for a in accs if a.shape_problem})
+    samples = sum(next(iter(b.values())).shape[0] for b in batches)
+    return VerifyReport(
+        onnx_path=str(onnx_path),
+        rtol=rtol,
+        atol=atol,
+        input_source=source,
+        batch_sizes=sorted({next(iter(b.values())).shape[0] for b in batches}),
+        samples=samples,
+        outputs=[a.check(rtol, atol) for a in accs],
+        checks=checks,
+    )
