@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -19,27 +15,12 @@ from torch import fx, nn
 from . import __version__
 from .errors import ExportError, UsageError, VerificationError
 from .fold import fold
+from .modes import quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from . import verify as verification
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputsArg
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's own prints, warnings and log lines."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
@@ -68,7 +49,7 @@ def to_onnx(
     n_out = _output_count(module)
     names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     try:
-        with _quiet():
+        with quiet_torch():
             program = torch.onnx.export(
                 module,
                 inputs,

@@ -1,8 +1,11 @@
-"""Running a PyTorch module the way verification and folding need: eval mode, no grad."""
+"""Running PyTorch modules the way folding and verification need: eval mode, no grad, quiet."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -11,14 +14,42 @@ from torch import nn
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the duration, restoring each submodule's mode after."""
+    """Put ``module`` in eval mode for the duration, restoring each submodule's mode after.
+
+    The flags are set directly, as ``nn.Module.eval`` does: modules from ``torch.export`` refuse
+    ``.eval()`` (their graph is already fixed in eval mode).
+    """
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in modes:
+        m.training = False
     try:
         yield module
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's exporters: their prints, warnings and log lines."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def module_types(module: nn.Module) -> dict[str, str]:
+    """Class name of every submodule by path (TorchScript modules report their original class)."""
+    return {
+        path: getattr(m, "original_name", None) or type(m).__name__ for path, m in module.named_modules()
+    }
 
 
 def run_eval(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

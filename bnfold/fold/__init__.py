@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..modes import module_types
 from ..report import FoldReport
 from .capture import capture
 from .graph import fold_graph
@@ -29,7 +30,7 @@ def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_b
     ``dynamic_batch`` the batch axis stays free.
     """
     graph_module = capture(module, example_inputs, dynamic_batch=dynamic_batch)
-    report = fold_graph(graph_module)
+    report = fold_graph(graph_module, module_types(module))
     report.dynamic_batch = dynamic_batch
     return FoldResult(graph_module, report)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import FoldError
-from ..modes import eval_mode
+from ..modes import eval_mode, quiet_torch
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -43,9 +42,7 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
     from torch._export.converter import TS2EPConverter
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return TS2EPConverter(module, inputs).convert().module()
+        return TS2EPConverter(module, inputs).convert().module()
     except Exception as exc:  # the converter raises many types
         raise FoldError(
             f"cannot convert the TorchScript model to a traceable graph: {_first_lines(exc)}. "
@@ -64,8 +61,7 @@ def capture(
     inputs = tuple(example_inputs)
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
-    with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with eval_mode(module), torch.no_grad(), quiet_torch():
         traceable = _as_plain_module(module, inputs)
         try:
             program = torch.export.export(

@@ -289,13 +289,18 @@ class _FoldPass:
             delattr(self.gm, name)
 
 
-def fold_graph(gm: fx.GraphModule) -> FoldReport:
+def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldReport:
     """Fold every foldable batch-norm of ``gm`` in place of the graph; weights are never modified.
 
     New folded weights are registered as new attributes, so a layer used at several call sites
-    keeps its original weights at the others. Returns the report of every batch-norm.
+    keeps its original weights at the others. ``types`` (module path -> class name) names the
+    layers when the graph does not record its modules (e.g. converted TorchScript).
+    Returns the report of every batch-norm.
     """
     sites = [s for s in map(_batchnorm_site, list(gm.graph.nodes)) if s is not None]
+    for site in sites:
+        if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
+            site.kind = types[site.name]
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if names.count(site.name) > 1:

@@ -1,0 +1,205 @@
+"""``bnfold`` console script: parses options, calls the library, prints reports.
+
+Errors a user can cause become one line on stderr and the exit code of their class
+(see ``bnfold.errors``); ``bnfold --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnfold import __version__
+from bnfold.errors import BnfoldError, UsageError, VerificationError
+from bnfold.export import check_output_path, default_output_path, export
+from bnfold.fold import fold
+from bnfold.loading import LoadedModel, load_model, parse_shape
+from bnfold.progress import for_stream
+from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
+
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"bnfold: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn bnfold errors into one stderr line and an exit code; tracebacks only with --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().obj.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except BnfoldError as exc:
+            if debug:
+                raise
+            report = getattr(exc, "report", None)
+            if isinstance(exc, VerificationError) and report is not None:
+                click.echo(str(report))
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug in bnfold or a library: still one line, unless --debug
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"internal error: {type(exc).__name__}: {first} (re-run as `bnfold --debug ...` for the traceback)", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that reads a PyTorch model file."""
+    options = [
+        click.option("--arch", metavar="MODULE:FACTORY", help="Architecture for a state_dict file: package.module:factory or file.py:factory. Its code is imported and run."),
+        click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the --arch factory, as a JSON object, e.g. '{\"num_classes\": 10}'."),
+        click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole nn.Module. Unpickling runs code from the file: only for files you trust."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NxCxHxW", help="Input shape, batch first (repeat for several inputs). Needed when the file does not record it."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> LoadedModel:
+    kwargs = None
+    if arch_kwargs:
+        try:
+            kwargs = json.loads(arch_kwargs)
+        except ValueError as exc:
+            raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        if not arch:
+            raise UsageError("--arch-kwargs needs --arch")
+    return load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (temp file beside it, then rename)."""
+    target = Path(path)
+    check_output_path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Fold batch-norm into a trained PyTorch CNN, export it to ONNX and verify it.
+
+    Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 unreadable, unsafe or
+    unsupported model, 4 internal error, 130 interrupted.
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="ONNX file to write (default: <model stem>.onnx beside the model).")
+@model_options
+@click.option("--static-batch", is_flag=True, help="Fix the batch size to the input shape's instead of a dynamic batch axis.")
+@click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
+@click.option("--no-verify", is_flag=True, help="Skip verification in ONNX Runtime (the BatchNormalization count is still checked).")
+@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance, against max|y_ref|.")
+@click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance.")
+@click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the full fold + verify report as JSON here.")
+@handle_errors
+def export_command(model: str, output: str | None, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
+                   input_shapes: tuple[str, ...], static_batch: bool, opset: int | None, no_verify: bool,
+                   rtol: float, atol: float, inputs: str | None, report_path: str | None) -> None:  # fmt: skip
+    """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
+    shapes = [parse_shape(s) for s in input_shapes]
+    out = Path(output) if output else default_output_path(model)
+    check_output_path(out, model if Path(model).exists() else None)
+    if report_path:
+        check_output_path(report_path, model if Path(model).exists() else None)
+    progress = for_stream(sys.stderr)
+    progress.start(f"Loading {model}")
+    loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    progress.finish()
+    try:
+        result = export(
+            loaded.module, loaded.example_inputs(shapes), out,
+            dynamic_batch=not static_batch, opset=opset, verify=not no_verify,
+            rtol=rtol, atol=atol, inputs=inputs, source=model, progress=progress,
+        )  # fmt: skip
+    except VerificationError as exc:
+        if report_path and exc.report is not None:
+            _write_json(report_path, {"model": model, "passed": False, "verify": exc.report.to_dict()})
+        raise
+    click.echo(f"Model: {model} ({loaded.format})")
+    click.echo(str(result))
+    if report_path:
+        _write_json(report_path, {"model": model, "format": loaded.format, **result.to_dict()})
+    click.echo(f"Wrote {result.path}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=True))
+@model_options
+@click.option("--static-batch", is_flag=True, help="Trace with a fixed batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fold report as JSON.")
+@handle_errors
+def inspect_command(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
+                    input_shapes: tuple[str, ...], static_batch: bool, as_json: bool) -> None:  # fmt: skip
+    """List every batch-norm of MODEL and what export would do with it, without exporting."""
+    shapes = [parse_shape(s) for s in input_shapes]
+    loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    inputs = loaded.example_inputs(shapes)
+    report = fold(loaded.module, inputs, dynamic_batch=not static_batch).report
+    if as_json:
+        click.echo(json.dumps({"model": model, "format": loaded.format, "input_shapes": [list(t.shape) for t in inputs], **report.to_dict()}, indent=2))
+        return
+    click.echo(f"Model: {model} ({loaded.format}); input shape(s): {', '.join('x'.join(map(str, t.shape)) for t in inputs)}")
+    click.echo(str(report))
+
+
+@main.command("verify")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("onnx_model", type=click.Path(dir_okay=True))
+@model_options
+@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance, against max|y_ref|.")
+@click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance.")
+@click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the verify report as JSON here.")
+@handle_errors
+def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
+                   input_shapes: tuple[str, ...], rtol: float, atol: float, inputs: str | None,
+                   report_path: str | None) -> None:  # fmt: skip
+    """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
+    if input_shapes:
+        raise UsageError("--input-shape is not used by verify: shapes come from the ONNX model (or --inputs)")
+    loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    report = verify(loaded.module, onnx_model, inputs, rtol=rtol, atol=atol, progress=for_stream(sys.stderr))
+    click.echo(str(report))
+    if report_path:
+        _write_json(report_path, {"model": model, **report.to_dict()})
+    if not report.passed:
+        _fail(f"verification failed: {'; '.join(report.failures())}", VerificationError.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

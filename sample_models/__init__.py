@@ -1,0 +1,1 @@
+"""Sample models for bnfold: architectures, a deterministic build script, trained files and test sets."""
