@@ -62,7 +62,6 @@ class _BatchNormSite:
     node: fx.Node
     output: fx.Node
     """The node carrying the normalised tensor (the op itself, or its ``getitem(0)``)."""
-    source: fx.Node
     weight: fx.Node | None
     bias: fx.Node | None
     mean: fx.Node | None
@@ -71,6 +70,11 @@ class _BatchNormSite:
     uses_batch_stats: bool
     name: str
     kind: str
+
+    @property
+    def source(self) -> fx.Node:
+        """The node the batch-norm normalises, read live (earlier folds rewire it)."""
+        return self.node.args[0]
 
 
 @dataclass
@@ -112,7 +116,7 @@ def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
     else:
         name, kind = node.name, "batch_norm"
     return _BatchNormSite(
-        node=node, output=output, source=node.args[0],
+        node=node, output=output,
         weight=node.args[1], bias=node.args[2], mean=mean, var=var,
         eps=float(node.args[eps_idx]), uses_batch_stats=uses_batch_stats,
         name=name or node.name, kind=kind,

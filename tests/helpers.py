@@ -1,0 +1,60 @@
+"""Shared test helpers: non-trivial batch-norm statistics, tolerance checks, ONNX inspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.export import count_ops
+from bnfold.modes import run_eval
+from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+
+def randomize_batchnorms(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every batch-norm statistics far from the identity (mean +-2, var 0.05..4, gamma, beta)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            if m.track_running_stats:
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 4 - 2)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 3.95 + 0.05)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=gen) * 2 - 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=gen) * 2 - 1)
+    return module.eval()
+
+
+def assert_close(reference: torch.Tensor, candidate: torch.Tensor, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> None:
+    """The verifier's own criterion: max|c - r| <= atol + rtol * max|r| (normwise)."""
+    ref = reference.detach().double()
+    err = float((candidate.detach().double() - ref).abs().max())
+    bound = atol + rtol * float(ref.abs().max())
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+
+
+def assert_same_function(original: nn.Module, folded: nn.Module, *inputs: torch.Tensor) -> None:
+    """Folded module == original in eval mode on ``inputs``, output by output."""
+    ref, got = run_eval(original, inputs), run_eval(folded, inputs)
+    assert len(ref) == len(got)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape
+        assert_close(r, g)
+
+
+def graph_batchnorm_ops(folded: bnfold.FoldResult) -> int:
+    """Batch-norm ops left in a folded GraphModule."""
+    return sum(n.op == "call_function" and "batch_norm" in str(n.target) for n in folded.module.graph.nodes)
+
+
+def onnx_batchnorms(path: str | Path) -> int:
+    return count_ops(onnx.load(str(path)), "BatchNormalization")
+
+
+def random_input(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
