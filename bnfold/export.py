@@ -19,8 +19,8 @@ from .modes import quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
 from .report import ExportResult, FoldReport
-from . import verify as verification
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputsArg
+from .verify import verify as verify_onnx
 
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
@@ -143,7 +143,7 @@ def export(
         bn_count = count_ops(model, "BatchNormalization")
         report = None
         if verify:
-            report = verification.verify(module, tmp, inputs, rtol=rtol, atol=atol, progress=progress)
+            report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, progress=progress)
             report.onnx_path = str(out)
         if bn_count != folded.report.kept_count:
             raise VerificationError(

@@ -101,7 +101,7 @@ class OutputCheck:
     argmax_rows: int
     """Rows compared for top-1 agreement (2-D outputs only; 0 otherwise)."""
     argmax_decidable_rows: int
-    """Rows whose reference top-2 margin exceeds twice that row's error."""
+    """Rows whose reference top-2 margin exceeds the max abs error of their batch."""
     argmax_mismatches: int
     """Top-1 disagreements among the decidable rows (must be 0 to pass)."""
     argmax_agreement: float | None

@@ -1,0 +1,95 @@
+"""Property-based tests of the fold math against float64 conv/linear + batch-norm references."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold.fold import math as fold_math
+
+F64 = torch.float64
+# Float64 end to end: anything above re-association noise is a wrong formula.
+RTOL = 1e-10
+
+
+def bn_params(draw, channels: int, affine: bool):
+    """Valid but extreme statistics: variances from 1e-6 to 1e4, means up to 1e3."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    log_var = torch.empty(channels, dtype=F64).uniform_(-6, 4, generator=gen)
+    mean = torch.empty(channels, dtype=F64).uniform_(-1, 1, generator=gen) * 10 ** draw(st.integers(0, 3))
+    gamma = torch.randn(channels, dtype=F64, generator=gen) if affine else None
+    beta = torch.randn(channels, dtype=F64, generator=gen) if affine else None
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    return mean, 10**log_var, gamma, beta, eps, gen
+
+
+def reference_bn(y, mean, var, gamma, beta, eps):
+    return F.batch_norm(y, mean, var, gamma, beta, training=False, eps=eps)
+
+
+def assert_close(got, ref):
+    scale = ref.abs().max().item() + 1e-30
+    assert (got - ref).abs().max().item() <= RTOL * scale
+
+
+@st.composite
+def conv_case(draw):
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3))
+    return dict(
+        dims=dims, groups=groups, cin=cin, cout=cout, k=k,
+        stride=draw(st.integers(1, 2)), dilation=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
+        bias=draw(st.booleans()), affine=draw(st.booleans()), bn=None,
+    ), draw  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_case())
+def test_conv_output_fold(case):
+    c, draw = case
+    mean, var, gamma, beta, eps, gen = bn_params(draw, c["cout"], c["affine"])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
+    w = torch.randn(c["cout"], c["cin"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
+    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
+    x = torch.randn(2, c["cin"], *[7] * c["dims"], dtype=F64, generator=gen)
+    kw = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    w2, b2 = fold_math.scale_output_channels(w, b, s, t)
+    assert_close(conv(x, w2, b2, **kw), reference_bn(conv(x, w, b, **kw), mean, var, gamma, beta, eps))
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_case())
+def test_conv_transpose_output_fold(case):
+    c, draw = case
+    mean, var, gamma, beta, eps, gen = bn_params(draw, c["cout"], c["affine"])
+    deconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
+    w = torch.randn(c["cin"], c["cout"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
+    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
+    x = torch.randn(2, c["cin"], *[5] * c["dims"], dtype=F64, generator=gen)
+    kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    w2, b2 = fold_math.scale_transposed_output_channels(w, b, s, t, c["groups"])
+    assert_close(deconv(x, w2, b2, **kw), reference_bn(deconv(x, w, b, **kw), mean, var, gamma, beta, eps))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 16), st.booleans(), st.booleans(), st.data())
+def test_linear_output_fold(n_in, n_out, bias, affine, data):
+    mean, var, gamma, beta, eps, gen = bn_params(data.draw, n_out, affine)
+    w = torch.randn(n_out, n_in, dtype=F64, generator=gen)
+    b = torch.randn(n_out, dtype=F64, generator=gen) if bias else None
+    x = torch.randn(4, n_in, dtype=F64, generator=gen)
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    w2, b2 = fold_math.scale_output_channels(w, b, s, t)
+    assert_close(F.linear(x, w2, b2), reference_bn(F.linear(x, w, b), mean, var, gamma, beta, eps))
+
+
+def test_scale_shift_is_float64_even_for_float32_statistics():
+    s, t = fold_math.bn_scale_shift(torch.ones(3), torch.full((3,), 1e-8), None, None, 0.0)
+    assert s.dtype == t.dtype == F64
+    assert torch.allclose(s, torch.full((3,), 1e4, dtype=F64), rtol=1e-7)

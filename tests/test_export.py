@@ -1,0 +1,72 @@
+"""ONNX export: dynamic/static batch, metadata, atomic writes, refusing to overwrite the input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import onnx
+import pytest
+import torch
+from helpers import random_input, randomize_batchnorms
+from torch import nn
+
+import bnfold
+from bnfold.predictor import Predictor
+
+
+def model() -> nn.Module:
+    return randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+
+
+def test_dynamic_batch_by_default_and_metadata(tmp_path):
+    result = bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    proto = onnx.load(result.path)
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["bnfold_version"] == bnfold.__version__
+    assert json.loads(meta["bnfold_fold_report"])["folded"] == 1
+    assert json.loads(meta["bnfold_output_names"]) == ["output"]
+    out = Predictor(result.path, device="cpu").predict(random_input(5, 3, 8, 8).numpy())
+    assert out.shape == (5, 4, 6, 6)
+
+
+def test_static_batch(tmp_path):
+    result = bnfold.export(model(), (random_input(3, 3, 8, 8),), tmp_path / "m.onnx", dynamic_batch=False)
+    dim = onnx.load(result.path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == 3
+    assert result.verify_report.batch_sizes == [3]
+
+
+class FixedBatch(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1)
+
+
+def test_model_that_cannot_take_a_dynamic_batch_says_how_to_proceed(tmp_path):
+    with pytest.raises(bnfold.FoldError, match="--static-batch"):
+        bnfold.export(FixedBatch(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_opset_is_recorded(tmp_path):
+    assert bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", opset=18).opset == 18
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"original")
+    with pytest.raises(bnfold.UsageError, match="is the input"):
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), source, source=source)
+    assert source.read_bytes() == b"original"
+
+
+def test_interrupt_leaves_no_partial_file(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("bnfold.export"), "verify_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
