@@ -1,0 +1,107 @@
+"""Predictor on the CPU: shapes, dtypes, splitting, dict I/O, threads, device selection."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_input, randomize_batchnorms
+from torch import nn
+
+import bnfold
+from bnfold.predictor import Predictor, _cuda_problem
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, y):
+        z = self.bn(self.conv(x))
+        return z.mean((2, 3)) + y, z.amax((2, 3))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> str:
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5)))
+    path = tmp_path_factory.mktemp("p") / "m.onnx"
+    return bnfold.export(model, (random_input(1, 3, 6, 6),), path).path
+
+
+def test_numpy_in_numpy_out_and_float64_is_cast(single):
+    p = Predictor(single, device="cpu")
+    assert p.device == "cpu" and p.providers == ["CPUExecutionProvider"]
+    x = np.random.default_rng(0).standard_normal((7, 3, 6, 6))
+    out = p.predict(x)
+    assert out.shape == (7, 5) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, p.predict(x.astype(np.float32)))
+
+
+def test_splitting_gives_the_same_result_in_order(single):
+    x = np.random.default_rng(1).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    whole = Predictor(single, device="cpu").predict(x)
+    chunked = Predictor(single, device="cpu", batch_size=3).predict(x)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [(np.zeros((2, 3, 6, 6), np.int64), "dtype int64"), (np.zeros((2, 4, 6, 6), np.float32), "expected shape Nx3x6x6"), (np.zeros((3, 6, 6), np.float32), "got 3x6x6")],
+    ids=["int", "channels", "rank"],
+)
+def test_bad_inputs_name_the_input(single, x, match):
+    with pytest.raises(bnfold.UsageError, match=f"input 'input'.*{match}"):
+        Predictor(single, device="cpu").predict(x)
+
+
+def test_several_inputs_and_outputs_use_dicts(tmp_path):
+    model = randomize_batchnorms(TwoHeads())
+    path = bnfold.export(model, (random_input(1, 3, 5, 5), random_input(1, 4)), tmp_path / "m.onnx").path
+    p = Predictor(path, device="cpu")
+    out = p.predict({"x": random_input(2, 3, 5, 5).numpy(), "y": random_input(2, 4).numpy()})
+    assert set(out) == {"output_0", "output_1"} and out["output_0"].shape == (2, 4)
+    with pytest.raises(bnfold.UsageError, match="missing"):
+        p.predict({"x": random_input(2, 3, 5, 5).numpy()})
+
+
+def test_predict_is_thread_safe(single):
+    p = Predictor(single, device="cpu")
+    batches = [np.random.default_rng(i).standard_normal((4, 3, 6, 6)).astype(np.float32) for i in range(8)]
+    expected = [p.predict(b) for b in batches]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i] = p.predict(batches[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        np.testing.assert_array_equal(results[i], expected[i])
+
+
+def _cuda_works() -> bool:
+    if _cuda_problem() is not None:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_works(), reason="a working CUDA provider is present")
+def test_cuda_without_a_gpu_raises_and_auto_warns(single):
+    with pytest.raises(bnfold.BnfoldError, match="--device cuda"):
+        Predictor(single, device="cuda")
+    with pytest.warns(bnfold.CudaUnavailableWarning, match="running on CPU"):
+        p = Predictor(single, device="auto")
+    assert p.device == "cpu" and p.fallback_reason
+
+
+def test_unknown_device_is_a_usage_error(single):
+    with pytest.raises(bnfold.UsageError, match="--device"):
+        Predictor(single, device="tpu")
