@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldError
-from ..modes import eval_mode, quiet_torch
+from ..modes import eval_mode, quiet_torch, run_eval
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -32,7 +32,22 @@ def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor
 
 def _first_lines(exc: BaseException, n: int = 3) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and "TorchScript interpreter" in lines[0]:
+        lines = lines[-1:]  # TorchScript puts the real error on its last line
     return " | ".join(lines[:n]) or type(exc).__name__
+
+
+def _run_once(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run the model eagerly once, so a rejected input shape or a failing forward is named as such."""
+    try:
+        with quiet_torch():
+            run_eval(module, inputs)
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        raise FoldError(
+            f"running the model on input shape(s) {shapes} failed: {type(exc).__name__}: "
+            f"{_first_lines(exc, 1)}. Check --input-shape, or fix the model's forward"
+        ) from exc
 
 
 def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
@@ -45,7 +60,7 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
         return TS2EPConverter(module, inputs).convert().module()
     except Exception as exc:  # the converter raises many types
         raise FoldError(
-            f"cannot convert the TorchScript model to a traceable graph: {_first_lines(exc)}. "
+            f"cannot convert the TorchScript model to a traceable graph: {_first_lines(exc, 1)}. "
             "Save the model as a state_dict (with --arch) or with torch.export.save instead."
         ) from exc
 
@@ -59,6 +74,7 @@ def capture(
     cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch.
     """
     inputs = tuple(example_inputs)
+    _run_once(module, inputs)
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
     with eval_mode(module), torch.no_grad(), quiet_torch():
@@ -77,9 +93,9 @@ def capture(
                     f"dimension: {_first_lines(exc, 2)}). Re-run with --static-batch "
                     "(Python: dynamic_batch=False) to export for the given batch size only."
                 ) from exc
-            raise FoldError(f"torch.export cannot trace the model: {_first_lines(exc)}") from exc
+            raise FoldError(f"torch.export cannot trace the model: {_first_lines(exc, 1)}") from exc
         except Exception as exc:
             raise FoldError(
-                f"torch.export cannot trace the model: {type(exc).__name__}: {_first_lines(exc)}"
+                f"torch.export cannot trace the model: {type(exc).__name__}: {_first_lines(exc, 1)}"
             ) from exc
     return program.module()
