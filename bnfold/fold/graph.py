@@ -1,5 +1,5 @@
-"""The fold pass: find batch-norms on a captured ATen graph, fold them into the neighbouring
-weight layer where that is exact, and report every one of them."""
+"""The fold pass: find batch-norms on a captured ATen graph, fold each into a neighbouring weight
+layer (or batch-norm) where that is exact, and report every one of them."""
 
 from __future__ import annotations
 
@@ -16,25 +16,26 @@ from . import math as fold_math
 
 aten = torch.ops.aten
 
-# Batch-norm ops: name -> (index of the "training" flag or None, index of eps, returns a tuple?)
+# Batch-norm ops: target -> (index of the "training" flag or None, index of eps, returns a tuple?).
+# Every one takes (input, weight, bias, running_mean, running_var, ...).
 _BATCHNORM_OPS: dict[object, tuple[int | None, int, bool]] = {
     aten.batch_norm.default: (5, 7, False),
     aten._native_batch_norm_legit_no_training.default: (None, 6, True),
     aten._native_batch_norm_legit.default: (5, 7, True),
     aten.native_batch_norm.default: (5, 7, True),
 }
-# Ops that normalise with batch statistics and have no running stats at all.
+# Normalises with batch statistics and has no running statistics at all: (input, w, b, training, momentum, eps).
 _BATCH_STATS_OPS = {aten._native_batch_norm_legit.no_stats}
 
-# Weight layers. Every one takes (input, weight, bias, ...): weight at 1, bias at 2.
-_CONV_OPS = {
-    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-    aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
-}  # fmt: skip
+# Weight layers. Every one takes (input, weight, bias, ...).
+_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONV_PADDING_STR_OPS = {aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 _CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 _GENERIC_CONV_OPS = {aten.convolution.default, aten._convolution.default}
 _LINEAR_OPS = {aten.linear.default}
-_WEIGHT_OPS = _CONV_OPS | _CONV_TRANSPOSE_OPS | _GENERIC_CONV_OPS | _LINEAR_OPS
+_WEIGHT_OPS = _CONV_OPS | _CONV_PADDING_STR_OPS | _CONV_TRANSPOSE_OPS | _GENERIC_CONV_OPS | _LINEAR_OPS
+# Padding modes that commute with a per-channel affine map (the padded values are input values).
+_AFFINE_COMMUTING_PAD_MODES = {"reflect", "replicate", "circular"}
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Tensor:
@@ -47,6 +48,10 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
     return node.kwargs.get(name, default)
 
 
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
 def _module_path(node: fx.Node) -> tuple[str, str] | None:
     """(path, class name) of the innermost module that produced ``node``, if recorded."""
     stack = node.meta.get("nn_module_stack")
@@ -57,15 +62,17 @@ def _module_path(node: fx.Node) -> tuple[str, str] | None:
     return path, cls_name.rsplit(".", 1)[-1]
 
 
+def _is_stored(node: object) -> bool:
+    return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+
+
 @dataclass
 class _BatchNormSite:
+    """One batch-norm call in the graph; its tensors are read live, since folds rewire them."""
+
     node: fx.Node
     output: fx.Node
     """The node carrying the normalised tensor (the op itself, or its ``getitem(0)``)."""
-    weight: fx.Node | None
-    bias: fx.Node | None
-    mean: fx.Node | None
-    var: fx.Node | None
     eps: float
     uses_batch_stats: bool
     name: str
@@ -73,29 +80,70 @@ class _BatchNormSite:
 
     @property
     def source(self) -> fx.Node:
-        """The node the batch-norm normalises, read live (earlier folds rewire it)."""
         return self.node.args[0]
+
+    @property
+    def weight(self) -> fx.Node | None:
+        return self.node.args[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return self.node.args[2]
+
+    @property
+    def mean(self) -> fx.Node | None:
+        return None if self.node.target in _BATCH_STATS_OPS else self.node.args[3]
+
+    @property
+    def var(self) -> fx.Node | None:
+        return None if self.node.target in _BATCH_STATS_OPS else self.node.args[4]
+
+    def channels(self, gm: fx.GraphModule) -> int:
+        for ref in (self.mean, self.weight):
+            if isinstance(ref, fx.Node) and ref.op == "get_attr":
+                return int(_fetch(gm, ref.target).numel())
+        val = self.source.meta.get("val") if isinstance(self.source, fx.Node) else None
+        return int(val.shape[1]) if val is not None and val.dim() > 1 else 0
+
+    def scale_shift(self, gm: fx.GraphModule) -> tuple[Tensor, Tensor]:
+        get = lambda ref: None if ref is None else _fetch(gm, ref.target)  # noqa: E731
+        return fold_math.bn_scale_shift(get(self.mean), get(self.var), get(self.weight), get(self.bias), self.eps)
 
 
 @dataclass
 class _WeightLayer:
     node: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
     transposed: bool
     groups: int
     kind: str
     name: str
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.node.args[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return _arg(self.node, 2, "bias")
+
+    def zero_pads_input(self) -> bool:
+        """Whether the layer itself pads its input with zeros."""
+        if self.kind == "Linear":
+            return False
+        padding = _arg(self.node, 4, "padding", 0)
+        if isinstance(padding, str):
+            kernel = self.weight.meta["val"].shape[2:] if "val" in self.weight.meta else ()
+            return padding == "same" and any(k > 1 for k in kernel)
+        return any(int(p) != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
 
 def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
     if node.op != "call_function":
         return None
     if node.target in _BATCH_STATS_OPS:
-        training_idx, eps_idx, returns_tuple, has_stats = None, 4, True, False
+        training_idx, eps_idx, returns_tuple, has_stats = None, 5, True, False
     elif node.target in _BATCHNORM_OPS:
-        training_idx, eps_idx, returns_tuple = _BATCHNORM_OPS[node.target]
-        has_stats = True
+        (training_idx, eps_idx, returns_tuple), has_stats = _BATCHNORM_OPS[node.target], True
     else:
         return None
     output = node
@@ -106,8 +154,7 @@ def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
         output = firsts[0] if len(firsts) == 1 and len(items) == len(node.users) == 1 else node
     training = bool(node.args[training_idx]) if training_idx is not None else False
     mean = node.args[3] if has_stats else None
-    var = node.args[4] if has_stats else None
-    uses_batch_stats = not has_stats or training or mean is None or var is None
+    uses_batch_stats = not has_stats or training or mean is None or node.args[4] is None
     located = _module_path(node)
     if located and "BatchNorm" in located[1]:
         name, kind = located
@@ -115,18 +162,13 @@ def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
         name, kind = mean.target.rsplit(".", 1)[0], "batch_norm"
     else:
         name, kind = node.name, "batch_norm"
-    return _BatchNormSite(
-        node=node, output=output,
-        weight=node.args[1], bias=node.args[2], mean=mean, var=var,
-        eps=float(node.args[eps_idx]), uses_batch_stats=uses_batch_stats,
-        name=name or node.name, kind=kind,
-    )  # fmt: skip
+    return _BatchNormSite(node, output, float(node.args[eps_idx]), uses_batch_stats, name or node.name, kind)
 
 
 def _weight_layer(node: fx.Node) -> _WeightLayer | None:
     if node.op != "call_function" or node.target not in _WEIGHT_OPS:
         return None
-    weight, bias = node.args[1], _arg(node, 2, "bias")
+    weight = node.args[1]
     if node.target in _GENERIC_CONV_OPS:
         transposed, groups = bool(node.args[6]), int(node.args[8])
     elif node.target in _LINEAR_OPS:
@@ -134,12 +176,11 @@ def _weight_layer(node: fx.Node) -> _WeightLayer | None:
     else:
         transposed = node.target in _CONV_TRANSPOSE_OPS
         groups = int(_arg(node, 6, "groups", 1))
-    weight_dims = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
     if node.target in _LINEAR_OPS:
         kind = "Linear"
     else:
-        spatial = f"{weight_dims - 2}d" if weight_dims else ""
-        kind = ("ConvTranspose" if transposed else "Conv") + spatial
+        dims = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
+        kind = ("ConvTranspose" if transposed else "Conv") + (f"{dims - 2}d" if dims else "")
     located = _module_path(node)
     if located and located[0]:
         name = located[0]
@@ -147,11 +188,7 @@ def _weight_layer(node: fx.Node) -> _WeightLayer | None:
         name = weight.target.rsplit(".", 1)[0]
     else:
         name = node.name
-    return _WeightLayer(node, weight, bias, transposed, groups, kind, name)
-
-
-def _is_stored(node: object) -> bool:
-    return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+    return _WeightLayer(node, transposed, groups, kind, name)
 
 
 def _describe_source(node: fx.Node) -> str:
@@ -160,8 +197,7 @@ def _describe_source(node: fx.Node) -> str:
     if node.op == "call_function":
         if _batchnorm_site(node) is not None or node.target is operator.getitem:
             return "its input is another batch-norm that stays"
-        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        return f"its input comes from '{op}', not directly from a conv/linear layer"
+        return f"its input comes from '{_op_name(node)}', not directly from a conv/linear layer"
     return f"its input comes from {node.op} '{node.target}', not a conv/linear layer"
 
 
@@ -200,6 +236,7 @@ class _FoldPass:
         self.gm = gm
         self.counter = 0
 
+    # ------------------------------------------------------------------------- graph edits
     def _new_attr(self, value: Tensor, before: fx.Node, suffix: str) -> fx.Node:
         name = f"_bnfold_{self.counter}_{suffix}"
         self.counter += 1
@@ -209,16 +246,43 @@ class _FoldPass:
         node.meta["val"] = value
         return node
 
+    def _set_weights(self, layer: _WeightLayer, weight: Tensor, bias: Tensor | None) -> None:
+        args = list(layer.node.args)
+        args[1] = self._new_attr(weight, layer.node, "weight")
+        if bias is None:
+            layer.node.args = tuple(args)
+            return
+        b_node = self._new_attr(bias, layer.node, "bias")
+        if len(args) > 2:
+            args[2] = b_node
+            layer.node.args = tuple(args)
+        else:
+            layer.node.args = tuple(args)
+            layer.node.kwargs = {**layer.node.kwargs, "bias": b_node}
+
+    def _remove(self, site: _BatchNormSite, replacement: fx.Node) -> None:
+        site.output.replace_all_uses_with(replacement)
+        for node in dict.fromkeys((site.output, site.node)):
+            self.gm.graph.erase_node(node)
+
+    def _layer_tensors(self, layer: _WeightLayer) -> tuple[Tensor, Tensor | None]:
+        return _fetch(self.gm, layer.weight.target), None if layer.bias is None else _fetch(self.gm, layer.bias.target)
+
+    def _cast_pair(self, site: _BatchNormSite, layer: _WeightLayer, w: Tensor, b: Tensor | None, like_w: Tensor, like_b: Tensor | None):
+        what = f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
+        w = _cast_checked(w, like_w, f"{what}: the weight")
+        b = None if b is None else _cast_checked(b, like_w if like_b is None else like_b, f"{what}: the bias")
+        return w, b
+
+    def _folded(self, site: _BatchNormSite, into: str, pattern: str, shared: bool = False) -> BatchNormEntry:
+        if shared:
+            pattern += "; weights copied, other call sites keep the originals"
+        return BatchNormEntry(site.name, site.kind, site.channels(self.gm), FOLDED, into=into, pattern=pattern)
+
     def keep(self, site: _BatchNormSite, reason: str) -> BatchNormEntry:
-        return BatchNormEntry(site.name, site.kind, self._channels(site), KEPT, reason=reason)
+        return BatchNormEntry(site.name, site.kind, site.channels(self.gm), KEPT, reason=reason)
 
-    def _channels(self, site: _BatchNormSite) -> int:
-        for ref in (site.mean, site.weight):
-            if isinstance(ref, fx.Node) and ref.op == "get_attr":
-                return int(_fetch(self.gm, ref.target).numel())
-        val = site.source.meta.get("val") if isinstance(site.source, fx.Node) else None
-        return int(val.shape[1]) if val is not None and val.dim() > 1 else 0
-
+    # ------------------------------------------------------------------------------ visit
     def visit(self, site: _BatchNormSite) -> BatchNormEntry:
         if site.uses_batch_stats:
             return self.keep(site, "track_running_stats=False: it normalises with batch statistics at inference")
@@ -226,62 +290,109 @@ class _FoldPass:
             return self.keep(site, "its saved mean/invstd outputs are used elsewhere")
         if not all(_is_stored(r) for r in (site.weight, site.bias, site.mean, site.var)):
             return self.keep(site, "its parameters are computed at run time, not stored")
+        entry_or_reason = self._fold_into_producer(site)
+        if isinstance(entry_or_reason, BatchNormEntry):
+            return entry_or_reason
+        consumer = self._fold_into_consumer(site)
+        if isinstance(consumer, BatchNormEntry):
+            return consumer
+        return self.keep(site, f"{entry_or_reason}; {consumer}")
+
+    # ----------------------------------------------------------------- output side: X -> BN
+    def _fold_into_producer(self, site: _BatchNormSite) -> BatchNormEntry | str:
         layer = _weight_layer(site.source)
         if layer is None:
-            return self.keep(site, _describe_source(site.source))
+            return _describe_source(site.source)
         if len(layer.node.users) > 1:
             others = len(layer.node.users) - 1
-            return self.keep(site, f"the output of {layer.kind} '{layer.name}' is also used by {others} other op(s)")
+            return f"the output of {layer.kind} '{layer.name}' is also used by {others} other op(s)"
         if not (_is_stored(layer.weight) and layer.weight is not None and _is_stored(layer.bias)):
-            return self.keep(site, f"the weight of {layer.kind} '{layer.name}' is computed at run time, not stored")
+            return f"the weight of {layer.kind} '{layer.name}' is computed at run time, not stored"
         out_val = layer.node.meta.get("val")
         if layer.kind == "Linear" and out_val is not None and out_val.dim() != 2:
-            return self.keep(
-                site,
+            return (
                 f"Linear '{layer.name}' output is {out_val.dim()}-D: BatchNorm1d normalises dim 1 "
-                "but Linear acts on the last dim, so folding would be wrong",
+                "but Linear acts on the last dim, so folding would be wrong"
             )
-        return self._fold(site, layer)
-
-    def _fold(self, site: _BatchNormSite, layer: _WeightLayer) -> BatchNormEntry:
-        gm = self.gm
-        weight = _fetch(gm, layer.weight.target)
-        bias = None if layer.bias is None else _fetch(gm, layer.bias.target)
-        mean, var = _fetch(gm, site.mean.target), _fetch(gm, site.var.target)
-        gamma = None if site.weight is None else _fetch(gm, site.weight.target)
-        beta = None if site.bias is None else _fetch(gm, site.bias.target)
+        weight, bias = self._layer_tensors(layer)
         out_channels = weight.shape[1] * layer.groups if layer.transposed else weight.shape[0]
-        if out_channels != mean.numel():
-            return self.keep(
-                site, f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {mean.numel()}"
-            )
-        s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, site.eps)
+        if out_channels != site.channels(self.gm):
+            return f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {site.channels(self.gm)}"
+        s, t = site.scale_shift(self.gm)
         if layer.transposed:
             new_w, new_b = fold_math.scale_transposed_output_channels(weight, bias, s, t, layer.groups)
         else:
             new_w, new_b = fold_math.scale_output_channels(weight, bias, s, t)
-        what = f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
-        new_w = _cast_checked(new_w, weight, f"{what}: the weight")
-        new_b = _cast_checked(new_b, weight if bias is None else bias, f"{what}: the bias")
+        new_w, new_b = self._cast_pair(site, layer, new_w, new_b, weight, bias)
+        shared = len(layer.weight.users) > 1  # the layer is called at other sites too
+        self._set_weights(layer, new_w, new_b)
+        self._remove(site, layer.node)
+        return self._folded(site, layer.name, f"{layer.kind} → {site.kind}", shared)
 
-        shared = len(layer.weight.users) > 1
-        w_node = self._new_attr(new_w, layer.node, "weight")
-        b_node = self._new_attr(new_b, layer.node, "bias")
-        args = list(layer.node.args)
-        args[1] = w_node
-        if len(args) > 2:
-            args[2] = b_node
-            layer.node.args = tuple(args)
+    # ------------------------------------------------------------------ input side: BN -> X
+    def _fold_into_consumer(self, site: _BatchNormSite) -> BatchNormEntry | str:
+        users = list(site.output.users)
+        if len(users) != 1:
+            return f"its output feeds {len(users)} ops"
+        consumer = users[0]
+        pad = None
+        if consumer.op == "call_function" and consumer.target is aten.pad.default and len(consumer.users) == 1:
+            mode = _arg(consumer, 2, "mode", "constant")
+            if mode in _AFFINE_COMMUTING_PAD_MODES:
+                pad, consumer = consumer, next(iter(consumer.users))
+        next_bn = _batchnorm_site(consumer) if pad is None else None
+        if next_bn is not None and next_bn.source is site.output:
+            return self._compose(site, next_bn)
+        layer = _weight_layer(consumer)
+        feeds = pad if pad is not None else site.output
+        if layer is None or layer.node.args[0] is not feeds:
+            return f"its output feeds '{_op_name(consumer)}', not a conv/linear layer"
+        if not (_is_stored(layer.weight) and layer.weight is not None and _is_stored(layer.bias)):
+            return f"the weight of the following {layer.kind} '{layer.name}' is computed at run time"
+        weight, bias = self._layer_tensors(layer)
+        in_channels = weight.shape[0] if layer.transposed else weight.shape[1] * layer.groups
+        if in_channels != site.channels(self.gm):
+            return f"channel mismatch: the following {layer.kind} '{layer.name}' takes {in_channels} channels"
+        src_val = site.source.meta.get("val")
+        if layer.kind == "Linear" and src_val is not None and src_val.dim() != 2:
+            return f"it normalises dim 1 of a {src_val.dim()}-D tensor but the following Linear '{layer.name}' acts on the last dim"
+        s, t = site.scale_shift(self.gm)
+        zero_shift = bool((t == 0).all())
+        if layer.zero_pads_input() and not zero_shift:
+            return (
+                f"the following {layer.kind} '{layer.name}' zero-pads its input and the batch-norm's "
+                "shift is non-zero, so folding would change the borders"
+            )
+        if layer.transposed and not zero_shift:
+            return f"the following {layer.kind} '{layer.name}' would spread a non-zero shift unevenly over its output"
+        if layer.transposed:
+            new_w, new_b = fold_math.scale_transposed_input_channels(weight, bias, s)
         else:
-            layer.node.args = tuple(args)
-            layer.node.kwargs = {**layer.node.kwargs, "bias": b_node}
-        site.output.replace_all_uses_with(layer.node)
-        for node in dict.fromkeys((site.output, site.node)):
-            gm.graph.erase_node(node)
-        pattern = f"{layer.kind} → {site.kind}"
-        if shared:
-            pattern += "; weights copied, other call sites keep the originals"
-        return BatchNormEntry(site.name, site.kind, mean.numel(), FOLDED, into=layer.name, pattern=pattern)
+            new_w, new_b = fold_math.scale_input_channels(weight, bias, s, t, layer.groups)
+        new_w, new_b = self._cast_pair(site, layer, new_w, new_b, weight, bias)
+        shared = len(layer.weight.users) > 1  # the layer is called at other sites too
+        self._set_weights(layer, new_w, new_b)
+        self._remove(site, site.source)
+        pattern = f"{site.kind} → {layer.kind}, input side" + (f", through {_arg(pad, 2, 'mode')} padding" if pad else "")
+        return self._folded(site, layer.name, pattern, shared)
+
+    def _compose(self, site: _BatchNormSite, next_bn: _BatchNormSite) -> BatchNormEntry | str:
+        if next_bn.uses_batch_stats or not all(_is_stored(r) for r in (next_bn.weight, next_bn.bias, next_bn.mean, next_bn.var)):
+            return "the following batch-norm uses batch statistics or computed parameters"
+        if next_bn.channels(self.gm) != site.channels(self.gm):
+            return "channel mismatch with the following batch-norm"
+        s1, t1 = site.scale_shift(self.gm)
+        s2, t2 = next_bn.scale_shift(self.gm)
+        s, t = fold_math.compose_affine(s1, t1, s2, t2)
+        var = _fetch(self.gm, next_bn.var.target)
+        gamma, beta, mean = fold_math.batchnorm_params_for(s, t, var, next_bn.eps)
+        what = f"composing batch-norm '{site.name}' with '{next_bn.name}'"
+        args = list(next_bn.node.args)
+        for index, value, suffix in ((1, gamma, "weight"), (2, beta, "bias"), (3, mean, "running_mean")):
+            args[index] = self._new_attr(_cast_checked(value, var, what), next_bn.node, suffix)
+        next_bn.node.args = tuple(args)
+        self._remove(site, site.source)
+        return self._folded(site, next_bn.name, f"{site.kind} → {next_bn.kind}, composed")
 
     def remove_unused_attributes(self) -> None:
         graph = self.gm.graph
@@ -294,19 +405,18 @@ class _FoldPass:
 
 
 def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldReport:
-    """Fold every foldable batch-norm of ``gm`` in place of the graph; weights are never modified.
+    """Fold every foldable batch-norm of ``gm`` by rewriting its graph; weights are never modified.
 
-    New folded weights are registered as new attributes, so a layer used at several call sites
-    keeps its original weights at the others. ``types`` (module path -> class name) names the
-    layers when the graph does not record its modules (e.g. converted TorchScript).
+    Folded weights are registered as new attributes, so a layer used at several call sites keeps
+    its original weights at the others. ``types`` (module path -> class name) names the layers
+    when the graph does not record its modules (e.g. converted TorchScript).
     Returns the report of every batch-norm.
     """
     sites = [s for s in map(_batchnorm_site, list(gm.graph.nodes)) if s is not None]
-    for site in sites:
-        if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
-            site.kind = types[site.name]
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
+        if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
+            site.kind = types[site.name]
         if names.count(site.name) > 1:
             site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
     for site in sites:

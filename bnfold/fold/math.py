@@ -61,3 +61,40 @@ def scale_transposed_output_channels(
     grouped = w.reshape(groups, cin // groups, cout_per_group, *kernel)
     scale = s.reshape(groups, 1, cout_per_group, *([1] * len(kernel)))
     return (grouped * scale).reshape(w.shape), s * b + t
+
+
+def scale_input_channels(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Fold a preceding ``s * x + t`` into a Conv{1,2,3}d or Linear (input channel = weight dim 1).
+
+    ``W'[o, i] = W[o, i] * s[c]`` and ``b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c]`` with
+    ``c = group(o) * Cin/groups + i``. Exact when the layer sees no zero padding, or ``t == 0``.
+    """
+    w = weight.detach().to(F64)
+    cout, cin_per_group = w.shape[0], w.shape[1]
+    b = torch.zeros(cout, dtype=F64) if bias is None else bias.detach().to(F64)
+    grouped = w.reshape(groups, cout // groups, cin_per_group, -1)
+    scaled = grouped * s.reshape(groups, 1, cin_per_group, 1)
+    shift = (grouped * t.reshape(groups, 1, cin_per_group, 1)).sum(dim=(2, 3)).reshape(cout)
+    return scaled.reshape(w.shape), b + shift
+
+
+def scale_transposed_input_channels(weight: Tensor, bias: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Fold a preceding ``s * x`` (zero shift) into a ConvTranspose{1,2,3}d: weight is
+    ``[Cin, Cout/groups, k...]``, so input channel ``i`` is row ``i``. The bias is unchanged."""
+    w = weight.detach().to(F64)
+    b = None if bias is None else bias.detach().to(F64)
+    return w * s.reshape((-1,) + (1,) * (w.dim() - 1)), b
+
+
+def compose_affine(s1: Tensor, t1: Tensor, s2: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
+    """``s2 * (s1 * x + t1) + t2`` as one ``s * x + t``."""
+    return s2 * s1, s2 * t1 + t2
+
+
+def batchnorm_params_for(s: Tensor, t: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gamma, beta and running mean that make a batch-norm with ``running_var`` and ``eps``
+    compute ``s * x + t`` (the running mean becomes 0)."""
+    gamma = s * torch.sqrt(running_var.detach().to(F64) + eps)
+    return gamma, t.clone(), torch.zeros_like(t)
