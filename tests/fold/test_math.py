@@ -93,3 +93,65 @@ def test_scale_shift_is_float64_even_for_float32_statistics():
     s, t = fold_math.bn_scale_shift(torch.ones(3), torch.full((3,), 1e-8), None, None, 0.0)
     assert s.dtype == t.dtype == F64
     assert torch.allclose(s, torch.full((3,), 1e4, dtype=F64), rtol=1e-7)
+
+
+PAD_MODES = ["zeros-unpadded", "reflect", "replicate", "circular"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_case(), st.sampled_from(PAD_MODES))
+def test_conv_input_fold(case, pad_mode):
+    """conv(pad(s*x + t)) == conv'(pad(x)) for affine-commuting pads (and no padding)."""
+    c, draw = case
+    mean, var, gamma, beta, eps, gen = bn_params(draw, c["cin"], c["affine"])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
+    w = torch.randn(c["cout"], c["cin"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
+    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
+    x = torch.randn(2, c["cin"], *[7] * c["dims"], dtype=F64, generator=gen)
+    p = c["padding"]
+    pad = (lambda y: y) if pad_mode == "zeros-unpadded" or p == 0 else (lambda y: F.pad(y, [p] * 2 * c["dims"], mode=pad_mode))
+    kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    w2, b2 = fold_math.scale_input_channels(w, b, s, t, c["groups"])
+    assert_close(conv(pad(x), w2, b2, **kw), conv(pad(reference_bn(x, mean, var, gamma, beta, eps)), w, b, **kw))
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_case())
+def test_conv_transpose_input_fold_with_zero_shift(case):
+    c, draw = case
+    _, var, gamma, _, eps, gen = bn_params(draw, c["cin"], True)
+    mean, beta = torch.zeros(c["cin"], dtype=F64), torch.zeros(c["cin"], dtype=F64)
+    deconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
+    w = torch.randn(c["cin"], c["cout"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
+    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
+    x = torch.randn(2, c["cin"], *[5] * c["dims"], dtype=F64, generator=gen)
+    kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    assert (t == 0).all()
+    w2, b2 = fold_math.scale_transposed_input_channels(w, b, s)
+    assert_close(deconv(x, w2, b2, **kw), deconv(reference_bn(x, mean, var, gamma, beta, eps), w, b, **kw))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 16), st.booleans(), st.booleans(), st.data())
+def test_linear_input_fold(n_in, n_out, bias, affine, data):
+    mean, var, gamma, beta, eps, gen = bn_params(data.draw, n_in, affine)
+    w = torch.randn(n_out, n_in, dtype=F64, generator=gen)
+    b = torch.randn(n_out, dtype=F64, generator=gen) if bias else None
+    x = torch.randn(4, n_in, dtype=F64, generator=gen)
+    s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
+    w2, b2 = fold_math.scale_input_channels(w, b, s, t)
+    assert_close(F.linear(x, w2, b2), F.linear(reference_bn(x, mean, var, gamma, beta, eps), w, b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8), st.booleans(), st.booleans(), st.data())
+def test_batchnorm_composition(channels, affine1, affine2, data):
+    m1, v1, g1, b1, e1, gen = bn_params(data.draw, channels, affine1)
+    m2, v2, g2, b2, e2, _ = bn_params(data.draw, channels, affine2)
+    x = torch.randn(3, channels, 4, dtype=F64, generator=gen)
+    s, t = fold_math.compose_affine(*fold_math.bn_scale_shift(m1, v1, g1, b1, e1), *fold_math.bn_scale_shift(m2, v2, g2, b2, e2))
+    gamma, beta, mean = fold_math.batchnorm_params_for(s, t, v2, e2)
+    expected = reference_bn(reference_bn(x, m1, v1, g1, b1, e1), m2, v2, g2, b2, e2)
+    assert_close(reference_bn(x, mean, v2, gamma, beta, e2), expected)

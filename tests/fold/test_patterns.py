@@ -18,9 +18,12 @@ from torch import nn
 import bnfold
 
 
-def fold_and_export(model: nn.Module, shape: tuple[int, ...], tmp_path, seed: int = 0) -> bnfold.FoldResult:
-    """Fold ``model``, check it against eval mode, export + verify it; return the fold result."""
+def fold_and_export(model: nn.Module, shape: tuple[int, ...], tmp_path, seed: int = 0, prepare=None) -> bnfold.FoldResult:
+    """Fold ``model`` (after random statistics and ``prepare(model)``), check it against eval mode,
+    export + verify it; return the fold result."""
     model = randomize_batchnorms(model, seed)
+    if prepare is not None:
+        prepare(model)
     x = random_input(*shape)
     folded = bnfold.fold(model, (x,))
     assert_same_function(model, folded.module, x)
