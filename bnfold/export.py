@@ -15,11 +15,12 @@ from torch import fx, nn
 from . import __version__
 from .errors import ExportError, UsageError, VerificationError
 from .fold import fold
+from .fold.precision import to_float16, with_float32_io
 from .modes import quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
 from .report import ExportResult, FoldReport
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputsArg
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, InputsArg
 from .verify import verify as verify_onnx
 
 
@@ -37,17 +38,17 @@ def count_ops(model: onnx.ModelProto, op_type: str) -> int:
     return in_graph(model.graph) + sum(n.op_type == op_type for f in model.functions for n in f.node)
 
 
-def _output_count(module: fx.GraphModule) -> int:
+def output_count(module: fx.GraphModule) -> int:
+    """Number of tensors a captured module returns."""
     return len(torch.utils._pytree.tree_leaves(module.graph.output_node().args[0]))
 
 
 def to_onnx(
-    module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool, opset: int | None
+    module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, outputs: int, dynamic_batch: bool, opset: int | None
 ) -> onnx.ModelProto:
-    """Translate a (folded) module to an ONNX ModelProto with torch's dynamo exporter."""
+    """Translate a (folded) module with ``outputs`` outputs to an ONNX ModelProto (dynamo exporter)."""
     inputs = with_batch(example_inputs, CAPTURE_BATCH) if dynamic_batch else tuple(example_inputs)
-    n_out = _output_count(module)
-    names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]
     try:
         with quiet_torch():
             program = torch.onnx.export(
@@ -110,9 +111,12 @@ def export(
     dynamic_batch: bool = True,
     opset: int | None = None,
     verify: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     inputs: InputsArg = None,
+    fp16: bool = False,
+    keep_io_types: bool = False,
+    reference: str = "float32",
     source: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -122,14 +126,31 @@ def export(
     verification (and the BatchNormalization count check), so ``path`` never holds an
     unverified model. A failed verification raises :class:`VerificationError` carrying the
     report. ``source`` (the model file) is refused as an output path.
+
+    ``fp16`` folds first (float64 math, float32 weights), checks every stored tensor fits float16,
+    then converts; inputs and outputs are float16 unless ``keep_io_types``. ``rtol``/``atol``
+    default to the float32 or float16 tolerances (see :mod:`bnfold.verify`); ``reference`` is
+    passed to :func:`bnfold.verify`.
     """
+    if keep_io_types and not fp16:
+        raise UsageError("--keep-io-types only applies with --fp16")
+    default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if fp16 else (DEFAULT_RTOL, DEFAULT_ATOL)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     progress = progress or Progress()
     out = check_output_path(path, source)
     progress.start("Folding batch-norms")
     folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
     progress.finish()
     progress.start("Exporting to ONNX")
-    model = to_onnx(folded.module, example_inputs, dynamic_batch=dynamic_batch, opset=opset)
+    exported, example = folded.module, tuple(example_inputs)
+    if fp16:
+        exported = to_float16(exported)
+        if keep_io_types:
+            exported = with_float32_io(exported)
+        else:
+            example = tuple(x.half() if x.is_floating_point() else x for x in example)
+    model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
     _add_metadata(model, folded.report)
     progress.finish()
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -143,7 +164,7 @@ def export(
         bn_count = count_ops(model, "BatchNormalization")
         report = None
         if verify:
-            report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, progress=progress)
+            report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
             report.onnx_path = str(out)
         if bn_count != folded.report.kept_count:
             raise VerificationError(

@@ -57,3 +57,11 @@ def run_eval(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Te
     with eval_mode(module), torch.no_grad():
         out = module(*inputs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating parameter or buffer (float32 if it has none)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32

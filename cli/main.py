@@ -23,7 +23,7 @@ from bnfold.export import check_output_path, default_output_path, export
 from bnfold.fold import fold
 from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.progress import for_stream
-from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
+from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES, verify
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 4
@@ -122,14 +122,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--static-batch", is_flag=True, help="Fix the batch size to the input shape's instead of a dynamic batch axis.")
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--no-verify", is_flag=True, help="Skip verification in ONNX Runtime (the BatchNormalization count is still checked).")
-@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance, against max|y_ref|.")
-@click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, help=f"Relative tolerance, against max|y_ref| [default: {DEFAULT_RTOL:g}; {FP16_RTOL:g} with --fp16].")
+@click.option("--atol", type=float, help=f"Absolute tolerance [default: {DEFAULT_ATOL:g}; {FP16_ATOL:g} with --fp16].")
 @click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
+@click.option("--fp16", is_flag=True, help="Export float16 weights and activations (folded in float64 first).")
+@click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")
+@click.option("--reference", type=click.Choice(REFERENCES), default="float32", show_default=True, help="float64 also reports the error of the original and the ONNX model against a float64 run.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full fold + verify report as JSON here.")
 @handle_errors
 def export_command(model: str, output: str | None, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
                    input_shapes: tuple[str, ...], static_batch: bool, opset: int | None, no_verify: bool,
-                   rtol: float, atol: float, inputs: str | None, report_path: str | None) -> None:  # fmt: skip
+                   rtol: float | None, atol: float | None, inputs: str | None, fp16: bool, keep_io_types: bool,
+                   reference: str, report_path: str | None) -> None:  # fmt: skip
     """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
     shapes = [parse_shape(s) for s in input_shapes]
     out = Path(output) if output else default_output_path(model)
@@ -144,7 +148,8 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
         result = export(
             loaded.module, loaded.example_inputs(shapes), out,
             dynamic_batch=not static_batch, opset=opset, verify=not no_verify,
-            rtol=rtol, atol=atol, inputs=inputs, source=model, progress=progress,
+            rtol=rtol, atol=atol, inputs=inputs, fp16=fp16, keep_io_types=keep_io_types,
+            reference=reference, source=model, progress=progress,
         )  # fmt: skip
     except VerificationError as exc:
         if report_path and exc.report is not None:
@@ -184,16 +189,17 @@ def inspect_command(model: str, arch: str | None, arch_kwargs: str | None, trust
 @click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance, against max|y_ref|.")
 @click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance.")
 @click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
+@click.option("--reference", type=click.Choice(REFERENCES), default="float32", show_default=True, help="float64 also reports the error of the original and the ONNX model against a float64 run.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the verify report as JSON here.")
 @handle_errors
 def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
                    input_shapes: tuple[str, ...], rtol: float, atol: float, inputs: str | None,
-                   report_path: str | None) -> None:  # fmt: skip
+                   reference: str, report_path: str | None) -> None:  # fmt: skip
     """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
     if input_shapes:
         raise UsageError("--input-shape is not used by verify: shapes come from the ONNX model (or --inputs)")
     loaded = _load(model, arch, arch_kwargs, trust_pickle)
-    report = verify(loaded.module, onnx_model, inputs, rtol=rtol, atol=atol, progress=for_stream(sys.stderr))
+    report = verify(loaded.module, onnx_model, inputs, rtol=rtol, atol=atol, reference=reference, progress=for_stream(sys.stderr))
     click.echo(str(report))
     if report_path:
         _write_json(report_path, {"model": model, **report.to_dict()})

@@ -37,20 +37,17 @@ _WEIGHT_OPS = _CONV_OPS | _CONV_PADDING_STR_OPS | _CONV_TRANSPOSE_OPS | _GENERIC
 # Padding modes that commute with a per-channel affine map (the padded values are input values).
 _AFFINE_COMMUTING_PAD_MODES = {"reflect", "replicate", "circular"}
 
-
-def _fetch(gm: fx.GraphModule, target: str) -> Tensor:
+def fetch_attribute(gm: fx.GraphModule, target: str) -> Tensor:
+    """The tensor a ``get_attr`` target names."""
     return functools.reduce(getattr, target.split("."), gm)
-
 
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
 
-
 def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
 
 def _module_path(node: fx.Node) -> tuple[str, str] | None:
     """(path, class name) of the innermost module that produced ``node``, if recorded."""
@@ -61,10 +58,8 @@ def _module_path(node: fx.Node) -> tuple[str, str] | None:
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     return path, cls_name.rsplit(".", 1)[-1]
 
-
 def _is_stored(node: object) -> bool:
     return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
-
 
 @dataclass
 class _BatchNormSite:
@@ -101,14 +96,13 @@ class _BatchNormSite:
     def channels(self, gm: fx.GraphModule) -> int:
         for ref in (self.mean, self.weight):
             if isinstance(ref, fx.Node) and ref.op == "get_attr":
-                return int(_fetch(gm, ref.target).numel())
+                return int(fetch_attribute(gm, ref.target).numel())
         val = self.source.meta.get("val") if isinstance(self.source, fx.Node) else None
         return int(val.shape[1]) if val is not None and val.dim() > 1 else 0
 
     def scale_shift(self, gm: fx.GraphModule) -> tuple[Tensor, Tensor]:
-        get = lambda ref: None if ref is None else _fetch(gm, ref.target)  # noqa: E731
+        get = lambda ref: None if ref is None else fetch_attribute(gm, ref.target)  # noqa: E731
         return fold_math.bn_scale_shift(get(self.mean), get(self.var), get(self.weight), get(self.bias), self.eps)
-
 
 @dataclass
 class _WeightLayer:
@@ -135,7 +129,6 @@ class _WeightLayer:
             kernel = self.weight.meta["val"].shape[2:] if "val" in self.weight.meta else ()
             return padding == "same" and any(k > 1 for k in kernel)
         return any(int(p) != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
-
 
 def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
     if node.op != "call_function":
@@ -164,7 +157,6 @@ def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
         name, kind = node.name, "batch_norm"
     return _BatchNormSite(node, output, float(node.args[eps_idx]), uses_batch_stats, name or node.name, kind)
 
-
 def _weight_layer(node: fx.Node) -> _WeightLayer | None:
     if node.op != "call_function" or node.target not in _WEIGHT_OPS:
         return None
@@ -190,7 +182,6 @@ def _weight_layer(node: fx.Node) -> _WeightLayer | None:
         name = node.name
     return _WeightLayer(node, transposed, groups, kind, name)
 
-
 def _describe_source(node: fx.Node) -> str:
     if node.op == "placeholder":
         return "it normalises a model input"
@@ -200,12 +191,11 @@ def _describe_source(node: fx.Node) -> str:
         return f"its input comes from '{_op_name(node)}', not directly from a conv/linear layer"
     return f"its input comes from {node.op} '{node.target}', not a conv/linear layer"
 
-
 def _check_statistics(gm: fx.GraphModule, site: _BatchNormSite) -> None:
     for label, ref in (("running_mean", site.mean), ("running_var", site.var), ("weight", site.weight), ("bias", site.bias)):
         if not (isinstance(ref, fx.Node) and ref.op == "get_attr"):
             continue
-        value = _fetch(gm, ref.target).detach()
+        value = fetch_attribute(gm, ref.target).detach()
         bad = ~torch.isfinite(value)
         if bad.any():
             raise FoldError(
@@ -219,7 +209,6 @@ def _check_statistics(gm: fx.GraphModule, site: _BatchNormSite) -> None:
                 "the checkpoint is corrupt."
             )
 
-
 def _cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
     cast = value.to(like.dtype)
     if not torch.isfinite(cast).all():
@@ -229,7 +218,6 @@ def _cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
             "tiny running_var with a large weight; fix the statistics or export in a wider dtype."
         )
     return cast
-
 
 class _FoldPass:
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -266,7 +254,7 @@ class _FoldPass:
             self.gm.graph.erase_node(node)
 
     def _layer_tensors(self, layer: _WeightLayer) -> tuple[Tensor, Tensor | None]:
-        return _fetch(self.gm, layer.weight.target), None if layer.bias is None else _fetch(self.gm, layer.bias.target)
+        return fetch_attribute(self.gm, layer.weight.target), None if layer.bias is None else fetch_attribute(self.gm, layer.bias.target)
 
     def _cast_pair(self, site: _BatchNormSite, layer: _WeightLayer, w: Tensor, b: Tensor | None, like_w: Tensor, like_b: Tensor | None):
         what = f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
@@ -384,7 +372,7 @@ class _FoldPass:
         s1, t1 = site.scale_shift(self.gm)
         s2, t2 = next_bn.scale_shift(self.gm)
         s, t = fold_math.compose_affine(s1, t1, s2, t2)
-        var = _fetch(self.gm, next_bn.var.target)
+        var = fetch_attribute(self.gm, next_bn.var.target)
         gamma, beta, mean = fold_math.batchnorm_params_for(s, t, var, next_bn.eps)
         what = f"composing batch-norm '{site.name}' with '{next_bn.name}'"
         args = list(next_bn.node.args)
@@ -403,6 +391,18 @@ class _FoldPass:
         for name in [n for n, _ in self.gm.named_parameters() if n.startswith("_bnfold_") and n not in used]:
             delattr(self.gm, name)
 
+def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Name what a stored tensor is, for errors: "the weight of Conv2d 'layer1.conv'" and the like."""
+    for user in node.users:
+        layer = _weight_layer(user)
+        if layer is not None:
+            role = "weight" if user.args[1] is node else "bias"
+            return f"the {role} of {layer.kind} '{layer.name}'"
+        site = _batchnorm_site(user)
+        if site is not None:
+            role = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}.get(list(user.args).index(node), "tensor")
+            return f"the {role} of batch-norm '{site.name}'"
+    return f"tensor '{node.target}'"
 
 def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldReport:
     """Fold every foldable batch-norm of ``gm`` by rewriting its graph; weights are never modified.
