@@ -13,14 +13,14 @@ import torch
 from torch import fx, nn
 
 from . import __version__
-from .errors import ExportError, UsageError, VerificationError
+from .errors import BnfoldError, ExportError, UsageError, VerificationError
 from .fold import fold
 from .fold.precision import to_float16, with_float32_io
-from .modes import quiet_torch
+from .modes import module_dtype, quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
 from .report import ExportResult, FoldReport
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, InputsArg
+from .verify import InputsArg, default_tolerances
 from .verify import verify as verify_onnx
 
 
@@ -55,7 +55,7 @@ def to_onnx(
                 module,
                 inputs,
                 dynamo=True,
-                dynamic_shapes=batch_dynamic_shapes(inputs) if dynamic_batch else None,
+                dynamic_shapes=batch_dynamic_shapes(module, inputs) if dynamic_batch else None,
                 opset_version=opset,
                 output_names=names,
                 verbose=False,
@@ -81,6 +81,13 @@ def _add_metadata(model: onnx.ModelProto, report: FoldReport) -> None:
     for key, value in props.items():
         entry = existing.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def _dtype_hint(module: nn.Module) -> str:
+    dtype = module_dtype(module)
+    if dtype in (torch.float32, torch.float16):
+        return ""
+    return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass --no-verify)"
 
 
 def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> Path:
@@ -134,9 +141,8 @@ def export(
     """
     if keep_io_types and not fp16:
         raise UsageError("--keep-io-types only applies with --fp16")
-    default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if fp16 else (DEFAULT_RTOL, DEFAULT_ATOL)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
+    low_precision = fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
+    rtol, atol = default_tolerances(low_precision, rtol, atol)
     progress = progress or Progress()
     out = check_output_path(path, source)
     progress.start("Folding batch-norms")
@@ -164,17 +170,20 @@ def export(
         bn_count = count_ops(model, "BatchNormalization")
         report = None
         if verify:
-            report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
+            try:
+                report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
+            except BnfoldError as exc:  # name the target, not the temporary file
+                raise type(exc)(str(exc).replace(str(tmp), str(out)) + _dtype_hint(module)) from exc
             report.onnx_path = str(out)
+        if report is not None and not report.passed:
+            raise VerificationError(
+                f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
+            )
         if bn_count != folded.report.kept_count:
             raise VerificationError(
                 f"the ONNX graph has {bn_count} BatchNormalization node(s) but the fold report keeps "
                 f"{folded.report.kept_count}; the export is inconsistent and was not written",
                 report,
-            )
-        if report is not None and not report.passed:
-            raise VerificationError(
-                f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
             )
         os.replace(tmp, out)
     finally:

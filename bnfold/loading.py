@@ -34,6 +34,8 @@ TORCHSCRIPT_META_FILE = "bnfold.json"
 # Keys under which checkpoint dicts commonly hold their state_dict or module.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "weights", "net", "model", "module")
 INPUT_SHAPE_KEYS = ("input_shape", "input_shapes")
+# Key prefixes added by wrappers: nn.DataParallel / DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 Shape = tuple[int, ...]
 
@@ -216,9 +218,11 @@ def _apply_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str, 
     if not isinstance(module, nn.Module):
         raise UsageError(f"--arch {arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     expected = module.state_dict()
-    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
-    missing = [k for k in expected if k not in state]
+    for prefix in WRAPPER_PREFIXES:  # saved from DataParallel / torch.compile
+        if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    # torch itself accepts batch-norms without num_batches_tracked (older checkpoints).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape

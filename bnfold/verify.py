@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
 from .modes import module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
@@ -31,60 +32,18 @@ FP16_ATOL = 1e-3
 RANDOM_BATCH_SIZES = (1, 8)
 REFERENCES = ("float32", "float64")
 DATA_CHUNK = 64
-_DATA_KEYS = ("x", "input", "inputs", "data")
 
-InputsArg = str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray] | None
-
-
-def _single_input(arrays: Mapping[str, np.ndarray], spec: TensorSpec, source: str) -> np.ndarray:
-    for key in (spec.name, *_DATA_KEYS):
-        if key in arrays:
-            return arrays[key]
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    raise UsageError(f"{source}: no array named '{spec.name}' (the model input); it has {sorted(arrays)}")
+InputsArg = ArraysArg | None
 
 
 def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    """Arrays for every model input from a ``.npy``/``.npz`` path, an array or a name -> array map.
-
-    A ``.npz`` holds one array per input, named after it; for a single-input model an array
-    named ``x``/``input``/``inputs``/``data``, or the file's only array, is used.
-    """
-    label = "--inputs"
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        label = f"--inputs {path}"
-        if not path.is_file():
-            raise UsageError(f"{label}: file does not exist")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise UsageError(f"{label}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
-        source = dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
-    if isinstance(source, np.ndarray):
-        if len(specs) != 1:
-            raise UsageError(f"{label}: the model has {len(specs)} inputs; give a .npz with one array per input")
-        source = {specs[0].name: source}
-    arrays = dict(source)
-    if len(specs) == 1:
-        out = {specs[0].name: _single_input(arrays, specs[0], label)}
-    else:
-        missing = [s.name for s in specs if s.name not in arrays]
-        if missing:
-            raise UsageError(f"{label}: no array for model input(s) {missing}; it has {sorted(arrays)}")
-        out = {s.name: arrays[s.name] for s in specs}
-    for spec in specs:
-        arr = out[spec.name]
-        if arr.dtype.kind != "f":
-            raise UsageError(f"{label}: array for input '{spec.name}' has dtype {arr.dtype}; expected floats")
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
-        ):
+    """Arrays for every model input (see :func:`bnfold.data.select_inputs`), shape-checked."""
+    label = f"--inputs {source}" if isinstance(source, (str, os.PathLike)) else "--inputs"
+    arrays = select_inputs(read_arrays(source, "--inputs"), [s.name for s in specs], label)
+    for spec, arr in zip(specs, arrays):
+        if arr.ndim != len(spec.shape) or any(isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])):
             raise UsageError(f"{label}: array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}")
-    if len({a.shape[0] for a in out.values()}) != 1:
-        raise UsageError(f"{label}: arrays have different numbers of samples")
-    return out
+    return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
 
 def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -164,6 +123,22 @@ class _Accumulator:
         )
 
 
+def default_tolerances(low_precision: bool, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    """``(rtol, atol)``: the given values, else the float32 or float16/bfloat16 defaults."""
+    default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if low_precision else (DEFAULT_RTOL, DEFAULT_ATOL)
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False  # the Predictor reports unreadable files
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
 def float64_copy(module: nn.Module) -> nn.Module:
     """A float64 copy of ``module`` for the float64 reference (the original is left as it is)."""
     try:
@@ -178,8 +153,8 @@ def verify(
     onnx_path: str | os.PathLike[str],
     inputs: InputsArg = None,
     *,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     seed: int = 0,
     reference: str = "float32",
     progress: Progress | None = None,
@@ -187,7 +162,8 @@ def verify(
     """Compare ONNX Runtime (CPU, graph optimizations off) on ``onnx_path`` with ``module`` in
     eval mode under ``no_grad``.
 
-    ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
+    ``rtol``/``atol`` default to 1e-4/1e-5, or 1e-2/1e-3 for a float16 ONNX model or a
+    float16/bfloat16 module. ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
     random-normal inputs of the model's input shapes at batch sizes 1 and 8 (only the fixed
     batch when the batch axis is static). Returns the report; it does not raise on failure.
 
@@ -195,6 +171,8 @@ def verify(
     normwise error of the float32 original and of the ONNX model against it (what folding adds),
     and allows the original's own error on top of the tolerance.
     """
+    ref_dtype = module_dtype(module)
+    rtol, atol = default_tolerances(ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path), rtol, atol)
     if rtol < 0 or atol < 0:
         raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
@@ -214,7 +192,6 @@ def verify(
         source = f"{inputs}" if isinstance(inputs, (str, os.PathLike)) else "given arrays"
     if module64 is not None:
         source += "; float64 reference"
-    ref_dtype = module_dtype(module)
     accs = [_Accumulator(s.name) for s in predictor.outputs]
     checks: dict[str, str] = {}
     progress.start("Verifying in ONNX Runtime")

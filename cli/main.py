@@ -122,8 +122,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--static-batch", is_flag=True, help="Fix the batch size to the input shape's instead of a dynamic batch axis.")
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--no-verify", is_flag=True, help="Skip verification in ONNX Runtime (the BatchNormalization count is still checked).")
-@click.option("--rtol", type=float, help=f"Relative tolerance, against max|y_ref| [default: {DEFAULT_RTOL:g}; {FP16_RTOL:g} with --fp16].")
-@click.option("--atol", type=float, help=f"Absolute tolerance [default: {DEFAULT_ATOL:g}; {FP16_ATOL:g} with --fp16].")
+@click.option("--rtol", type=float, help=f"Relative tolerance, against max|y_ref| [default: {DEFAULT_RTOL:g}; {FP16_RTOL:g} with --fp16 or a float16 model].")
+@click.option("--atol", type=float, help=f"Absolute tolerance [default: {DEFAULT_ATOL:g}; {FP16_ATOL:g} with --fp16 or a float16 model].")
 @click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
 @click.option("--fp16", is_flag=True, help="Export float16 weights and activations (folded in float64 first).")
 @click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")
@@ -186,14 +186,14 @@ def inspect_command(model: str, arch: str | None, arch_kwargs: str | None, trust
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("onnx_model", type=click.Path(dir_okay=True))
 @model_options
-@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True, help="Relative tolerance, against max|y_ref|.")
-@click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, help=f"Relative tolerance, against max|y_ref| [default: {DEFAULT_RTOL:g}; {FP16_RTOL:g} for float16 models].")
+@click.option("--atol", type=float, help=f"Absolute tolerance [default: {DEFAULT_ATOL:g}; {FP16_ATOL:g} for float16 models].")
 @click.option("--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input.")
 @click.option("--reference", type=click.Choice(REFERENCES), default="float32", show_default=True, help="float64 also reports the error of the original and the ONNX model against a float64 run.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the verify report as JSON here.")
 @handle_errors
 def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
-                   input_shapes: tuple[str, ...], rtol: float, atol: float, inputs: str | None,
+                   input_shapes: tuple[str, ...], rtol: float | None, atol: float | None, inputs: str | None,
                    reference: str, report_path: str | None) -> None:  # fmt: skip
     """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
     if input_shapes:

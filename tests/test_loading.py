@@ -151,3 +151,9 @@ def test_missing_input_shape_is_a_clear_error(tmp_path):
     torch.save(net().state_dict(), tmp_path / "m.pt")
     with pytest.raises(bnfold.UsageError, match="--input-shape"):
         load_model(tmp_path / "m.pt", arch=ARCH).example_inputs()
+
+
+def test_state_dict_without_num_batches_tracked_and_with_compile_prefix(tmp_path):
+    state = {f"_orig_mod.{k}": v for k, v in net().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt", arch=ARCH).format == STATE_DICT

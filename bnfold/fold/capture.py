@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,10 +18,32 @@ from ..modes import eval_mode, quiet_torch, run_eval
 CAPTURE_BATCH = 2
 
 
-def batch_dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, torch.export.Dim], ...]:
-    """A ``dynamic_shapes`` spec marking dim 0 of every input as one shared batch dimension."""
+def batch_dynamic_shapes(module: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """A ``dynamic_shapes`` spec marking dim 0 of every input as one shared batch dimension,
+    shaped like ``module.forward``'s signature (a ``*args`` parameter takes a tuple of specs)."""
     batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} for _ in inputs)
+    spec: list[Any] = []
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    remaining = len(inputs)
+    for param in params:
+        if remaining and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            spec.append({0: batch})
+            remaining -= 1
+        elif remaining and param.kind == param.VAR_POSITIONAL:
+            spec.append(tuple({0: batch} for _ in range(remaining)))
+            remaining = 0
+    spec.extend({0: batch} for _ in range(remaining))
+    return tuple(spec)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel``/``DistributedDataParallel`` wrappers."""
+    while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        module = module.module
+    return module
 
 
 def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
@@ -74,6 +99,7 @@ def capture(
     cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch.
     """
     inputs = tuple(example_inputs)
+    module = unwrap(module)
     _run_once(module, inputs)
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
@@ -83,18 +109,18 @@ def capture(
             program = torch.export.export(
                 traceable,
                 inputs,
-                dynamic_shapes=batch_dynamic_shapes(inputs) if dynamic_batch else None,
+                dynamic_shapes=batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None,
                 strict=False,
             )
-        except torch._dynamo.exc.UserError as exc:
-            if dynamic_batch and "Constraints violated" in str(exc):
-                raise FoldError(
-                    "the model cannot take a dynamic batch size (its code fixes the batch "
-                    f"dimension: {_first_lines(exc, 2)}). Re-run with --static-batch "
-                    "(Python: dynamic_batch=False) to export for the given batch size only."
-                ) from exc
-            raise FoldError(f"torch.export cannot trace the model: {_first_lines(exc, 1)}") from exc
         except Exception as exc:
+            message = str(exc)
+            fixed_batch = "Constraints violated" in message or re.search(r"Guard failed: \w+\.size\(\)\[0\]", message)
+            if dynamic_batch and fixed_batch:
+                raise FoldError(
+                    "the model cannot take a dynamic batch size (its code, or the program it was "
+                    f"saved as, fixes the batch dimension: {_first_lines(exc, 2)}). Re-run with "
+                    "--static-batch (Python: dynamic_batch=False) to export for the given batch size."
+                ) from exc
             raise FoldError(
                 f"torch.export cannot trace the model: {type(exc).__name__}: {_first_lines(exc, 1)}"
             ) from exc

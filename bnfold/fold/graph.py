@@ -72,6 +72,7 @@ class _BatchNormSite:
     uses_batch_stats: bool
     name: str
     kind: str
+    num_channels: int = 0
 
     @property
     def source(self) -> fx.Node:
@@ -121,8 +122,9 @@ class _WeightLayer:
         return _arg(self.node, 2, "bias")
 
     def zero_pads_input(self) -> bool:
-        """Whether the layer itself pads its input with zeros."""
-        if self.kind == "Linear":
+        """Whether the layer itself pads its input with zeros (a transposed conv's padding crops
+        its output instead)."""
+        if self.kind == "Linear" or self.transposed:
             return False
         padding = _arg(self.node, 4, "padding", 0)
         if isinstance(padding, str):
@@ -265,14 +267,17 @@ class _FoldPass:
     def _folded(self, site: _BatchNormSite, into: str, pattern: str, shared: bool = False) -> BatchNormEntry:
         if shared:
             pattern += "; weights copied, other call sites keep the originals"
-        return BatchNormEntry(site.name, site.kind, site.channels(self.gm), FOLDED, into=into, pattern=pattern)
+        return BatchNormEntry(site.name, site.kind, site.num_channels, FOLDED, into=into, pattern=pattern)
 
     def keep(self, site: _BatchNormSite, reason: str) -> BatchNormEntry:
-        return BatchNormEntry(site.name, site.kind, site.channels(self.gm), KEPT, reason=reason)
+        return BatchNormEntry(site.name, site.kind, site.num_channels, KEPT, reason=reason)
 
     # ------------------------------------------------------------------------------ visit
     def visit(self, site: _BatchNormSite) -> BatchNormEntry:
+        site.num_channels = site.channels(self.gm)
         if site.uses_batch_stats:
+            if site.mean is not None and site.var is not None:
+                return self.keep(site, "called with training=True: it normalises with batch statistics at inference")
             return self.keep(site, "track_running_stats=False: it normalises with batch statistics at inference")
         if site.output is site.node and site.node.target is not aten.batch_norm.default:
             return self.keep(site, "its saved mean/invstd outputs are used elsewhere")
@@ -388,7 +393,7 @@ class _FoldPass:
             if node.op == "get_attr" and not node.users:
                 graph.erase_node(node)
         used = {n.target for n in graph.nodes if n.op == "get_attr"}
-        for name in [n for n, _ in self.gm.named_parameters() if n.startswith("_bnfold_") and n not in used]:
+        for name in [n for n, _ in [*self.gm.named_parameters(), *self.gm.named_buffers()] if n.startswith("_bnfold_") and n not in used]:
             delattr(self.gm, name)
 
 def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -404,6 +409,75 @@ def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
             return f"the {role} of batch-norm '{site.name}'"
     return f"tensor '{node.target}'"
 
+_NO_OPS = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+
+
+def _drop_no_ops(gm: fx.GraphModule) -> None:
+    """Remove ops that return their input unchanged in eval mode (dropout with train=False,
+    clone, alias, detach), so they do not stand between a batch-norm and a weight layer."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        is_eval_dropout = node.target is aten.dropout.default and not _arg(node, 2, "train", True)
+        if (is_eval_dropout or node.target in _NO_OPS) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _is_constant(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` is computed from stored tensors only (no model input, nothing random)."""
+    if node not in memo:
+        if node.op == "get_attr":
+            memo[node] = True
+        elif node.op == "call_function" and not node.is_impure() and "rand" not in _op_name(node):
+            memo[node] = all(_is_constant(n, memo) for n in node.all_input_nodes)
+        else:
+            memo[node] = False
+    return memo[node]
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node) -> object:
+    if node.op == "get_attr":
+        return fetch_attribute(gm, node.target)
+    args = fx.node.map_arg(node.args, lambda n: _evaluate(gm, n))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: _evaluate(gm, n))
+    return node.target(*args, **kwargs)
+
+
+def _erase_unused(gm: fx.GraphModule, node: fx.Node) -> None:
+    if node.users or node.op != "call_function" or node.is_impure():
+        return
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    for n in inputs:
+        _erase_unused(gm, n)
+
+
+def _materialize_computed_parameters(gm: fx.GraphModule) -> None:
+    """Evaluate weights computed from stored tensors only (weight_norm, pruning masks,
+    spectral_norm in eval mode) and store the results, so such layers can be folded."""
+    memo: dict[fx.Node, bool] = {}
+    counter = 0
+    for node in list(gm.graph.nodes):
+        indices = (1, 2) if _weight_layer(node) is not None else (1, 2, 3, 4) if _batchnorm_site(node) else ()
+        for index in indices:
+            arg = node.args[index] if index < len(node.args) else None
+            if not isinstance(arg, fx.Node) or arg.op == "get_attr" or not _is_constant(arg, memo):
+                continue
+            with torch.no_grad():
+                value = _evaluate(gm, arg)
+            if not isinstance(value, Tensor):
+                continue
+            name = f"_bnfold_const_{counter}"
+            counter += 1
+            gm.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                stored = gm.graph.get_attr(name)
+            stored.meta["val"] = value
+            node.replace_input_with(arg, stored)
+            _erase_unused(gm, arg)
+
+
 def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldReport:
     """Fold every foldable batch-norm of ``gm`` by rewriting its graph; weights are never modified.
 
@@ -412,6 +486,8 @@ def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldR
     when the graph does not record its modules (e.g. converted TorchScript).
     Returns the report of every batch-norm.
     """
+    _drop_no_ops(gm)
+    _materialize_computed_parameters(gm)
     sites = [s for s in map(_batchnorm_site, list(gm.graph.nodes)) if s is not None]
     names = [s.name for s in sites]
     for i, site in enumerate(sites):

@@ -29,6 +29,8 @@ def fold_and_export(model: nn.Module, shape: tuple[int, ...], tmp_path, seed: in
     assert_same_function(model, folded.module, x)
     assert_same_function(model, folded.module, random_input(5, *shape[1:], seed=2))
     assert graph_batchnorm_ops(folded) == folded.report.kept_count
+    bn_sizes = sorted(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert not bn_sizes or sorted(e.channels for e in folded.report.entries) == bn_sizes
     result = bnfold.export(model, (x,), tmp_path / "model.onnx")
     assert result.verify_report.passed
     assert onnx_batchnorms(tmp_path / "model.onnx") == folded.report.kept_count == result.onnx_batchnorm_count

@@ -1,0 +1,103 @@
+"""Traps found on real third-party architectures: each was a bug or a misleading message once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_input, randomize_batchnorms
+from test_patterns import fold_and_export, kept_reason, statuses
+from torch import nn
+from torch.nn.utils import parametrizations, prune
+
+import bnfold
+
+
+@pytest.mark.parametrize(
+    "reparametrize",
+    [
+        lambda conv: prune.l1_unstructured(conv, "weight", amount=0.3),
+        lambda conv: parametrizations.weight_norm(conv),
+        lambda conv: parametrizations.spectral_norm(conv),
+    ],
+    ids=["pruned", "weight_norm", "spectral_norm"],
+)
+def test_weights_computed_from_stored_tensors_are_folded(reparametrize, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+    reparametrize(model[0])
+    folded = fold_and_export(model, (2, 3, 8, 8), tmp_path)
+    assert statuses(folded) == ["folded"]
+
+
+def test_folded_entries_report_their_channel_count(tmp_path):
+    folded = fold_and_export(nn.Sequential(nn.Conv2d(3, 7, 1), nn.BatchNorm2d(7), nn.BatchNorm2d(7)), (2, 3, 4, 4), tmp_path)
+    assert [e.channels for e in folded.report.entries] == [7, 7]
+
+
+class VarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, *xs):
+        return self.bn(self.conv(xs[0] + xs[1]))
+
+
+def test_forward_with_star_args(tmp_path):
+    model = randomize_batchnorms(VarArgs())
+    result = bnfold.export(model, (random_input(1, 3, 6, 6), random_input(1, 3, 6, 6, seed=3)), tmp_path / "m.onnx")
+    assert result.fold_report.folded_count == 1 and result.verify_report.passed
+
+
+def test_dataparallel_wrapper_is_unwrapped(tmp_path):
+    model = nn.DataParallel(randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
+    assert bnfold.export(model, (random_input(1, 3, 6, 6),), tmp_path / "m.onnx").fold_report.folded_count == 1
+
+
+def test_eval_mode_dropout_does_not_block_folding(tmp_path):
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+    assert statuses(fold_and_export(model, (4, 6), tmp_path)) == ["folded"]
+
+
+class TrainingFunctionalBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean.clone(), self.var.clone(), training=True)
+
+
+def test_functional_bn_in_training_mode_gets_the_right_reason():
+    report = bnfold.fold(TrainingFunctionalBN().eval(), (random_input(2, 3, 6, 6),)).report
+    assert "training=True" in report.entries[0].reason
+
+
+def test_bn_before_a_cropping_conv_transpose_gets_the_right_reason(tmp_path):
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1))
+    assert "non-zero shift" in kept_reason(fold_and_export(model, (2, 4, 5, 5), tmp_path))
+
+
+def test_half_precision_model_uses_float16_tolerances(tmp_path):
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))).half()
+    result = bnfold.export(model, (random_input(1, 3, 10, 10).half(),), tmp_path / "m.onnx")
+    assert result.verify_report.passed and result.verify_report.rtol == 1e-2
+
+
+def test_float64_model_error_names_the_target_and_the_dtype(tmp_path):
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).double()
+    with pytest.raises(bnfold.BnfoldError) as info:
+        bnfold.export(model, (random_input(1, 3, 6, 6).double(),), tmp_path / "m.onnx")
+    assert ".tmp" not in str(info.value) and "torch.float64" in str(info.value) and "--no-verify" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_program_saved_with_a_fixed_batch_says_static_batch(tmp_path):
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    torch.export.save(torch.export.export(model, (random_input(1, 3, 6, 6),)), str(tmp_path / "m.pt2"))
+    loaded = bnfold.load_model(tmp_path / "m.pt2")
+    with pytest.raises(bnfold.FoldError, match="--static-batch"):
+        bnfold.fold(loaded.module, loaded.example_inputs())
+    assert bnfold.fold(loaded.module, loaded.example_inputs(), dynamic_batch=False).report.folded_count == 1
