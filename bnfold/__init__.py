@@ -1,7 +1,7 @@
 """bnfold: fold batch-norm into a trained PyTorch CNN, export it to ONNX and verify it.
 
 Public API: :func:`load_model`, :func:`fold`, :func:`export`, :func:`verify`,
-:class:`Predictor`, the report classes and the :class:`BnfoldError` family.
+:func:`recalibrate`, :class:`Predictor`, the report classes and the :class:`BnfoldError` family.
 """
 
 __version__ = "0.1.0"
@@ -19,7 +19,16 @@ from .export import export  # noqa: E402
 from .fold import FoldResult, fold  # noqa: E402
 from .loading import LoadedModel, load_model, parse_shape  # noqa: E402
 from .predictor import CudaUnavailableWarning, Predictor  # noqa: E402
-from .report import BatchNormEntry, ExportResult, FoldReport, OutputCheck, VerifyReport  # noqa: E402
+from .recalibrate import recalibrate  # noqa: E402
+from .report import (  # noqa: E402
+    BatchNormEntry,
+    ExportResult,
+    FoldReport,
+    OutputCheck,
+    RecalibratedLayer,
+    RecalibrationReport,
+    VerifyReport,
+)
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, verify  # noqa: E402
 
 __all__ = [
@@ -37,6 +46,8 @@ __all__ = [
     "ModelLoadError",
     "OutputCheck",
     "Predictor",
+    "RecalibratedLayer",
+    "RecalibrationReport",
     "UnsafeModelError",
     "UsageError",
     "VerificationError",
@@ -46,5 +57,6 @@ __all__ = [
     "fold",
     "load_model",
     "parse_shape",
+    "recalibrate",
     "verify",
 ]

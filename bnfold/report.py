@@ -179,6 +179,43 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class RecalibratedLayer:
+    """How recalibration moved one batch-norm's statistics."""
+
+    name: str
+    channels: int
+    values_per_channel: int
+    """Values each channel's statistics were computed over (samples x spatial positions)."""
+    max_mean_shift: float
+    """``max |new mean - old mean|`` over channels."""
+    var_ratio_min: float
+    var_ratio_max: float
+    """Range over channels of ``new variance / old variance``."""
+
+
+@dataclass
+class RecalibrationReport:
+    """Per-layer shift of the running statistics after :func:`bnfold.recalibrate`."""
+
+    layers: list[RecalibratedLayer]
+    samples: int
+    batches: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"Recalibrated {len(self.layers)} batch-norm(s) on {self.samples} sample(s) in {self.batches} batch(es)"]
+        rows = [
+            [l.name, str(l.channels), f"{l.max_mean_shift:.3e}", f"{l.var_ratio_min:.3f} .. {l.var_ratio_max:.3f}"]
+            for l in self.layers
+        ]
+        if rows:
+            lines.append(_table(["layer", "ch", "max |mean shift|", "var new/old"], rows))
+        return "\n".join(lines)
+
+
 @dataclass
 class ExportResult:
     """The outcome of :func:`bnfold.export`."""

@@ -23,6 +23,7 @@ from bnfold.export import check_output_path, default_output_path, export
 from bnfold.fold import fold
 from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.progress import for_stream
+from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
 from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES, verify
 
 EXIT_INTERRUPTED = 130
@@ -128,12 +129,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--fp16", is_flag=True, help="Export float16 weights and activations (folded in float64 first).")
 @click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")
 @click.option("--reference", type=click.Choice(REFERENCES), default="float32", show_default=True, help="float64 also reports the error of the original and the ONNX model against a float64 run.")
+@click.option("--recalibrate", "recalibrate_data", type=click.Path(), help="Recompute every batch-norm's running statistics as the exact population statistics of this data (.npy/.npz) before folding.")
+@click.option("--recalibrate-batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Batch size of the recalibration pass.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full fold + verify report as JSON here.")
 @handle_errors
 def export_command(model: str, output: str | None, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
                    input_shapes: tuple[str, ...], static_batch: bool, opset: int | None, no_verify: bool,
                    rtol: float | None, atol: float | None, inputs: str | None, fp16: bool, keep_io_types: bool,
-                   reference: str, report_path: str | None) -> None:  # fmt: skip
+                   reference: str, recalibrate_data: str | None, recalibrate_batch_size: int,
+                   report_path: str | None) -> None:  # fmt: skip
     """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
     shapes = [parse_shape(s) for s in input_shapes]
     out = Path(output) if output else default_output_path(model)
@@ -144,9 +148,14 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
     progress.start(f"Loading {model}")
     loaded = _load(model, arch, arch_kwargs, trust_pickle)
     progress.finish()
+    example = loaded.example_inputs(shapes)
+    recalibration = None
+    if recalibrate_data:
+        recalibration = recalibrate(loaded.module, recalibrate_data, inputs=len(example), batch_size=recalibrate_batch_size, progress=progress)
+        click.echo(str(recalibration))
     try:
         result = export(
-            loaded.module, loaded.example_inputs(shapes), out,
+            loaded.module, example, out,
             dynamic_batch=not static_batch, opset=opset, verify=not no_verify,
             rtol=rtol, atol=atol, inputs=inputs, fp16=fp16, keep_io_types=keep_io_types,
             reference=reference, source=model, progress=progress,
@@ -158,7 +167,8 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
     click.echo(f"Model: {model} ({loaded.format})")
     click.echo(str(result))
     if report_path:
-        _write_json(report_path, {"model": model, "format": loaded.format, **result.to_dict()})
+        extra = {"recalibration": recalibration.to_dict()} if recalibration else {}
+        _write_json(report_path, {"model": model, "format": loaded.format, **result.to_dict(), **extra})
     click.echo(f"Wrote {result.path}")
 
 

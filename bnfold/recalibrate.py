@@ -1,0 +1,143 @@
+"""Recompute batch-norm running statistics as exact population statistics over given data.
+
+Running mean/variance are exponential moving averages of training batches; at test time a
+batch-norm is meant to use the mean and variance of the training data. This pass runs the data
+through the model with the batch-norms in train-statistics mode (everything else in eval mode,
+so dropout stays off), accumulates each batch-norm input's per-channel mean and unbiased
+variance exactly in float64, and stores them. No other parameter or buffer changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ArraysArg, read_arrays, select_inputs
+from .errors import UsageError
+from .modes import eval_mode, module_dtype
+from .progress import Progress
+from .report import RecalibratedLayer, RecalibrationReport
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations, merged batch by batch (Chan et al.)."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        values = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+        n = values.shape[1]
+        batch_mean = values.mean(dim=1)
+        batch_m2 = ((values - batch_mean[:, None]) ** 2).sum(dim=1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+
+@dataclass
+class _Tracked:
+    name: str
+    layer: nn.modules.batchnorm._BatchNorm
+    moments: _Moments = field(default_factory=_Moments)
+
+
+def _input_names(module: nn.Module, count: int) -> list[str]:
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _batches(arrays: Sequence[np.ndarray], batch_size: int) -> list[slice]:
+    n = arrays[0].shape[0]
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]  # a batch of one sample has no variance: merge it into the previous one
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def recalibrate(
+    module: nn.Module,
+    data: ArraysArg,
+    *,
+    inputs: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> RecalibrationReport:
+    """Replace every batch-norm's running mean/variance of ``module`` (in place) with the exact
+    population mean and unbiased variance of its input over ``data``.
+
+    ``data``: a ``.npy``/``.npz`` path, an array, or a mapping of input name -> array for models
+    with ``inputs`` > 1. Needs a Python module with ``nn.BatchNorm`` layers (not TorchScript or a
+    loaded ``torch.export`` program). Returns the per-layer shift of mean and variance.
+    """
+    if isinstance(module, torch.jit.ScriptModule) or isinstance(module, torch.fx.GraphModule):
+        raise UsageError(
+            "--recalibrate needs the model's Python classes (nn.BatchNorm layers); load it as a "
+            "state_dict with --arch (or a trusted pickle) instead of TorchScript or torch.export"
+        )
+    tracked = [
+        _Tracked(name, m) for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]  # fmt: skip
+    if not tracked:
+        raise UsageError("--recalibrate: the model has no batch-norm layer with running statistics")
+    if batch_size < 2:
+        raise UsageError(f"--recalibrate-batch-size {batch_size}: must be at least 2")
+    arrays = select_inputs(read_arrays(data, "--recalibrate"), _input_names(module, inputs), "--recalibrate")
+    if arrays[0].shape[0] < 2:
+        raise UsageError("--recalibrate: needs at least 2 samples")
+    progress = progress or Progress()
+    saved = {t.name: {k: v.clone() for k, v in t.layer.state_dict().items()} for t in tracked}
+    hooks = [t.layer.register_forward_pre_hook(lambda _m, args, t=t: t.moments.add(args[0])) for t in tracked]
+    dtype = module_dtype(module)
+    batches = _batches(arrays, batch_size)
+    progress.start("Recalibrating batch-norm statistics")
+    try:
+        with eval_mode(module), torch.no_grad():
+            for t in tracked:
+                t.layer.training = True  # normalise with batch statistics, as in training
+            for i, rows in enumerate(batches):
+                module(*[torch.from_numpy(np.ascontiguousarray(a[rows])).to(dtype) for a in arrays])
+                progress.advance(i + 1, len(batches))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for t in tracked:  # undo the momentum updates train mode made during the pass
+            t.layer.load_state_dict(saved[t.name])
+    progress.finish()
+    layers = []
+    for t in tracked:
+        m = t.moments
+        if m.mean is None or m.count < 2:
+            continue  # the layer was not called on this data
+        old_mean = t.layer.running_mean.detach().to(torch.float64)
+        old_var = t.layer.running_var.detach().to(torch.float64)
+        new_var = m.m2 / (m.count - 1)
+        t.layer.running_mean.copy_(m.mean.to(t.layer.running_mean.dtype))
+        t.layer.running_var.copy_(new_var.to(t.layer.running_var.dtype))
+        ratio = new_var / old_var.clamp_min(torch.finfo(torch.float64).tiny)
+        layers.append(
+            RecalibratedLayer(
+                name=t.name, channels=int(m.mean.numel()), values_per_channel=m.count,
+                max_mean_shift=float((m.mean - old_mean).abs().max()),
+                var_ratio_min=float(ratio.min()), var_ratio_max=float(ratio.max()),
+            )  # fmt: skip
+        )
+    return RecalibrationReport(layers=layers, samples=int(arrays[0].shape[0]), batches=len(batches))
