@@ -32,12 +32,12 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
     """Silence torch's exporters: their prints, warnings and log lines."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

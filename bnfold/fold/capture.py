@@ -55,6 +55,21 @@ def with_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor
     return tuple(out)
 
 
+def _fixes_the_batch(exc: BaseException) -> bool:
+    message = str(exc)
+    return "Constraints violated" in message or bool(re.search(r"Guard failed: \w+\.size\(\)\[0\]", message))
+
+
+def _failing_construct(exc: BaseException) -> str:
+    """`` at file:line: code`` of the innermost user-code frame torch's message names, if any."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s+(.+)', str(exc))
+    user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0]]
+    if not user:
+        return ""
+    path, line, code = user[-1]
+    return f" at {path}:{line}: {code.strip()}"
+
+
 def _first_lines(exc: BaseException, n: int = 3) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and "TorchScript interpreter" in lines[0]:
@@ -105,23 +120,22 @@ def capture(
         inputs = with_batch(inputs, CAPTURE_BATCH)
     with eval_mode(module), torch.no_grad(), quiet_torch():
         traceable = _as_plain_module(module, inputs)
+        shapes = batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None
         try:
-            program = torch.export.export(
-                traceable,
-                inputs,
-                dynamic_shapes=batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None,
-                strict=False,
-            )
+            program = torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
-            message = str(exc)
-            fixed_batch = "Constraints violated" in message or re.search(r"Guard failed: \w+\.size\(\)\[0\]", message)
-            if dynamic_batch and fixed_batch:
+            if dynamic_batch and _fixes_the_batch(exc):
                 raise FoldError(
                     "the model cannot take a dynamic batch size (its code, or the program it was "
                     f"saved as, fixes the batch dimension: {_first_lines(exc, 2)}). Re-run with "
                     "--static-batch (Python: dynamic_batch=False) to export for the given batch size."
                 ) from exc
-            raise FoldError(
-                f"torch.export cannot trace the model: {type(exc).__name__}: {_first_lines(exc, 1)}"
-            ) from exc
+            try:  # the other capture path: TorchDynamo bytecode tracing
+                program = torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=True)
+            except Exception:
+                raise FoldError(
+                    f"torch.export cannot trace the model (non-strict and strict): {type(exc).__name__}: "
+                    f"{_first_lines(exc, 1)}{_failing_construct(exc)}. Rewrite that construct "
+                    "(e.g. data-dependent control flow) or save the model with torch.export yourself"
+                ) from exc
     return program.module()

@@ -101,3 +101,22 @@ def test_exported_program_saved_with_a_fixed_batch_says_static_batch(tmp_path):
     with pytest.raises(bnfold.FoldError, match="--static-batch"):
         bnfold.fold(loaded.module, loaded.example_inputs())
     assert bnfold.fold(loaded.module, loaded.example_inputs(), dynamic_batch=False).report.folded_count == 1
+
+
+class DataDependentBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # data-dependent control flow: no capture path can trace it
+            return y * 2
+        return y
+
+
+def test_untraceable_model_names_the_failing_construct(capfd):
+    with pytest.raises(bnfold.FoldError, match=r"non-strict and strict.*test_real_world_traps.py:\d+: if y.sum\(\) > 0:"):
+        bnfold.fold(DataDependentBranch().eval(), (random_input(1, 3, 6, 6),))
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err  # torch's graph dump stays hidden
