@@ -126,6 +126,41 @@ class SignalNet(nn.Module):
         return self.fc(self.features(x).amax(2))
 
 
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016): BN -> ReLU -> Conv twice, plus a shortcut.
+
+    The first BN normalises the block input, which the identity shortcut also reads; a
+    downsampling block's shortcut is BN -> 1x1 Conv (no padding), foldable on the input side.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(torch.relu(self.bn1(x)))
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class PreActResNet(nn.Module):
+    """(f) pre-activation ResNet: BN -> ReLU -> Conv and BN -> Conv (input-side folds), 3x16x16."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.layers = nn.Sequential(PreActBlock(16, 16), PreActBlock(16, 32, 2), PreActBlock(32, 64, 2))
+        self.bn = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.layers(self.stem(x)))).mean((2, 3)))
+
+
 def digits_cnn(num_classes: int = 10) -> DigitsCNN:
     return DigitsCNN(num_classes)
 
@@ -144,3 +179,7 @@ def segnet_tiny(num_classes: int = 2) -> TinySegNet:
 
 def signal_net(num_classes: int = 4) -> SignalNet:
     return SignalNet(num_classes)
+
+
+def preact_resnet(num_classes: int = 4) -> PreActResNet:
+    return PreActResNet(num_classes)

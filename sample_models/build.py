@@ -111,12 +111,23 @@ def build_signal() -> dict:
                         lambda p: torch.save(ckpt, p))  # fmt: skip
 
 
+def build_preact() -> dict:
+    x, y, _ = datasets.shapes(3000, SEED + 8)
+    xt, yt, _ = datasets.shapes(200, SEED + 9)
+    model = train(arch.preact_resnet(), x, y, epochs=8)
+    load = {"arch": "sample_models.architectures:preact_resnet"}
+    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]]}
+    return _save_common("shapes_preact", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
+                        lambda p: torch.save(ckpt, p))  # fmt: skip
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
-    metas = [build() for build in (build_digits, build_resnet, build_mobilenet, build_segnet, build_signal)]
+    builders = (build_digits, build_resnet, build_mobilenet, build_segnet, build_signal, build_preact)
+    metas = [build() for build in builders]
     (ROOT / "models.json").write_text(json.dumps(metas, indent=2) + "\n")
     print(f"built {len(metas)} sample models in {time.perf_counter() - t0:.0f} s")
 

@@ -16,6 +16,9 @@ from bnfold.modes import run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = json.loads((ROOT / "sample_models" / "models.json").read_text())
+# Batch-norms no rule can fold: in the pre-activation ResNet, three normalise the output of a
+# residual add and one the stem output the identity shortcut also reads, and all four feed a ReLU.
+UNFOLDABLE = {"shapes_preact": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +39,11 @@ def test_sample_model(meta, tmp_path):
     result = bnfold.export(loaded.module, loaded.example_inputs(), tmp_path / "model.onnx", inputs=folder / "test.npz")
 
     report = result.fold_report
-    assert report.folded_count == len(report.entries) > 0, str(report)  # nothing foldable left
+    kept = [e for e in report.entries if e.status == "kept"]
+    assert len(kept) == UNFOLDABLE.get(meta["name"], 0), str(report)  # nothing foldable left
+    assert all("feeds 'relu'" in e.reason for e in kept)
     assert result.verify_report.passed and result.verify_report.samples == meta["test_samples"] + 1
-    assert result.onnx_batchnorm_count == 0
+    assert result.onnx_batchnorm_count == len(kept)
 
     before = top1(run_eval(loaded.module, [torch.from_numpy(test["x"])])[0].numpy(), test["y"])
     after = top1(bnfold.Predictor(result.path, device="cpu").predict(test["x"]), test["y"])
@@ -47,5 +52,5 @@ def test_sample_model(meta, tmp_path):
 
 def test_models_json_lists_every_sample_folder():
     folders = {p.name for p in (ROOT / "sample_models").iterdir() if (p / "meta.json").exists()}
-    assert folders == {m["name"] for m in MODELS} and len(folders) == 5
+    assert folders == {m["name"] for m in MODELS} and len(folders) == 6
     assert all(os.path.getsize(ROOT / "sample_models" / m["name"] / m["file"]) < 2_000_000 for m in MODELS)
