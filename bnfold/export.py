@@ -16,6 +16,7 @@ from . import __version__
 from .errors import BnfoldError, ExportError, UsageError, VerificationError
 from .fold import fold
 from .fold.precision import to_float16, with_float32_io
+from .metadata import Preprocess, metadata_props
 from .modes import module_dtype, quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
@@ -68,8 +69,18 @@ def to_onnx(
     return program.model_proto
 
 
-def _add_metadata(model: onnx.ModelProto, report: FoldReport) -> None:
+def _check_labels(model: onnx.ModelProto, labels: Sequence[str] | None) -> None:
+    if not labels:
+        return
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    classes = dims[1].dim_value if len(dims) >= 2 and dims[1].HasField("dim_value") else None
+    if classes is not None and classes != len(labels):
+        raise UsageError(f"--labels: {len(labels)} label(s), but the model's first output has {classes} classes")
+
+
+def _add_metadata(model: onnx.ModelProto, report: FoldReport, extra: dict[str, str]) -> None:
     props = {
+        **extra,
         "bnfold_version": __version__,
         "bnfold_fold_report": json.dumps(
             {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
@@ -124,6 +135,8 @@ def export(
     fp16: bool = False,
     keep_io_types: bool = False,
     reference: str = "float32",
+    labels: Sequence[str] | None = None,
+    preprocess: Preprocess | None = None,
     source: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -137,7 +150,8 @@ def export(
     ``fp16`` folds first (float64 math, float32 weights), checks every stored tensor fits float16,
     then converts; inputs and outputs are float16 unless ``keep_io_types``. ``rtol``/``atol``
     default to the float32 or float16 tolerances (see :mod:`bnfold.verify`); ``reference`` is
-    passed to :func:`bnfold.verify`.
+    passed to :func:`bnfold.verify`. ``labels`` (one per class of the first output) and
+    ``preprocess`` are stored in the ONNX metadata for :class:`bnfold.Predictor`.
     """
     if keep_io_types and not fp16:
         raise UsageError("--keep-io-types only applies with --fp16")
@@ -157,7 +171,8 @@ def export(
         else:
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
     model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
-    _add_metadata(model, folded.report)
+    _check_labels(model, labels)
+    _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
     progress.finish()
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)

@@ -14,7 +14,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsafeModelError, UsageError
+from .metadata import Preprocess
 
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "torch.export"
 STATE_DICT = "state_dict"
 PICKLED_MODULE = "pickled nn.Module"
 
-# Extra file inside TorchScript archives where bnfold-aware tools record the input shapes.
+# Extra file in TorchScript archives and torch.export programs where bnfold-aware tools record
+# the input shapes, labels and preprocessing (a JSON object).
 TORCHSCRIPT_META_FILE = "bnfold.json"
 # Keys under which checkpoint dicts commonly hold their state_dict or module.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model_state", "weights", "net", "model", "module")
@@ -50,7 +52,10 @@ class LoadedModel:
     input_shapes: list[Shape] | None = None
     """One shape per model input, batch first, if the file records them."""
     input_dtypes: list[torch.dtype] | None = None
-    notes: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    """Class labels the file carries (``labels`` key / ``bnfold.json``), if any."""
+    preprocess: Preprocess | None = None
+    """Image preprocessing the file carries (``preprocess`` key / ``bnfold.json``), if any."""
 
     def example_inputs(self, input_shapes: Sequence[Shape] | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Seeded random-normal inputs of ``input_shapes`` (or the shapes the file records)."""
@@ -238,12 +243,28 @@ def _apply_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str, 
     return module
 
 
+def _file_metadata(loaded: LoadedModel, meta: Mapping[str, Any]) -> LoadedModel:
+    """Input shapes, labels and preprocessing recorded in a checkpoint dict or ``bnfold.json``."""
+    for key in INPUT_SHAPE_KEYS:
+        if key in meta:
+            loaded.input_shapes = _shapes_from(meta[key], str(loaded.path))
+    labels = meta.get("labels")
+    if labels is not None:
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+            raise ModelLoadError(f"{loaded.path}: its recorded labels are not a list of strings")
+        loaded.labels = list(labels)
+    if isinstance(meta.get("preprocess"), Mapping):
+        try:
+            loaded.preprocess = Preprocess.from_dict(dict(meta["preprocess"]))
+        except UsageError as exc:
+            raise ModelLoadError(f"{loaded.path}: its recorded preprocessing is invalid ({exc})") from exc
+    return loaded
+
+
 def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> LoadedModel:
-    shapes = None
+    meta: Mapping[str, Any] = {}
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
-        for key in INPUT_SHAPE_KEYS:
-            if key in obj:
-                shapes = _shapes_from(obj[key], str(path))
+        meta = obj
         inner = next((obj[k] for k in STATE_DICT_KEYS if k in obj and (_is_state_dict(obj[k]) or isinstance(obj[k], nn.Module))), None)
         if inner is None:
             raise ModelLoadError(
@@ -254,14 +275,14 @@ def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str,
     if isinstance(obj, nn.Module):
         if arch:
             raise UsageError(f"{path} holds a whole module; --arch is only for state_dict files")
-        return LoadedModel(obj.eval(), path, PICKLED_MODULE, shapes)
+        return _file_metadata(LoadedModel(obj.eval(), path, PICKLED_MODULE), meta)
     if _is_state_dict(obj):
         if not arch:
             raise UsageError(
                 f"{path} holds a state_dict ({len(obj)} tensors) but no architecture: pass "
                 "--arch package.module:factory (and --arch-kwargs '{...}' if it takes arguments)"
             )
-        return LoadedModel(_apply_state_dict(path, obj, arch, arch_kwargs).eval(), path, STATE_DICT, shapes)
+        return _file_metadata(LoadedModel(_apply_state_dict(path, obj, arch, arch_kwargs).eval(), path, STATE_DICT), meta)
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model, state_dict or checkpoint dict")
 
 
@@ -271,22 +292,28 @@ def _load_torchscript(path: Path) -> LoadedModel:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a loadable TorchScript archive: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    shapes = None
-    if extra[TORCHSCRIPT_META_FILE]:
-        try:
-            meta = json.loads(extra[TORCHSCRIPT_META_FILE])
-        except ValueError as exc:
-            raise ModelLoadError(f"{path}: its {TORCHSCRIPT_META_FILE} is not valid JSON") from exc
-        if "input_shape" in meta:
-            shapes = _shapes_from(meta["input_shape"], str(path))
-    return LoadedModel(module.eval(), path, TORCHSCRIPT, shapes)
+    return _file_metadata(LoadedModel(module.eval(), path, TORCHSCRIPT), _extra_file_json(path, extra))
+
+
+def _extra_file_json(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    raw = extra.get(TORCHSCRIPT_META_FILE) or ""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: its {TORCHSCRIPT_META_FILE} is not valid JSON") from exc
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: its {TORCHSCRIPT_META_FILE} is not a JSON object")
+    return meta
 
 
 def _load_exported_program(path: Path) -> LoadedModel:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.load(str(path))
+            extra = {TORCHSCRIPT_META_FILE: ""}
+            program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     user_inputs = set(program.graph_signature.user_inputs)
@@ -296,7 +323,8 @@ def _load_exported_program(path: Path) -> LoadedModel:
     if vals and all(isinstance(v, torch.Tensor) for v in vals):
         shapes = [tuple(d if isinstance(d, int) else 1 for d in v.shape) for v in vals]
         dtypes = [v.dtype for v in vals]
-    return LoadedModel(program.module(), path, EXPORTED_PROGRAM, shapes, dtypes)
+    loaded = LoadedModel(program.module(), path, EXPORTED_PROGRAM, shapes, dtypes)
+    return _file_metadata(loaded, _extra_file_json(path, extra))
 
 
 def load_model(

@@ -3,7 +3,11 @@ with input checks and batching. Verification runs ONNX models through this class
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,12 +18,23 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BnfoldError, ModelLoadError, UsageError
+from .images import load_images
+from .metadata import from_metadata
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+# CUDA provider options for dynamic batch sizes. cuDNN's default EXHAUSTIVE algorithm search
+# benchmarks every convolution algorithm for each new input shape: with a dynamic batch axis every
+# new batch size pays seconds of search before its first result. HEURISTIC picks an algorithm from
+# cuDNN's heuristics without benchmarking, which is within a few percent of the best for common
+# convolutions. kSameAsRequested stops the memory arena from doubling its allocation each time a
+# larger batch arrives.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
 
 
 class CudaUnavailableWarning(UserWarning):
@@ -35,6 +50,11 @@ class TensorSpec:
     dtype: np.dtype
 
     @property
+    def fixed_dims(self) -> tuple[tuple[int, int], ...]:
+        """(axis, size) of every fixed dimension after the batch axis."""
+        return tuple((i, d) for i, d in enumerate(self.shape) if i > 0 and isinstance(d, int))
+
+    @property
     def batch_is_dynamic(self) -> bool:
         return bool(self.shape) and not isinstance(self.shape[0], int)
 
@@ -47,6 +67,17 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, tuple(d if isinstance(d, int) else (d or None) for d in arg.shape), dtype)
 
 
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
+
+
+def _output_shape(spec: TensorSpec, batch: int) -> tuple[int, ...] | None:
+    """The output's shape for a batch of ``batch`` when only its batch axis is free."""
+    if not spec.shape or any(not isinstance(d, int) for d in spec.shape[1:]):
+        return None
+    return (batch if not isinstance(spec.shape[0], int) else spec.shape[0], *spec.shape[1:])
+
+
 def _session_options(optimize: bool, threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: bnfold reports provider problems itself
@@ -57,14 +88,39 @@ def _session_options(optimize: bool, threads: int | None) -> ort.SessionOptions:
     return options
 
 
+def _nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver library (hence possibly a GPU) is there to be used."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def _cuda_problem() -> str | None:
-    """Why CUDA cannot be asked for in this onnxruntime build, or None if it can."""
+    """Why CUDA cannot be asked for at all, or None if it is worth trying."""
     if CUDA not in ort.get_available_providers():
         return (
             f"this onnxruntime build ({ort.__version__}) has no CUDA provider; "
             "install onnxruntime-gpu (and remove onnxruntime)"
         )
+    if not _nvidia_driver_present():
+        return "no NVIDIA driver (libcuda) found: this machine has no usable GPU"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_cuda_attempt() -> Iterator[None]:
+    """Hide onnxruntime's own messages while trying CUDA: bnfold reports the outcome itself."""
+    ort.set_default_logger_severity(4)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def _preload_cuda_libraries() -> None:
@@ -113,12 +169,28 @@ class Predictor:
             self._session = self._create_cuda(options, strict=device == "cuda")
         self.providers: list[str] = self._session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == CUDA else "cpu"
+        cuda_options = self._session.get_provider_options().get(CUDA, {})
+        self.device_id = int(cuda_options.get("device_id", 0))
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]
+        self._fixed = {s.name: s.fixed_dims for s in self.inputs}
+        first = self.inputs[0] if len(self.inputs) == 1 and len(self.outputs) == 1 else None
+        # One input whose non-batch dims are all fixed: predict() compares shapes as one tuple.
+        self._fast = first if first and len(first.fixed_dims) == len(first.shape) - 1 else None
+        self._fast_tail = tuple(d for _, d in first.fixed_dims) if self._fast else ()
         static = [s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int)]
         self.static_batch: int | None = static[0] if static else None
         self.batch_size = batch_size
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        try:
+            self.labels, self.preprocess = from_metadata(self.metadata)
+        except (ValueError, BnfoldError) as exc:
+            raise ModelLoadError(f"{self.path}: its labels/preprocessing metadata is malformed ({exc})") from exc
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The underlying ONNX Runtime session (for advanced use and benchmarks)."""
+        return self._session
 
     def _create(self, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
         try:
@@ -130,14 +202,15 @@ class Predictor:
     def _create_cuda(self, options: ort.SessionOptions, strict: bool) -> ort.InferenceSession:
         problem = _cuda_problem()
         if problem is None:
-            _preload_cuda_libraries()
-            session = self._create(options, [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU])
+            with _quiet_cuda_attempt():
+                _preload_cuda_libraries()
+                session = self._create(options, [(CUDA, CUDA_OPTIONS), CPU])
             if session.get_providers()[0] == CUDA:
                 return session
             problem = (
-                "onnxruntime could not start its CUDA provider (no GPU visible, or the CUDA 12 / "
-                "cuDNN 9 libraries were not found; `pip install onnxruntime-gpu[cuda,cudnn]` "
-                "brings them)"
+                "onnxruntime could not start its CUDA provider: the CUDA or cuDNN libraries this "
+                f"onnxruntime-gpu {ort.__version__} build needs were not found (`pip install "
+                "'onnxruntime-gpu[cuda,cudnn]'` brings them), or no GPU is visible"
             )
         if strict:
             raise BnfoldError(f"--device cuda: {problem}")
@@ -146,17 +219,21 @@ class Predictor:
         return self._create(options, [CPU])
 
     # ----------------------------------------------------------------------------- inputs
+    def _validate(self, spec: TensorSpec, shape: tuple[int, ...], dtype: object, is_float: bool) -> None:
+        # Hot path: every predict call comes here, so nothing is formatted unless it fails.
+        if not is_float:
+            raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {dtype}")
+        if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in self._fixed[spec.name]):
+            want = "x".join("N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape))
+            raise UsageError(f"input '{spec.name}': expected shape {want}, got {'x'.join(map(str, shape))}")
+
     def check_input(self, spec: TensorSpec, array: Any) -> np.ndarray:
         """``array`` as the dtype input ``spec`` takes; a :class:`UsageError` if it cannot be."""
-        arr = np.asarray(array)
-        if arr.dtype.kind != "f":
-            raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {arr.dtype}")
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(want, int) and want != got for want, got in zip(spec.shape[1:], arr.shape[1:])
-        ):
-            want = "x".join("N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape))
-            raise UsageError(f"input '{spec.name}': expected shape {want}, got {'x'.join(map(str, arr.shape))}")
-        return np.ascontiguousarray(arr, dtype=spec.dtype)
+        arr = array if type(array) is np.ndarray else np.asarray(array)
+        self._validate(spec, arr.shape, arr.dtype, arr.dtype.kind == "f")
+        if arr.dtype != spec.dtype or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=spec.dtype)
+        return arr
 
     def _feeds(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(x, Mapping):
@@ -174,9 +251,6 @@ class Predictor:
             raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
         return feeds
 
-    def _chunk(self) -> int | None:
-        return self.static_batch or self.batch_size
-
     def _run_chunk(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         n = next(iter(feeds.values())).shape[0]
         pad = (self.static_batch - n) if self.static_batch and n < self.static_batch else 0
@@ -187,23 +261,103 @@ class Predictor:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run checked feeds, split into chunks of the batch size; outputs in model order."""
+        chunk = self.static_batch or self.batch_size
+        if chunk is None:
+            return self._session.run(None, feeds)
         n = next(iter(feeds.values())).shape[0]
-        chunk = self._chunk()
-        if not chunk or n <= chunk and not self.static_batch:
+        if n <= chunk and not self.static_batch:
             return self._session.run(None, feeds)
         parts = [self._run_chunk({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
 
-    def predict(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+    def predict(self, x: Any, *, as_torch: bool = False) -> Any:
         """Numpy in, numpy out for one input and one output; a dict of name -> array otherwise.
 
         Float inputs are cast to the model's dtype; integer or wrongly shaped inputs raise a
         :class:`UsageError` naming the input. Safe to call from several threads.
+
+        On CUDA, torch tensors (also as dict values) are bound to the session with I/O binding:
+        CUDA tensors are read in place, without a host round trip. ``as_torch=True`` returns
+        torch tensors (CUDA tensors on the CUDA provider, written in place by ONNX Runtime).
         """
-        outs = self.run(self._feeds(x))
-        if len(self.inputs) == 1 and len(self.outputs) == 1 and not isinstance(x, Mapping):
-            return outs[0]
-        return {s.name: o for s, o in zip(self.outputs, outs)}
+        fast = self._fast
+        if (  # the common case: no conversion, no chunking, one call into ONNX Runtime
+            fast is not None and type(x) is np.ndarray and not as_torch and x.dtype == fast.dtype
+            and x.shape[1:] == self._fast_tail and x.flags.c_contiguous
+            and self.batch_size is None and self.static_batch is None
+        ):  # fmt: skip
+            return self._session.run(None, {fast.name: x})[0]
+        single = len(self.inputs) == 1 and len(self.outputs) == 1 and not isinstance(x, Mapping)
+        named = x if isinstance(x, Mapping) else {self.inputs[0].name: x} if len(self.inputs) == 1 else None
+        if named is not None and any(_is_torch(v) for v in named.values()):
+            outs = self._run_torch(named, as_torch)
+        else:
+            outs = self.run(self._feeds(x))
+            if as_torch:
+                import torch
+
+                outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if single else {s.name: o for s, o in zip(self.outputs, outs)}
+
+    def _run_torch(self, named: Mapping[str, Any], as_torch: bool) -> list[Any]:
+        """Torch tensors in: I/O binding on CUDA; on the CPU, zero-copy numpy views."""
+        import torch
+
+        specs = {s.name: s for s in self.inputs}
+        missing = [n for n in specs if n not in named]
+        if missing or len(named) != len(specs):
+            raise UsageError(f"inputs: model expects {list(specs)}; got {list(named)}")
+        for name, value in named.items():
+            if _is_torch(value):
+                self._validate(specs[name], tuple(value.shape), str(value.dtype), value.is_floating_point())
+        if self.device != "cuda":
+            arrays = {k: (v.detach().cpu().numpy() if _is_torch(v) else v) for k, v in named.items()}
+            outs = self.run(self._feeds(arrays))
+            return [torch.from_numpy(o) for o in outs] if as_torch else outs
+        device = torch.device("cuda", self.device_id)
+        tensors = {
+            name: value.detach().to(device=device, dtype=getattr(torch, specs[name].dtype.name)).contiguous()
+            if _is_torch(value) else torch.from_numpy(self.check_input(specs[name], value)).to(device)
+            for name, value in named.items()
+        }  # fmt: skip
+        sizes = {t.shape[0] for t in tensors.values()}
+        if len(sizes) != 1:
+            raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
+        n = sizes.pop()
+        binding = self._session.io_binding()  # one binding per call: thread-safe
+        for name, t in tensors.items():
+            binding.bind_input(name, "cuda", self.device_id, specs[name].dtype, tuple(t.shape), t.data_ptr())
+        outputs: list[Any] = []
+        for spec in self.outputs:
+            shape = _output_shape(spec, n)
+            if as_torch and shape is not None:
+                out = torch.empty(shape, dtype=getattr(torch, spec.dtype.name), device=device)
+                binding.bind_output(spec.name, "cuda", self.device_id, spec.dtype, shape, out.data_ptr())
+                outputs.append(out)
+            else:
+                binding.bind_output(spec.name, "cuda", self.device_id)
+                outputs.append(None)
+        torch.cuda.current_stream(device).synchronize()  # inputs written on torch's stream are ready
+        self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        values = binding.get_outputs()
+        results = []
+        for out, value in zip(outputs, values):
+            if out is None:
+                out = value.numpy()
+                out = torch.from_numpy(out).to(device) if as_torch else out
+            results.append(out)
+        return results
+
+    def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
+        """Read, resize and normalise image files as the model's preprocessing metadata says
+        (``bnfold export --preprocess-*``), then :meth:`predict`. Needs ``bnfold[images]``."""
+        if self.preprocess is None:
+            raise UsageError(
+                f"{self.path} has no preprocessing metadata: export it with --preprocess-size/"
+                "--preprocess-mean/--preprocess-std, or pass arrays instead of images"
+            )
+        return self.predict(load_images(list(paths), self.preprocess))
 
     def predict_batches(self, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[Any]:
         """Stream :meth:`predict` over an iterable of inputs."""

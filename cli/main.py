@@ -6,28 +6,36 @@ Errors a user can cause become one line on stderr and the exit code of their cla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from bnfold import __version__
-from bnfold.errors import BnfoldError, UsageError, VerificationError
+from bnfold.errors import EXIT_OK, BnfoldError, UsageError, VerificationError
 from bnfold.export import check_output_path, default_output_path, export
 from bnfold.fold import fold
 from bnfold.loading import LoadedModel, load_model, parse_shape
-from bnfold.progress import for_stream
+from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, read_labels
+from bnfold.data import read_arrays, select_inputs
+from bnfold.images import find_images, load_images
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
+from bnfold.progress import Progress, for_stream
 from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
 from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES, verify
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 4
+DEFAULT_PREDICT_BATCH = 32
 
 
 def _fail(message: str, code: int) -> None:
@@ -54,6 +62,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OK)
         except Exception as exc:  # a bug in bnfold or a library: still one line, unless --debug
             if debug:
                 raise
@@ -88,6 +99,31 @@ def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: b
         if not arch:
             raise UsageError("--arch-kwargs needs --arch")
     return load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
+
+
+def _preprocess(loaded: LoadedModel, example: tuple[Any, ...], size: str | None, mean: str | None,
+                std: str | None, channels: str | None) -> Preprocess | None:  # fmt: skip
+    """The preprocessing to store: the file's, with any --preprocess-* option overriding it."""
+    if not any((size, mean, std, channels)) and loaded.preprocess is None:
+        return None
+    shape = tuple(example[0].shape)
+    spec: dict[str, Any] = dataclasses.asdict(loaded.preprocess) if loaded.preprocess else {}
+    if size:
+        spec["size"] = parse_shape(size)
+    if mean:
+        spec["mean"] = parse_floats(mean, "--preprocess-mean")
+    if std:
+        spec["std"] = parse_floats(std, "--preprocess-std")
+    if channels:
+        spec["channel_order"] = channels
+    spec.setdefault("channel_order", "L" if len(shape) == 4 and shape[1] == 1 else "RGB")
+    spec.setdefault("size", shape[2:4] if len(shape) == 4 else ())
+    spec.setdefault("mean", (0.0,))
+    spec.setdefault("std", (1.0,))
+    preprocess = Preprocess.from_dict(spec)
+    if len(shape) != 4 or shape[1] != preprocess.channels:
+        raise UsageError(f"--preprocess-*: images give {preprocess.channels}-channel NxCxHxW input, the model takes {'x'.join(map(str, shape))}")
+    return preprocess
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -129,6 +165,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--fp16", is_flag=True, help="Export float16 weights and activations (folded in float64 first).")
 @click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")
 @click.option("--reference", type=click.Choice(REFERENCES), default="float32", show_default=True, help="float64 also reports the error of the original and the ONNX model against a float64 run.")
+@click.option("--labels", "labels_path", type=click.Path(), help="Class labels, one per line, stored in the ONNX metadata.")
+@click.option("--preprocess-size", metavar="HxW", help="Image preprocessing stored in the ONNX metadata: resize to HxW (default: the input's).")
+@click.option("--preprocess-mean", metavar="M[,M,M]", help="Per-channel mean subtracted after scaling pixels to [0, 1] (default 0).")
+@click.option("--preprocess-std", metavar="S[,S,S]", help="Per-channel std divided by (default 1).")
+@click.option("--preprocess-channels", type=click.Choice(CHANNEL_ORDERS), help="Channel order: RGB, BGR or L (grayscale); default from the channel count.")
 @click.option("--recalibrate", "recalibrate_data", type=click.Path(), help="Recompute every batch-norm's running statistics as the exact population statistics of this data (.npy/.npz) before folding.")
 @click.option("--recalibrate-batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Batch size of the recalibration pass.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full fold + verify report as JSON here.")
@@ -136,8 +177,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 def export_command(model: str, output: str | None, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
                    input_shapes: tuple[str, ...], static_batch: bool, opset: int | None, no_verify: bool,
                    rtol: float | None, atol: float | None, inputs: str | None, fp16: bool, keep_io_types: bool,
-                   reference: str, recalibrate_data: str | None, recalibrate_batch_size: int,
-                   report_path: str | None) -> None:  # fmt: skip
+                   reference: str, labels_path: str | None, preprocess_size: str | None,
+                   preprocess_mean: str | None, preprocess_std: str | None, preprocess_channels: str | None,
+                   recalibrate_data: str | None, recalibrate_batch_size: int, report_path: str | None) -> None:  # fmt: skip
     """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
     shapes = [parse_shape(s) for s in input_shapes]
     out = Path(output) if output else default_output_path(model)
@@ -149,6 +191,8 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
     loaded = _load(model, arch, arch_kwargs, trust_pickle)
     progress.finish()
     example = loaded.example_inputs(shapes)
+    labels = read_labels(labels_path) if labels_path else loaded.labels
+    preprocess = _preprocess(loaded, example, preprocess_size, preprocess_mean, preprocess_std, preprocess_channels)
     recalibration = None
     if recalibrate_data:
         recalibration = recalibrate(loaded.module, recalibrate_data, inputs=len(example), batch_size=recalibrate_batch_size, progress=progress)
@@ -158,7 +202,7 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
             loaded.module, example, out,
             dynamic_batch=not static_batch, opset=opset, verify=not no_verify,
             rtol=rtol, atol=atol, inputs=inputs, fp16=fp16, keep_io_types=keep_io_types,
-            reference=reference, source=model, progress=progress,
+            reference=reference, labels=labels, preprocess=preprocess, source=model, progress=progress,
         )  # fmt: skip
     except VerificationError as exc:
         if report_path and exc.report is not None:
@@ -215,6 +259,95 @@ def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: s
         _write_json(report_path, {"model": model, **report.to_dict()})
     if not report.passed:
         _fail(f"verification failed: {'; '.join(report.failures())}", VerificationError.exit_code)
+
+
+@main.command("predict")
+@click.argument("onnx_model", type=click.Path(dir_okay=True))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(), help="Write all outputs to this .npz (one array per model output).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="cuda, cpu, or auto (CUDA when it works, else CPU with a warning).")
+@click.option("--batch-size", type=int, default=DEFAULT_PREDICT_BATCH, show_default=True, help="Samples per ONNX Runtime call.")
+@click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
+@handle_errors
+def predict_command(onnx_model: str, inputs: tuple[str, ...], output: str | None, device: str, batch_size: int,
+                    top_k: int, as_json: bool) -> None:  # fmt: skip
+    """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
+    the preprocessing the model was exported with)."""
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    if output:
+        check_output_path(output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CudaUnavailableWarning)
+        predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
+    for warning in caught:
+        click.echo(f"bnfold: warning: {warning.message}", err=True)
+    names, batches, total = _prediction_batches(predictor, inputs, batch_size)
+    progress = for_stream(sys.stderr) if -(-total // batch_size) > 3 else Progress()
+    progress.start(f"Predicting {total} sample(s) on {predictor.device}")
+    parts: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        result = predictor.predict(batch)
+        parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
+        progress.advance(sum(len(next(iter(p.values()))) for p in parts), total)
+    progress.finish()
+    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if output:
+        _write_npz(output, outputs)
+    _print_predictions(next(iter(outputs.values())), names, predictor.labels, top_k, as_json)
+    if output and not as_json:
+        click.echo(f"Wrote {output}")
+
+
+
+def _prediction_batches(predictor: Predictor, inputs: tuple[str, ...], batch_size: int):
+    """(sample names, an iterator of model inputs per batch, number of samples)."""
+    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
+        arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
+        n = arrays[0].shape[0]
+        batches = (
+            {s.name: a[i : i + batch_size] for s, a in zip(predictor.inputs, arrays)} for i in range(0, n, batch_size)
+        )
+        return [str(i) for i in range(n)], batches, n
+    if predictor.preprocess is None:
+        raise UsageError(
+            f"{predictor.path} has no preprocessing metadata, so it cannot read images: export it "
+            "with --preprocess-mean/--preprocess-std (and --labels), or pass a .npy/.npz file"
+        )
+    paths = [p for item in inputs for p in find_images(item)]
+    batches = (load_images(paths[i : i + batch_size], predictor.preprocess) for i in range(0, len(paths), batch_size))
+    return [str(p) for p in paths], batches, len(paths)
+
+
+def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file beside it, then rename)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _print_predictions(scores: np.ndarray, names: list[str], labels: list[str] | None, top_k: int, as_json: bool) -> None:
+    if scores.ndim != 2:
+        if as_json:
+            for name, row in zip(names, scores):
+                click.echo(json.dumps({"sample": name, "shape": list(row.shape)}))
+        else:
+            click.echo(f"{len(names)} sample(s): output shape {'x'.join(map(str, scores.shape))}")
+        return
+    k = min(top_k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    for name, row, idx in zip(names, scores, top):
+        best = [{"class": int(j), "label": labels[j] if labels and j < len(labels) else str(int(j)), "score": float(row[j])} for j in idx]
+        if as_json:
+            click.echo(json.dumps({"sample": name, "top_k": best}))
+        else:
+            click.echo(f"{name}\t" + ", ".join(f"{b['label']} ({b['score']:.4g})" for b in best))
 
 
 if __name__ == "__main__":  # pragma: no cover

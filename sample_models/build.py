@@ -23,6 +23,9 @@ from . import datasets
 
 ROOT = Path(__file__).resolve().parent
 SEED = 0
+# Image preprocessing matching how the datasets normalise pixels in [0, 1] (bnfold.metadata.Preprocess).
+SHAPES_PREPROCESS = {"size": [16, 16], "mean": [0.5], "std": [0.5], "channel_order": "RGB"}
+DIGITS_PREPROCESS = {"size": [8, 8], "mean": [0.3], "std": [0.4], "channel_order": "L"}
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 3e-3, batch: int = 64) -> nn.Module:
@@ -67,7 +70,8 @@ def build_digits() -> dict:
     model = train(arch.digits_cnn(), x, y, epochs=15)
     shape = [1, *xt.shape[1:]]
     scripted = torch.jit.trace(model, torch.from_numpy(xt[:2]))
-    extra = {"bnfold.json": json.dumps({"input_shape": shape})}
+    info = {"input_shape": shape, "labels": [str(d) for d in range(10)], "preprocess": DIGITS_PREPROCESS}
+    extra = {"bnfold.json": json.dumps(info)}
     return _save_common("digits_cnn", model, xt, yt, {"file": "model.pt", "format": "torchscript", "load": {}},
                         lambda p: torch.jit.save(scripted, str(p), _extra_files=extra))  # fmt: skip
 
@@ -77,8 +81,10 @@ def build_resnet() -> dict:
     xt, yt, _ = datasets.shapes(300, SEED + 1)
     model = train(arch.tiny_resnet(), x, y, epochs=8)
     program = torch.export.export(model, (torch.from_numpy(xt[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    info = {"labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
+    extra = {"bnfold.json": json.dumps(info)}
     return _save_common("shapes_resnet", model, xt, yt, {"file": "model.pt2", "format": "torch.export", "load": {}},
-                        lambda p: torch.export.save(program, str(p)))  # fmt: skip
+                        lambda p: torch.export.save(program, str(p), extra_files=extra))  # fmt: skip
 
 
 def build_mobilenet() -> dict:
@@ -86,7 +92,7 @@ def build_mobilenet() -> dict:
     xt, yt, _ = datasets.shapes(300, SEED + 3)
     model = train(arch.mobilenet_tiny(num_classes=4), x, y, epochs=8)
     load = {"arch": "sample_models.architectures:mobilenet_tiny", "arch_kwargs": {"num_classes": 4}}
-    ckpt = {"state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]]}
+    ckpt = {"state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
     return _save_common("shapes_mobilenet", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
                         lambda p: torch.save(ckpt, p))  # fmt: skip
 
@@ -95,7 +101,7 @@ def build_segnet() -> dict:
     x, _, m = datasets.shapes(2000, SEED + 4)
     xt, _, mt = datasets.shapes(200, SEED + 5)
     model = train(arch.segnet_tiny(), x, m, epochs=6)
-    payload = {"model": model, "input_shape": [1, *xt.shape[1:]]}
+    payload = {"model": model, "input_shape": [1, *xt.shape[1:]], "labels": ["background", "shape"], "preprocess": SHAPES_PREPROCESS}
     return _save_common("shapes_segnet", model, xt, mt, {"file": "model.pt", "format": "pickled nn.Module", "load": {"trust_pickle": True}},
                         lambda p: torch.save(payload, p))  # fmt: skip
 
@@ -106,7 +112,7 @@ def build_signal() -> dict:
     model = train(arch.signal_net(), x, y, epochs=10)
     load = {"arch": "sample_models/architectures.py:signal_net"}
     # numpy scalars are common in checkpoints; bnfold loads them without --trust-pickle.
-    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "epoch": np.int64(10)}
+    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "epoch": np.int64(10), "labels": list(datasets.SIGNALS)}
     return _save_common("signal_cnn", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
                         lambda p: torch.save(ckpt, p))  # fmt: skip
 
@@ -116,7 +122,7 @@ def build_preact() -> dict:
     xt, yt, _ = datasets.shapes(200, SEED + 9)
     model = train(arch.preact_resnet(), x, y, epochs=8)
     load = {"arch": "sample_models.architectures:preact_resnet"}
-    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]]}
+    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
     return _save_common("shapes_preact", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
                         lambda p: torch.save(ckpt, p))  # fmt: skip
 

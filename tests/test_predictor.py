@@ -105,3 +105,32 @@ def test_cuda_without_a_gpu_raises_and_auto_warns(single):
 def test_unknown_device_is_a_usage_error(single):
     with pytest.raises(bnfold.UsageError, match="--device"):
         Predictor(single, device="tpu")
+
+
+def test_torch_tensors_on_the_cpu(single):
+    p = Predictor(single, device="cpu")
+    x = random_input(3, 3, 6, 6)
+    expected = p.predict(x.numpy())
+    np.testing.assert_array_equal(p.predict(x), expected)
+    out = p.predict(x, as_torch=True)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, torch.from_numpy(expected))
+    with pytest.raises(bnfold.UsageError, match="expected shape"):
+        p.predict(random_input(3, 4, 6, 6))
+
+
+def test_predict_batches_streams_in_order(single):
+    p = Predictor(single, device="cpu")
+    batches = [np.random.default_rng(i).standard_normal((2, 3, 6, 6)).astype(np.float32) for i in range(3)]
+    for got, batch in zip(p.predict_batches(iter(batches)), batches):
+        np.testing.assert_array_equal(got, p.predict(batch))
+
+
+def test_static_batch_axis_is_padded_and_split(tmp_path):
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    path = bnfold.export(model, (random_input(4, 3, 6, 6),), tmp_path / "m.onnx", dynamic_batch=False).path
+    p = Predictor(path, device="cpu")
+    assert p.static_batch == 4
+    x = np.random.default_rng(2).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(p.predict(x), expected, rtol=1e-4, atol=1e-5)

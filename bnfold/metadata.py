@@ -1,0 +1,103 @@
+"""What an exported model carries besides its graph: class labels and image preprocessing.
+
+Both are stored as JSON in the ONNX ``metadata_props`` (keys below) and read back by the
+Predictor; model files may carry them too (TorchScript/torch.export ``bnfold.json`` extra file,
+checkpoint-dict keys ``labels`` / ``preprocess``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+LABELS_KEY = "bnfold_labels"
+PREPROCESS_KEY = "bnfold_preprocess"
+CHANNEL_ORDERS = ("RGB", "BGR", "L")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image preprocessing: resize to ``size`` (H, W), scale pixels by ``scale``, order the
+    channels (``RGB``, ``BGR`` or grayscale ``L``), then ``(x - mean) / std`` per channel."""
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channel_order: str = "RGB"
+    scale: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        channels = 1 if self.channel_order == "L" else 3
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise UsageError(f"--preprocess-channels {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise UsageError(f"--preprocess-size {self.size}: expected HxW, e.g. 224x224")
+        for label, values in (("--preprocess-mean", self.mean), ("--preprocess-std", self.std)):
+            if len(values) not in (1, channels):
+                raise UsageError(f"{label}: {len(values)} values for {channels} channel(s)")
+        if any(v == 0 for v in self.std):
+            raise UsageError("--preprocess-std: values must be non-zero")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.channel_order == "L" else 3
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        try:
+            return cls(
+                size=tuple(int(v) for v in data["size"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+                channel_order=str(data.get("channel_order", "RGB")),
+                scale=float(data.get("scale", 1 / 255)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"preprocessing metadata {data!r} is incomplete: needs size, mean and std") from exc
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class labels from a text file, one per line (blank lines at the end are ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--labels {file}: file does not exist")
+    try:
+        labels = file.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--labels {file}: cannot read it as UTF-8 text ({exc})") from exc
+    if not labels or any(not label.strip() for label in labels):
+        raise UsageError(f"--labels {file}: expected one non-empty label per line")
+    return [label.strip() for label in labels]
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``"0.485,0.456,0.406"`` -> a tuple of floats; a :class:`UsageError` naming ``option``."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from exc
+
+
+def metadata_props(labels: list[str] | None, preprocess: Preprocess | None) -> dict[str, str]:
+    """The ONNX metadata entries for labels and preprocessing."""
+    props = {}
+    if labels:
+        props[LABELS_KEY] = json.dumps(labels)
+    if preprocess is not None:
+        props[PREPROCESS_KEY] = preprocess.to_json()
+    return props
+
+
+def from_metadata(props: dict[str, str]) -> tuple[list[str] | None, Preprocess | None]:
+    """Labels and preprocessing read back from ONNX metadata (``None`` where absent)."""
+    labels = json.loads(props[LABELS_KEY]) if LABELS_KEY in props else None
+    preprocess = Preprocess.from_dict(json.loads(props[PREPROCESS_KEY])) if PREPROCESS_KEY in props else None
+    return labels, preprocess

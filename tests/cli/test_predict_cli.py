@@ -1,0 +1,105 @@
+"""`bnfold predict` and the export options that feed it (labels, preprocessing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from bnfold.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPES = ROOT / "sample_models" / "shapes_resnet"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def shapes_onnx(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "shapes.onnx"
+    result = invoke("export", SHAPES / "model.pt2", "-o", out, "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_predict_npz_prints_top_k_labels_and_writes_outputs(shapes_onnx, tmp_path):
+    preds = tmp_path / "preds.npz"
+    result = invoke("predict", shapes_onnx, SHAPES / "test.npz", "-o", preds, "--top-k", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 301 and lines[-1] == f"Wrote {preds}"
+    name, best = lines[0].split("\t")
+    assert name == "0" and best.count("(") == 2 and best.split(" ")[0] in {"circle", "square", "triangle", "cross"}
+    saved = np.load(preds)
+    assert saved["output"].shape == (300, 4)
+    test = np.load(SHAPES / "test.npz")
+    assert (saved["output"].argmax(1) == test["y"]).mean() > 0.95
+
+
+def test_predict_json_lines(shapes_onnx):
+    result = invoke("predict", shapes_onnx, SHAPES / "test.npz", "--json", "--top-k", "3", "--device", "cpu")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 300 and len(rows[0]["top_k"]) == 3
+    assert rows[0]["top_k"][0]["score"] >= rows[0]["top_k"][1]["score"]
+    assert result.stderr == ""
+
+
+def test_predict_a_folder_of_images(shapes_onnx, tmp_path):
+    x = np.load(SHAPES / "test.npz")["x"][:5]
+    for i, chw in enumerate(x):
+        Image.fromarray(np.clip((chw * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(tmp_path / f"{i}.png")
+    result = invoke("predict", shapes_onnx, tmp_path, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["sample"]).name for r in rows] == [f"{i}.png" for i in range(5)]
+
+
+def test_export_options_store_labels_and_preprocessing(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\n")
+    out = tmp_path / "m.onnx"
+    result = invoke("export", SHAPES / "model.pt2", "-o", out, "--no-verify", "--labels", labels,
+                    "--preprocess-mean", "0.4,0.5,0.6", "--preprocess-std", "0.2", "--preprocess-channels", "BGR")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    import bnfold
+
+    predictor = bnfold.Predictor(out, device="cpu")
+    assert predictor.labels == ["a", "b", "c", "d"]
+    assert predictor.preprocess.mean == (0.4, 0.5, 0.6) and predictor.preprocess.channel_order == "BGR"
+    assert predictor.preprocess.size == (16, 16)  # the file's
+
+
+PREDICT_ERRORS = {
+    "missing-model": (lambda t, m: ["predict", t / "nope.onnx", SHAPES / "test.npz"], 3, "does not exist"),
+    "not-onnx": (lambda t, m: ["predict", SHAPES / "test.npz", SHAPES / "test.npz"], 3, "cannot be loaded by ONNX Runtime"),
+    "wrong-shape": (lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 8, 8), np.float32)))[0]], 2, "expected shape Nx3x16x16"),
+    "int-data": (lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 16, 16), np.int64)))[0]], 2, "dtype int64"),
+    "bad-npz-names": (lambda t, m: ["predict", m, (t / "x.npz", np.savez(t / "x.npz", a=np.zeros(2), b=np.zeros(2)))[0]], 2, "no array named"),
+    "missing-input": (lambda t, m: ["predict", m, t / "nope.npy"], 2, "does not exist"),
+    "not-an-image": (lambda t, m: ["predict", m, (t / "x.png", (t / "x.png").write_text("no"))[0]], 2, "not a readable image"),
+    "empty-folder": (lambda t, m: ["predict", m, (t / "d", (t / "d").mkdir())[0]], 2, "no image files"),
+    "bad-device": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--device", "tpu"], 2, "tpu"),
+    "bad-top-k": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--top-k", "0"], 2, "--top-k"),
+    "bad-batch-size": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--batch-size", "0"], 2, "--batch-size"),
+    "missing-output-folder": (lambda t, m: ["predict", m, SHAPES / "test.npz", "-o", t / "no" / "p.npz"], 2, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_ERRORS), ids=list(PREDICT_ERRORS))
+def test_predict_errors(case, shapes_onnx, tmp_path):
+    make_args, code, text = PREDICT_ERRORS[case]
+    args = make_args(tmp_path, shapes_onnx)
+    before = sorted(tmp_path.rglob("*"))
+    result = invoke(*args, *([] if "--device" in map(str, args) else ["--device", "cpu"]))
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert text in result.stderr
+    if code != 2 or "Error:" not in result.stderr:  # bnfold's own errors are one line
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before
