@@ -69,6 +69,17 @@ def to_onnx(
     return program.model_proto
 
 
+def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[torch.Tensor]) -> None:
+    if preprocess is None:
+        return
+    shape = tuple(example_inputs[0].shape)
+    if len(shape) != 4 or shape[1] != preprocess.channels:
+        raise UsageError(
+            f"--preprocess-*: images give {preprocess.channels}-channel NxCxHxW input, "
+            f"the model takes {'x'.join(map(str, shape))}"
+        )
+
+
 def _check_labels(model: onnx.ModelProto, labels: Sequence[str] | None) -> None:
     if not labels:
         return
@@ -162,6 +173,7 @@ def export(
     progress.start("Folding batch-norms")
     folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
     progress.finish()
+    _check_preprocess(preprocess, example_inputs)
     progress.start("Exporting to ONNX")
     exported, example = folded.module, tuple(example_inputs)
     if fp16:

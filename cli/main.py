@@ -120,10 +120,7 @@ def _preprocess(loaded: LoadedModel, example: tuple[Any, ...], size: str | None,
     spec.setdefault("size", shape[2:4] if len(shape) == 4 else ())
     spec.setdefault("mean", (0.0,))
     spec.setdefault("std", (1.0,))
-    preprocess = Preprocess.from_dict(spec)
-    if len(shape) != 4 or shape[1] != preprocess.channels:
-        raise UsageError(f"--preprocess-*: images give {preprocess.channels}-channel NxCxHxW input, the model takes {'x'.join(map(str, shape))}")
-    return preprocess
+    return Preprocess.from_dict(spec)
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
