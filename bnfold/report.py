@@ -33,6 +33,8 @@ class BatchNormEntry:
     """The rewrite that folded it, e.g. ``Conv2d → BatchNorm``."""
     reason: str | None = None
     """Why it was kept (exported as an exact BatchNormalization op)."""
+    category: str | None = None
+    """The reason's class, without layer names (e.g. ``after Concat of shared features``)."""
 
     @property
     def detail(self) -> str:
@@ -58,8 +60,8 @@ class FoldReport:
         return sum(e.status == KEPT for e in self.entries)
 
     def kept_by_reason(self) -> dict[str, int]:
-        """Number of kept batch-norms per reason, most frequent first."""
-        return dict(Counter(e.reason or "" for e in self.entries if e.status == KEPT).most_common())
+        """Number of kept batch-norms per reason class, most frequent first."""
+        return dict(Counter(e.category or e.reason or "" for e in self.entries if e.status == KEPT).most_common())
 
     def summary(self) -> str:
         return (
@@ -82,8 +84,9 @@ class FoldReport:
         if self.entries:
             rows = [[e.name, e.kind, str(e.channels), e.status, e.detail] for e in self.entries]
             lines.append(_table(["layer", "type", "ch", "status", "detail"], rows))
-        for reason, count in self.kept_by_reason().items():
-            lines.append(f"  kept {count}x: {reason}")
+        kept = self.kept_by_reason()
+        if kept:
+            lines.append("  kept, by reason: " + "; ".join(f"{reason}: {count}" for reason, count in kept.items()))
         return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ from torch import fx, nn
 from ..modes import module_types
 from ..report import FoldReport
 from .capture import capture
-from .graph import fold_graph
+from .branches import merge_parallel_branches
+from .graph import fold_graph, remove_unused_attributes
 
 
 @dataclass
@@ -31,6 +32,8 @@ def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_b
     """
     graph_module = capture(module, example_inputs, dynamic_batch=dynamic_batch)
     report = fold_graph(graph_module, module_types(module))
+    merge_parallel_branches(graph_module, report)
+    remove_unused_attributes(graph_module)
     report.dynamic_batch = dynamic_batch
     return FoldResult(graph_module, report)
 

@@ -15,6 +15,8 @@ from ..report import FOLDED, KEPT, BatchNormEntry, FoldReport
 from . import math as fold_math
 
 aten = torch.ops.aten
+# Node meta key: index in the FoldReport of the entry of a batch-norm that stayed in the graph.
+ENTRY_META = "bnfold_entry"
 
 # Batch-norm ops: target -> (index of the "training" flag or None, index of eps, returns a tuple?).
 # Every one takes (input, weight, bias, running_mean, running_var, ...).
@@ -184,6 +186,85 @@ def _weight_layer(node: fx.Node) -> _WeightLayer | None:
         name = node.name
     return _WeightLayer(node, transposed, groups, kind, name)
 
+_VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.permute.default, aten.transpose.int,
+}  # fmt: skip
+
+
+# Ops that read only the shape of one argument (its index here): folding changes values, not shapes.
+_SHAPE_ONLY = {
+    aten.reshape_as.default: 1, aten.view_as.default: 1, aten.expand_as.default: 1, aten.sym_size.int: 0,
+    aten.zeros_like.default: 0, aten.ones_like.default: 0, aten.empty_like.default: 0,
+}  # fmt: skip
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` that read its values (not only its shape)."""
+    return [
+        user for user in node.users
+        if not (user.target in _SHAPE_ONLY and user.args[_SHAPE_ONLY[user.target]] is node
+                and sum(a is node for a in user.args) == 1)
+    ]  # fmt: skip
+
+
+def _rank(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, Tensor) else None
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, Tensor) else None
+
+
+def _channels_of(node: fx.Node) -> int | None:
+    shape = _shape(node)
+    return int(shape[1]) if shape is not None and len(shape) > 1 and isinstance(shape[1], int) else None
+
+
+def _feature_axis_through(linear: fx.Node, chain: list[fx.Node]) -> int | None:
+    """Where a Linear's feature (last) axis ends up after ``chain`` of reshape/permute ops, or
+    None when a reshape merges or splits it."""
+    shape = _shape(linear)
+    if shape is None:
+        return None
+    axis, features = len(shape) - 1, shape[-1]
+    for node in chain:
+        out = _shape(node)
+        if out is None:
+            return None
+        if node.target is aten.permute.default:
+            axis = list(node.args[1]).index(axis if axis >= 0 else axis + len(out))
+        elif node.target is aten.transpose.int:
+            d0, d1 = (int(d) % len(out) for d in node.args[1:3])
+            axis = d1 if axis == d0 else d0 if axis == d1 else axis
+        else:  # view/reshape/flatten keep the axis only as the unchanged last dimension
+            if axis != len(_shape(node.args[0])) - 1 or out[-1] != features:
+                return None
+            axis = len(out) - 1
+    return axis
+
+
+def _category(site: _BatchNormSite) -> str:
+    """A short reason class, without layer names, for grouping kept batch-norms in the report."""
+    if site.uses_batch_stats:
+        return "uses batch statistics at inference"
+    source = site.source
+    if source.op == "placeholder":
+        return "on a model input"
+    if source.target is aten.cat.default:
+        return "after Concat of shared features" if len(source.users) > 1 else "after Concat"
+    layer = _weight_layer(source)
+    if layer is not None:
+        if len(_value_users(layer.node)) > 1:
+            return f"after a {layer.kind.rstrip('123d')} whose output is also used elsewhere"
+        return f"after a {layer.kind.rstrip('123d')} it cannot fold into"
+    if _batchnorm_site(source) is not None or source.target is operator.getitem:
+        return "after another kept batch-norm"
+    return f"after {_op_name(source)}"
+
+
 def _describe_source(node: fx.Node) -> str:
     if node.op == "placeholder":
         return "it normalises a model input"
@@ -229,6 +310,9 @@ class _FoldPass:
     # ------------------------------------------------------------------------- graph edits
     def _new_attr(self, value: Tensor, before: fx.Node, suffix: str) -> fx.Node:
         name = f"_bnfold_{self.counter}_{suffix}"
+        while hasattr(self.gm, name):  # another pass over the same graph made this one
+            self.counter += 1
+            name = f"_bnfold_{self.counter}_{suffix}"
         self.counter += 1
         self.gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
         with self.gm.graph.inserting_before(before):
@@ -270,7 +354,7 @@ class _FoldPass:
         return BatchNormEntry(site.name, site.kind, site.num_channels, FOLDED, into=into, pattern=pattern)
 
     def keep(self, site: _BatchNormSite, reason: str) -> BatchNormEntry:
-        return BatchNormEntry(site.name, site.kind, site.num_channels, KEPT, reason=reason)
+        return BatchNormEntry(site.name, site.kind, site.num_channels, KEPT, reason=reason, category=_category(site))
 
     # ------------------------------------------------------------------------------ visit
     def visit(self, site: _BatchNormSite) -> BatchNormEntry:
@@ -293,25 +377,44 @@ class _FoldPass:
 
     # ----------------------------------------------------------------- output side: X -> BN
     def _fold_into_producer(self, site: _BatchNormSite) -> BatchNormEntry | str:
-        layer = _weight_layer(site.source)
+        source = site.source
+        if isinstance(source, fx.Node) and source.target is aten.cat.default:
+            return self._fold_into_concat(site, source)
+        if isinstance(source, fx.Node) and source.target in _VIEW_OPS:
+            return self._fold_through_reshape(site, source)
+        layer = _weight_layer(source)
         if layer is None:
-            return _describe_source(site.source)
-        if len(layer.node.users) > 1:
-            others = len(layer.node.users) - 1
+            return _describe_source(source)
+        problem = self._output_fold_problem(layer, site.num_channels)
+        if layer.kind == "Linear" and problem is None and _rank(layer.node) != 2:
+            problem = (
+                f"Linear '{layer.name}' output is {_rank(layer.node)}-D: BatchNorm1d normalises dim 1 "
+                "but Linear acts on the last dim, so folding would be wrong"
+            )
+        if problem:
+            return problem
+        s, t = site.scale_shift(self.gm)
+        shared = self._apply_output_fold(site, layer, s, t)
+        self._remove(site, layer.node)
+        return self._folded(site, layer.name, f"{layer.kind} → {site.kind}", shared)
+
+    def _output_fold_problem(self, layer: _WeightLayer, channels: int) -> str | None:
+        """Why the output of ``layer`` cannot absorb a ``channels``-wide affine map, if it cannot."""
+        if len(_value_users(layer.node)) > 1:
+            others = len(_value_users(layer.node)) - 1
             return f"the output of {layer.kind} '{layer.name}' is also used by {others} other op(s)"
         if not (_is_stored(layer.weight) and layer.weight is not None and _is_stored(layer.bias)):
             return f"the weight of {layer.kind} '{layer.name}' is computed at run time, not stored"
-        out_val = layer.node.meta.get("val")
-        if layer.kind == "Linear" and out_val is not None and out_val.dim() != 2:
-            return (
-                f"Linear '{layer.name}' output is {out_val.dim()}-D: BatchNorm1d normalises dim 1 "
-                "but Linear acts on the last dim, so folding would be wrong"
-            )
-        weight, bias = self._layer_tensors(layer)
+        weight = fetch_attribute(self.gm, layer.weight.target)
         out_channels = weight.shape[1] * layer.groups if layer.transposed else weight.shape[0]
-        if out_channels != site.channels(self.gm):
-            return f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {site.channels(self.gm)}"
-        s, t = site.scale_shift(self.gm)
+        if out_channels != channels:
+            return f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {channels}"
+        return None
+
+    def _apply_output_fold(self, site: _BatchNormSite, layer: _WeightLayer, s: Tensor, t: Tensor) -> bool:
+        """Scale ``layer``'s output channels by ``s`` and shift them by ``t``; returns whether
+        the layer's weights were shared with other call sites (and so were copied)."""
+        weight, bias = self._layer_tensors(layer)
         if layer.transposed:
             new_w, new_b = fold_math.scale_transposed_output_channels(weight, bias, s, t, layer.groups)
         else:
@@ -319,8 +422,62 @@ class _FoldPass:
         new_w, new_b = self._cast_pair(site, layer, new_w, new_b, weight, bias)
         shared = len(layer.weight.users) > 1  # the layer is called at other sites too
         self._set_weights(layer, new_w, new_b)
-        self._remove(site, layer.node)
-        return self._folded(site, layer.name, f"{layer.kind} → {site.kind}", shared)
+        return shared
+
+    def _fold_into_concat(self, site: _BatchNormSite, cat: fx.Node) -> BatchNormEntry | str:
+        """Split -> convs -> Concat -> BN (MixNet): each conv takes its slice of the batch-norm."""
+        parts = list(cat.args[0])
+        dim = int(_arg(cat, 1, "dim", 0))
+        rank = _rank(cat)
+        if len(cat.users) > 1:
+            return f"it normalises a Concat whose result {len(cat.users) - 1} other op(s) also read"
+        if rank is None or dim % rank != 1:
+            return "it normalises a Concat that is not along the channel axis"
+        layers = [_weight_layer(p) if isinstance(p, fx.Node) else None for p in parts]
+        if any(layer is None for layer in layers) or len(set(parts)) != len(parts):
+            return "it normalises a Concat whose inputs are not all distinct conv/linear outputs"
+        widths = [_channels_of(p) for p in parts]
+        if None in widths or sum(widths) != site.num_channels:
+            return "channel mismatch between the Concat inputs and the batch-norm"
+        problems = [self._output_fold_problem(layer, w) for layer, w in zip(layers, widths)]
+        if any(problems):
+            return f"it normalises a Concat and {next(p for p in problems if p)}"
+        if any(layer.kind == "Linear" and _rank(layer.node) != 2 for layer in layers):
+            return "it normalises a Concat of Linear outputs that are not 2-D"
+        s, t = site.scale_shift(self.gm)
+        offset, shared = 0, False
+        for layer, width in zip(layers, widths):
+            shared |= self._apply_output_fold(site, layer, s[offset : offset + width], t[offset : offset + width])
+            offset += width
+        self._remove(site, cat)
+        names = ", ".join(layer.name for layer in layers)
+        return self._folded(site, names, f"{len(layers)} convs → Concat → {site.kind}, one slice each", shared)
+
+    def _fold_through_reshape(self, site: _BatchNormSite, node: fx.Node) -> BatchNormEntry | str:
+        """Linear -> Reshape/Flatten/Permute -> BatchNorm1d (LeViT): foldable when the reshapes
+        carry the Linear's feature axis to the batch-norm's channel axis (dim 1)."""
+        chain = [node]
+        while chain[-1].args and isinstance(chain[-1].args[0], fx.Node) and chain[-1].args[0].target in _VIEW_OPS:
+            chain.append(chain[-1].args[0])
+        source = chain[-1].args[0]
+        layer = _weight_layer(source) if isinstance(source, fx.Node) else None
+        if layer is None or layer.kind != "Linear":
+            return f"its input comes from '{_op_name(node)}', not directly from a conv/linear layer"
+        if any(len(_value_users(n)) > 1 for n in chain):
+            return "the reshaped Linear output is also used elsewhere"
+        axis = _feature_axis_through(layer.node, list(reversed(chain)))
+        if axis != 1:
+            return (
+                f"the reshape between Linear '{layer.name}' and the batch-norm does not put the Linear's "
+                "features on the batch-norm's channel axis, so folding would be wrong"
+            )
+        problem = self._output_fold_problem(layer, site.num_channels)
+        if problem:
+            return problem
+        s, t = site.scale_shift(self.gm)
+        shared = self._apply_output_fold(site, layer, s, t)
+        self._remove(site, node)
+        return self._folded(site, layer.name, f"Linear → {_op_name(node)} → {site.kind}", shared)
 
     # ------------------------------------------------------------------ input side: BN -> X
     def _fold_into_consumer(self, site: _BatchNormSite) -> BatchNormEntry | str:
@@ -478,6 +635,12 @@ def _materialize_computed_parameters(gm: fx.GraphModule) -> None:
             _erase_unused(gm, arg)
 
 
+def remove_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop ``get_attr`` nodes nobody reads and the folded tensors they pointed to."""
+    _FoldPass(gm).remove_unused_attributes()
+    gm.recompile()
+
+
 def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldReport:
     """Fold every foldable batch-norm of ``gm`` by rewriting its graph; weights are never modified.
 
@@ -500,6 +663,9 @@ def fold_graph(gm: fx.GraphModule, types: dict[str, str] | None = None) -> FoldR
             _check_statistics(gm, site)
     fold_pass = _FoldPass(gm)
     entries = [fold_pass.visit(site) for site in sites]
+    for index, (site, entry) in enumerate(zip(sites, entries)):
+        if entry.status == KEPT:
+            site.node.meta[ENTRY_META] = index  # later passes (branch merging) update the entry
     fold_pass.remove_unused_attributes()
     gm.graph.lint()
     gm.recompile()

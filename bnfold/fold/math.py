@@ -98,3 +98,27 @@ def batchnorm_params_for(s: Tensor, t: Tensor, running_var: Tensor, eps: float) 
     compute ``s * x + t`` (the running mean becomes 0)."""
     gamma = s * torch.sqrt(running_var.detach().to(F64) + eps)
     return gamma, t.clone(), torch.zeros_like(t)
+
+
+def pad_kernel(weight: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """Zero-pad a conv weight's spatial dims, centred, to ``kernel`` (e.g. a 1x1 to a 3x3)."""
+    w = weight.detach().to(F64)
+    pads: list[int] = []
+    for have, want in zip(reversed(w.shape[2:]), reversed(kernel)):
+        pads += [(want - have) // 2, (want - have) // 2]
+    return torch.nn.functional.pad(w, pads)
+
+
+def channel_kernel(scale: Tensor, cin_per_group: int, kernel: tuple[int, ...], values: Tensor | None = None) -> Tensor:
+    """A conv weight ``[C, Cin/groups, *kernel]`` mapping channel ``o`` to itself: the centre tap is
+    ``scale[o]`` (an identity or a per-channel affine), or, with ``values`` (a kernel-shaped
+    tensor), every tap is ``scale[o] * values`` (e.g. an average pool's ``1/k^d``)."""
+    channels = scale.numel()
+    w = torch.zeros(channels, cin_per_group, *kernel, dtype=F64)
+    local = torch.arange(channels) % cin_per_group
+    if values is None:
+        centre = tuple(k // 2 for k in kernel)
+        w[(torch.arange(channels), local, *centre)] = scale.to(F64)
+    else:
+        w[torch.arange(channels), local] = scale.to(F64).reshape(-1, *([1] * len(kernel))) * values.to(F64)
+    return w
