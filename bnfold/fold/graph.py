@@ -566,12 +566,13 @@ def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
             return f"the {role} of batch-norm '{site.name}'"
     return f"tensor '{node.target}'"
 
-_NO_OPS = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+# Value- and layout-preserving ops. Not clone/contiguous: they change strides a later view needs.
+_NO_OPS = {aten.alias.default, aten.detach.default}
 
 
 def _drop_no_ops(gm: fx.GraphModule) -> None:
     """Remove ops that return their input unchanged in eval mode (dropout with train=False,
-    clone, alias, detach), so they do not stand between a batch-norm and a weight layer."""
+    alias, detach), so they do not stand between a batch-norm and a weight layer."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

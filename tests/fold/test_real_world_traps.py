@@ -120,3 +120,20 @@ def test_untraceable_model_names_the_failing_construct(capfd):
         bnfold.fold(DataDependentBranch().eval(), (random_input(1, 3, 6, 6),))
     out, err = capfd.readouterr()
     assert "def forward" not in out + err  # torch's graph dump stays hidden
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2: view -> transpose -> contiguous -> view needs the contiguous copy kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        b, c, h, w = y.shape
+        return y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+def test_channel_shuffle_keeps_its_contiguous_copy(tmp_path):
+    assert statuses(fold_and_export(ChannelShuffle(), (2, 4, 5, 5), tmp_path)) == ["folded"]
