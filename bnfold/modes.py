@@ -65,3 +65,18 @@ def module_dtype(module: nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (the CPU if it has none)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (TorchScript puts it last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and "TorchScript interpreter" in lines[0]:
+        return lines[-1]
+    return lines[0] if lines else type(exc).__name__

@@ -4,7 +4,11 @@ Running mean/variance are exponential moving averages of training batches; at te
 batch-norm is meant to use the mean and variance of the training data. This pass runs the data
 through the model with the batch-norms in train-statistics mode (everything else in eval mode,
 so dropout stays off), accumulates each batch-norm input's per-channel mean and unbiased
-variance exactly in float64, and stores them. No other parameter or buffer changes.
+variance exactly in float64 over all the data, and stores them. No other parameter or buffer
+changes. As in training, each batch-norm normalises a batch with that batch's statistics, so the
+inputs of batch-norms that follow other batch-norms depend (slightly) on the batch size: use
+batches as large as in training. A batch-norm whose input no other batch-norm precedes gets the
+exact population statistics whatever the batch size.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import UsageError
-from .modes import eval_mode, module_dtype
+from .modes import eval_mode, first_line, module_device, module_dtype
 from .progress import Progress
 from .report import RecalibratedLayer, RecalibrationReport
 
@@ -80,8 +84,8 @@ def recalibrate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> RecalibrationReport:
-    """Replace every batch-norm's running mean/variance of ``module`` (in place) with the exact
-    population mean and unbiased variance of its input over ``data``.
+    """Replace every batch-norm's running mean/variance of ``module`` (in place) with the
+    population mean and unbiased variance of its input over ``data`` (see the module docstring).
 
     ``data``: a ``.npy``/``.npz`` path, an array, or a mapping of input name -> array for models
     with ``inputs`` > 1. Needs a Python module with ``nn.BatchNorm`` layers (not TorchScript or a
@@ -106,7 +110,7 @@ def recalibrate(
     progress = progress or Progress()
     saved = {t.name: {k: v.clone() for k, v in t.layer.state_dict().items()} for t in tracked}
     hooks = [t.layer.register_forward_pre_hook(lambda _m, args, t=t: t.moments.add(args[0])) for t in tracked]
-    dtype = module_dtype(module)
+    dtype, device = module_dtype(module), module_device(module)
     batches = _batches(arrays, batch_size)
     progress.start("Recalibrating batch-norm statistics")
     try:
@@ -114,7 +118,15 @@ def recalibrate(
             for t in tracked:
                 t.layer.training = True  # normalise with batch statistics, as in training
             for i, rows in enumerate(batches):
-                module(*[torch.from_numpy(np.ascontiguousarray(a[rows])).to(dtype) for a in arrays])
+                inputs = [torch.from_numpy(np.ascontiguousarray(a[rows])).to(device=device, dtype=dtype) for a in arrays]
+                try:
+                    module(*inputs)
+                except Exception as exc:
+                    shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+                    raise UsageError(
+                        f"--recalibrate: the model fails on the data's shape(s) {shapes}: "
+                        f"{type(exc).__name__}: {first_line(exc)}. Give data the model takes."
+                    ) from exc
                 progress.advance(i + 1, len(batches))
     finally:
         for hook in hooks:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FOLDED = "folded"
 KEPT = "kept"
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("inf", "nan"), so ``json.dump`` writes JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -138,7 +150,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passed"] = self.passed
-        return data
+        return _json_safe(data)
 
     def failures(self) -> list[str]:
         """One sentence per failed output or check."""

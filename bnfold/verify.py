@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
-from .modes import module_dtype, quiet_torch, run_eval
+from .modes import first_line, module_device, module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
@@ -58,12 +58,14 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
     return out
 
 
-def _batches(arrays: dict[str, np.ndarray], dynamic: bool, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+def _batches(arrays: dict[str, np.ndarray], dynamic: bool, chunk: int) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
+    """(feeds, counted): the data in chunks, and with a dynamic batch axis first the first sample
+    on its own (a second batch size; not counted again in the sample and top-1 statistics)."""
     n = next(iter(arrays.values())).shape[0]
-    if dynamic and n > 1:  # a second batch size: the first sample on its own
-        yield {k: v[:1] for k, v in arrays.items()}
+    if dynamic and n > 1:
+        yield {k: v[:1] for k, v in arrays.items()}, False
     for i in range(0, n, chunk):
-        yield {k: v[i : i + chunk] for k, v in arrays.items()}
+        yield {k: v[i : i + chunk] for k, v in arrays.items()}, True
 
 
 @dataclass
@@ -79,7 +81,7 @@ class _Accumulator:
     original_error: float | None = None
     """With a float64 reference: max error of the float32 original against it (an allowance)."""
 
-    def add(self, ref: np.ndarray, got: np.ndarray, original: np.ndarray | None = None) -> None:
+    def add(self, ref: np.ndarray, got: np.ndarray, original: np.ndarray | None = None, counted: bool = True) -> None:
         """Compare ``got`` with ``ref``; ``original`` is the float32 model's output when ``ref``
         is a float64 run, whose own error is then allowed on top of the tolerance."""
         if original is not None and original.shape == ref.shape and ref.size:
@@ -93,7 +95,7 @@ class _Accumulator:
         if ref.size:
             self.max_abs = max(self.max_abs, float(diff.max()) if np.isfinite(got64).all() else float("inf"))
             self.ref_max = max(self.ref_max, float(np.abs(ref64).max()))
-        if ref.ndim == 2 and ref.shape[1] >= 2:
+        if counted and ref.ndim == 2 and ref.shape[1] >= 2:
             top2 = np.sort(ref64, axis=1)[:, -2:]
             margin = top2[:, 1] - top2[:, 0]
             same = ref64.argmax(axis=1) == got64.argmax(axis=1)
@@ -127,6 +129,18 @@ def default_tolerances(low_precision: bool, rtol: float | None = None, atol: flo
     """``(rtol, atol)``: the given values, else the float32 or float16/bfloat16 defaults."""
     default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if low_precision else (DEFAULT_RTOL, DEFAULT_ATOL)
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
+    try:
+        return run_eval(module, inputs)
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        raise BnfoldError(
+            f"the PyTorch model fails on the verification inputs of shape(s) {shapes}: "
+            f"{type(exc).__name__}: {first_line(exc)}. Is the ONNX file exported from this model?"
+        ) from exc
 
 
 def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:
@@ -184,7 +198,7 @@ def verify(
     dynamic = all(s.batch_is_dynamic for s in specs)
     if inputs is None:
         sizes = RANDOM_BATCH_SIZES if dynamic else (predictor.static_batch or 1,)
-        batches = [random_inputs(specs, b, seed + i) for i, b in enumerate(sizes)]
+        batches = [(random_inputs(specs, b, seed + i), True) for i, b in enumerate(sizes)]
         source = f"random normal, seed {seed}"
     else:
         arrays = load_inputs(inputs, specs)
@@ -195,35 +209,38 @@ def verify(
     accs = [_Accumulator(s.name) for s in predictor.outputs]
     checks: dict[str, str] = {}
     progress.start("Verifying in ONNX Runtime")
-    for i, feeds in enumerate(batches):
+    device = module_device(module)
+    for step, (feeds, counted) in enumerate(batches):
         got = predictor.run({s.name: predictor.check_input(s, feeds[s.name]) for s in specs})
-        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs]
-        ref = run_eval(module, [t.to(ref_dtype) for t in tensors])
-        ref64 = run_eval(module64, [t.double() for t in tensors]) if module64 is not None else None
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(device) for s in specs]
+        ref = _reference(module, [t.to(ref_dtype) for t in tensors])
+        ref64 = _reference(module64, [t.double() for t in tensors]) if module64 is not None else None
         if len(ref) != len(got):
             checks["outputs"] = f"the ONNX model has {len(got)} output(s), the PyTorch model {len(ref)}"
             break
         for i, (acc, r, g) in enumerate(zip(accs, ref, got)):
-            r_np = r.detach().float().cpu().numpy()
+            if (r.dtype.is_floating_point) != (g.dtype.kind == "f"):
+                checks[f"dtype:{acc.name}"] = f"output '{acc.name}' is {g.dtype} in ONNX but {r.dtype} in PyTorch"
+            r_np = r.detach().cpu().numpy()
             if not np.isfinite(r_np).all():
                 raise BnfoldError(
                     f"the original model's output '{acc.name}' contains NaN/inf on the verification "
                     "inputs: fix the model (or its statistics) before exporting"
                 )
             if ref64 is None:
-                acc.add(r_np, g)
+                acc.add(r_np, g, counted=counted)
             else:
-                acc.add(ref64[i].numpy(), g, original=r_np)
-        progress.advance(i + 1, len(batches))
+                acc.add(ref64[i].cpu().numpy(), g, original=r_np, counted=counted)
+        progress.advance(step + 1, len(batches))
     progress.finish()
     checks.update({f"shape:{a.name}": a.shape_problem for a in accs if a.shape_problem})
-    samples = sum(next(iter(b.values())).shape[0] for b in batches)
+    samples = sum(next(iter(b.values())).shape[0] for b, counted in batches if counted)
     return VerifyReport(
         onnx_path=str(onnx_path),
         rtol=rtol,
         atol=atol,
         input_source=source,
-        batch_sizes=sorted({next(iter(b.values())).shape[0] for b in batches}),
+        batch_sizes=sorted({next(iter(b.values())).shape[0] for b, _ in batches}),
         samples=samples,
         outputs=[a.check(rtol, atol) for a in accs],
         checks=checks,

@@ -40,7 +40,7 @@ def scale_output_channels(
     ``W'[o] = s[o] * W[o]`` and ``b' = s * b + t`` (``b = 0`` when absent).
     """
     w = weight.detach().to(F64)
-    b = torch.zeros(w.shape[0], dtype=F64) if bias is None else bias.detach().to(F64)
+    b = torch.zeros(w.shape[0], dtype=F64, device=w.device) if bias is None else bias.detach().to(F64)
     view = (-1,) + (1,) * (w.dim() - 1)
     return w * s.reshape(view), s * b + t
 
@@ -56,7 +56,7 @@ def scale_transposed_output_channels(
     w = weight.detach().to(F64)
     cin, cout_per_group = w.shape[0], w.shape[1]
     cout = cout_per_group * groups
-    b = torch.zeros(cout, dtype=F64) if bias is None else bias.detach().to(F64)
+    b = torch.zeros(cout, dtype=F64, device=w.device) if bias is None else bias.detach().to(F64)
     kernel = w.shape[2:]
     grouped = w.reshape(groups, cin // groups, cout_per_group, *kernel)
     scale = s.reshape(groups, 1, cout_per_group, *([1] * len(kernel)))
@@ -73,7 +73,7 @@ def scale_input_channels(
     """
     w = weight.detach().to(F64)
     cout, cin_per_group = w.shape[0], w.shape[1]
-    b = torch.zeros(cout, dtype=F64) if bias is None else bias.detach().to(F64)
+    b = torch.zeros(cout, dtype=F64, device=w.device) if bias is None else bias.detach().to(F64)
     grouped = w.reshape(groups, cout // groups, cin_per_group, -1)
     scaled = grouped * s.reshape(groups, 1, cin_per_group, 1)
     shift = (grouped * t.reshape(groups, 1, cin_per_group, 1)).sum(dim=(2, 3)).reshape(cout)

@@ -55,13 +55,19 @@ def with_float32_io(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         with graph.inserting_after(placeholder):
             cast = graph.call_function(to_copy, (placeholder,), {"dtype": torch.float16})
+        # Every reader takes the float16 copy, except the cast itself and torch.export's input
+        # guard (a call_module), which checks the caller's float32 input.
         placeholder.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "call_module")
+    def to_float32(node: object) -> object:
+        # The capture's metadata predates the float16 conversion: floating there means float16 now.
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            return graph.call_function(to_copy, (node,), {"dtype": torch.float32})
+        return node  # integer outputs (indices, masks) keep their type
+
     output = graph.output_node()
     with graph.inserting_before(output):
-        outputs = torch.utils._pytree.tree_map(
-            lambda n: graph.call_function(to_copy, (n,), {"dtype": torch.float32}) if isinstance(n, fx.Node) else n,
-            output.args[0],
-        )
+        outputs = torch.utils._pytree.tree_map(to_float32, output.args[0])
     output.args = (outputs,)
     graph.lint()
     gm.recompile()

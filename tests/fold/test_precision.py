@@ -86,3 +86,20 @@ def test_float64_reference_shows_folding_adds_no_error_on_near_constant_channels
     # shift were computed in float64, must be more accurate than it.
     assert check.float64_rel_error_original > 1e-6
     assert check.float64_rel_error_onnx < check.float64_rel_error_original
+
+
+class LogitsAndIndex(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        logits = self.bn(self.conv(x)).mean((2, 3))
+        return logits, logits.argmax(1)
+
+
+def test_keep_io_types_keeps_integer_outputs_integer(tmp_path):
+    model = randomize_batchnorms(LogitsAndIndex())
+    path = bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True, keep_io_types=True).path
+    dtypes = [o.dtype for o in bnfold.Predictor(path, device="cpu").outputs]
+    assert dtypes == [np.float32, np.int64]
