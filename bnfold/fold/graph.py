@@ -636,6 +636,11 @@ def _materialize_computed_parameters(gm: fx.GraphModule) -> None:
             _erase_unused(gm, arg)
 
 
+def batchnorm_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every batch-norm op node of ``gm``."""
+    return [site.node for site in map(_batchnorm_site, list(gm.graph.nodes)) if site is not None]
+
+
 def remove_unused_attributes(gm: fx.GraphModule) -> None:
     """Drop ``get_attr`` nodes nobody reads and the folded tensors they pointed to."""
     _FoldPass(gm).remove_unused_attributes()

@@ -1,0 +1,171 @@
+"""Measure what folding buys and what it costs: eager PyTorch (original, folded, and the BN-free
+floor) and ONNX Runtime (plain ``torch.onnx.export`` vs bnfold, optimizations on and off),
+median of interleaved repeated runs after warm-up, plus session-creation times."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import fx, nn
+
+from .export import output_count, to_onnx
+from .fold import fold
+from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
+from .fold.graph import batchnorm_nodes
+from .modes import quiet_torch, run_eval
+from .progress import Progress
+
+EAGER_ORIGINAL = "eager original"
+EAGER_FOLDED = "eager folded"
+EAGER_FLOOR = "eager BN-free floor"
+ORT_PLAIN = "ORT plain export, default opts"
+ORT_PLAIN_NOOPT = "ORT plain export, opts disabled"
+ORT_BNFOLD = "ORT bnfold, default opts"
+ORT_BNFOLD_NOOPT = "ORT bnfold, opts disabled"
+VARIANTS = (EAGER_ORIGINAL, EAGER_FOLDED, EAGER_FLOOR, ORT_PLAIN, ORT_PLAIN_NOOPT, ORT_BNFOLD, ORT_BNFOLD_NOOPT)
+
+
+@dataclass
+class BenchReport:
+    """Median milliseconds per variant and batch size, and the ratios the targets are about."""
+
+    model: str
+    batch_sizes: list[int]
+    repeats: int
+    median_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    session_creation_ms: dict[str, float] = field(default_factory=dict)
+
+    def ratio(self, a: str, b: str, batch: int) -> float:
+        return self.median_ms[a][batch] / self.median_ms[b][batch]
+
+    def ratios(self) -> dict[str, dict[int, float]]:
+        """folded/floor (target <= 1.02), folded/original (< 1), bnfold-no-opt/plain-default (<= 1.05)."""
+        pairs = {
+            "eager folded / BN-free floor": (EAGER_FOLDED, EAGER_FLOOR),
+            "eager folded / eager original": (EAGER_FOLDED, EAGER_ORIGINAL),
+            "ORT bnfold opts disabled / ORT plain default": (ORT_BNFOLD_NOOPT, ORT_PLAIN),
+            "ORT bnfold default / ORT plain default": (ORT_BNFOLD, ORT_PLAIN),
+            "ORT bnfold opts disabled / ORT plain opts disabled": (ORT_BNFOLD_NOOPT, ORT_PLAIN_NOOPT),
+        }
+        return {name: {b: self.ratio(x, y, b) for b in self.batch_sizes} for name, (x, y) in pairs.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": self.ratios()}
+
+    def __str__(self) -> str:
+        head = f"{'variant':34s}" + "".join(f"{'batch ' + str(b):>14s}" for b in self.batch_sizes)
+        lines = [f"Benchmark of {self.model}: median ms over {self.repeats} interleaved runs", head]
+        for variant, by_batch in self.median_ms.items():
+            lines.append(f"{variant:34s}" + "".join(f"{by_batch[b]:14.3f}" for b in self.batch_sizes))
+        lines.append("ratios:")
+        for name, by_batch in self.ratios().items():
+            lines.append(f"  {name:44s}" + "".join(f"{v:9.3f}" for v in by_batch.values()))
+        lines.append("session creation (ms): " + ", ".join(f"{k}: {v:.1f}" for k, v in self.session_creation_ms.items()))
+        return "\n".join(lines)
+
+
+def bn_free_floor(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """The captured model with every batch-norm replaced by its input: what folding cannot beat."""
+    gm = capture(module, example_inputs)
+    for node in batchnorm_nodes(gm):
+        replacement = node.args[0]
+        output = next(iter(node.users)) if node.target is not torch.ops.aten.batch_norm.default else node
+        output.replace_all_uses_with(replacement)
+        for n in dict.fromkeys((output, node)):
+            gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _session(path: Path, optimize: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _creation_ms(path: Path, optimize: bool, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _session(path, optimize)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    name: str = "model",
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 10,
+    warmup: int = 2,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Time the six variants of ``module`` (see :data:`VARIANTS`) at each batch size, interleaved,
+    after ``warmup`` runs each; CPU only (ONNX Runtime's CPU provider, torch's threads)."""
+    progress = progress or Progress()
+    report = BenchReport(name, list(batch_sizes), repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress.start("Preparing variants (fold, floor, two ONNX exports)")
+        folded = fold(module, example_inputs).module
+        floor = bn_free_floor(module, example_inputs)
+        plain_path, ours_path = Path(tmp) / "plain.onnx", Path(tmp) / "bnfold.onnx"
+        inputs = with_batch(example_inputs, CAPTURE_BATCH)
+        with quiet_torch():  # torch's default export (its optimizer folds the simple Conv/Gemm + BN pairs)
+            torch.onnx.export(module, inputs, str(plain_path), dynamo=True, verbose=False,
+                              dynamic_shapes=batch_dynamic_shapes(module, inputs))  # fmt: skip
+        onnx.save(to_onnx(folded, example_inputs, outputs=output_count(folded), dynamic_batch=True, opset=None), ours_path)
+        sessions = {
+            ORT_PLAIN: _session(plain_path, True), ORT_PLAIN_NOOPT: _session(plain_path, False),
+            ORT_BNFOLD: _session(ours_path, True), ORT_BNFOLD_NOOPT: _session(ours_path, False),
+        }  # fmt: skip
+        report.session_creation_ms = {"plain export": _creation_ms(plain_path, True), "bnfold": _creation_ms(ours_path, True),
+                                      "bnfold, opts disabled": _creation_ms(ours_path, False)}  # fmt: skip
+        progress.finish()
+        for batch in batch_sizes:
+            progress.start(f"Timing batch {batch}")
+            xs = with_batch(example_inputs, batch)
+            runners = _runners(module, folded, floor, sessions, xs)
+            for run in runners.values():
+                for _ in range(warmup):
+                    run()
+            samples: dict[str, list[float]] = {v: [] for v in runners}
+            order = list(runners)
+            for i in range(repeats):
+                for variant in order[i % len(order):] + order[: i % len(order)]:  # rotate the order
+                    t0 = time.perf_counter()
+                    runners[variant]()
+                    samples[variant].append((time.perf_counter() - t0) * 1e3)
+                progress.advance(i + 1, repeats)
+            for variant, times in samples.items():
+                report.median_ms.setdefault(variant, {})[batch] = statistics.median(times)
+            progress.finish()
+    return report
+
+
+def _runners(module: nn.Module, folded: nn.Module, floor: nn.Module, sessions: dict[str, ort.InferenceSession],
+             xs: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], Any]]:  # fmt: skip
+    def ort_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+        return {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
+
+    feeds = {k: ort_feeds(s) for k, s in sessions.items()}
+    return {
+        EAGER_ORIGINAL: lambda: run_eval(module, xs),
+        EAGER_FOLDED: lambda: run_eval(folded, xs),
+        EAGER_FLOOR: lambda: run_eval(floor, xs),
+        **{k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()},
+    }

@@ -1,0 +1,39 @@
+"""bnfold.bench: every variant timed at every batch size; the floor really is BN-free."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from helpers import assert_close, random_input, randomize_batchnorms
+from torch import nn
+
+from bnfold.bench import VARIANTS, bench, bn_free_floor
+from bnfold.fold.graph import batchnorm_nodes
+from bnfold.modes import run_eval
+
+
+def model() -> nn.Module:
+    return randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)))
+
+
+def test_floor_is_the_model_with_batchnorms_as_identity():
+    m = model()
+    floor = bn_free_floor(m, (random_input(1, 3, 8, 8),))
+    assert batchnorm_nodes(floor) == []
+    identity = copy.deepcopy(m)
+    identity[1], identity[3] = nn.Identity(), nn.Identity()
+    x = random_input(4, 3, 8, 8)
+    assert_close(run_eval(identity, [x])[0], run_eval(floor, [x])[0])
+
+
+def test_bench_times_every_variant_at_every_batch_size():
+    report = bench(model(), (random_input(1, 3, 8, 8),), name="tiny", batch_sizes=(1, 3), repeats=2, warmup=1)
+    assert set(report.median_ms) == set(VARIANTS)
+    assert all(set(v) == {1, 3} and all(t > 0 for t in v.values()) for v in report.median_ms.values())
+    ratios = report.ratios()
+    assert ratios["eager folded / eager original"][1] == report.median_ms["eager folded"][1] / report.median_ms["eager original"][1]
+    assert set(report.session_creation_ms) == {"plain export", "bnfold", "bnfold, opts disabled"}
+    json.dumps(report.to_dict())
+    assert "ratios:" in str(report)
