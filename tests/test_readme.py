@@ -30,3 +30,15 @@ def test_documented_exit_codes_match_the_code():
 
     for code in (errors.EXIT_OK, errors.EXIT_VERIFICATION_FAILED, errors.EXIT_USAGE, errors.EXIT_BAD_INPUT, main.EXIT_INTERNAL, main.EXIT_INTERRUPTED):
         assert re.search(rf"^\| {code} \|", README, re.M), f"exit code {code} not documented"
+
+
+def test_every_cli_option_is_in_the_readme():
+    import click
+
+    from bnfold.cli.main import main
+
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                flag = max(param.opts, key=len)
+                assert flag in README, f"bnfold {name} {flag} is not documented in the README"
