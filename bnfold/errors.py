@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-# Exit codes, documented in the README.
+# Exit codes, documented in the README ("Exit codes").
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
+EXIT_INTERNAL = 4  # a bug: an exception that is not a BnfoldError reached the CLI
+EXIT_OUTPUT = 5  # the output could not be written (OutputError)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT
 
 
 class BnfoldError(Exception):
@@ -38,6 +41,15 @@ class FoldError(BnfoldError):
 
 class ExportError(BnfoldError):
     """The folded model could not be exported to ONNX."""
+
+
+class OutputError(ExportError):
+    """The output could not be written (disk full, read-only file system, I/O error).
+
+    Nothing is left under the target name.
+    """
+
+    exit_code = EXIT_OUTPUT
 
 
 class VerificationError(BnfoldError):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import onnx
 import torch
 from torch import fx, nn
 
 from . import __version__
-from .errors import BnfoldError, ExportError, UsageError, VerificationError
+from .errors import BnfoldError, ExportError, OutputError, UsageError, VerificationError
 from .fold import fold
 from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
@@ -23,6 +26,11 @@ from .progress import Progress
 from .report import ExportResult, FoldReport
 from .verify import InputsArg, default_tolerances
 from .verify import verify as verify_onnx
+
+
+# Protobuf cannot serialize a message of 2 GiB or more: models whose tensors exceed this many bytes
+# are written with their tensors in a separate file, ``<name>.onnx.data`` beside ``<name>.onnx``.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
@@ -113,7 +121,8 @@ def _dtype_hint(module: nn.Module) -> str:
 
 
 def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> Path:
-    """The output path, checked: its folder exists and is writable, and it is not the input."""
+    """The output path, checked: its folder exists and is writable, it is not the input, and it
+    is a regular file if it exists (writing "onto" a device such as /dev/full would replace it)."""
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
@@ -122,9 +131,119 @@ def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[st
         raise UsageError(f"output folder {folder} is not writable; choose another -o")
     if out.is_dir():
         raise UsageError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"output {out} exists and is not a regular file (a device, pipe or socket); choose another -o")
     if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
         raise UsageError(f"output {out} is the input model file; choose another -o")
     return out
+
+
+def external_data_path(out: str | os.PathLike[str]) -> Path:
+    """Where the tensors of a model written with external data go: ``<out>.data`` beside ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".data")
+
+
+def _write_failed(out: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(f"cannot write {out}: {reason}; nothing was written. Free some space or write elsewhere")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(fh)`` to a temporary file beside ``path``, then rename it.
+
+    ``path`` holds either its old content or the complete new one; an :class:`OutputError` (disk
+    full, read-only file system) or an interrupt leaves no temporary file behind.
+    """
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_failed(target, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise _write_failed(target, exc) from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the main graph's initializers and nodes (constants live there)."""
+    return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+
+
+class _Staged:
+    """An ONNX file written under a temporary name in the target's folder, moved into place by
+    :meth:`commit` only. A model over :data:`EXTERNAL_DATA_THRESHOLD` is written with external
+    data into a temporary folder; :meth:`commit` moves the data file first and the ``.onnx``
+    last, so a complete model appears under the target name or nothing does."""
+
+    def __init__(self, out: Path, external: bool) -> None:
+        self.out, self.external = out, external
+        prefix = f".{out.name}."
+        try:
+            if external:
+                self.folder: Path | None = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix, suffix=".tmp"))
+                self.path = self.folder / out.name
+            else:
+                fd, name = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=".tmp")
+                os.close(fd)
+                self.folder, self.path = None, Path(name)
+        except OSError as exc:
+            raise _write_failed(out, exc) from exc
+
+    def save(self, model: onnx.ModelProto) -> None:
+        """Serialize ``model`` to the temporary location (tensors to ``<name>.data`` if external)."""
+        try:
+            if self.external:
+                onnx.save_model(
+                    model, self.path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_data_path(self.out).name, size_threshold=1024, convert_attribute=True,
+                )  # fmt: skip
+            else:
+                onnx.save_model(model, self.path)
+        except OSError as exc:
+            raise _write_failed(self.out, exc) from exc
+        except ValueError as exc:
+            raise ExportError(f"cannot serialize the ONNX model for {self.out}: {exc}") from exc
+
+    def commit(self, source: str | os.PathLike[str] | None) -> None:
+        """Move the verified model into place: the data file (if any) first, the ``.onnx`` last."""
+        data = external_data_path(self.out)
+        if self.external and source is not None and data.exists() and Path(source).exists() and os.path.samefile(data, source):
+            raise UsageError(f"the external data file {data} would overwrite the input model; choose another -o")
+        try:
+            if self.external:
+                os.replace(self.path.with_name(data.name), data)
+            try:
+                os.replace(self.path, self.out)
+            except OSError:
+                if self.external:
+                    data.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise _write_failed(self.out, exc) from exc
+
+    def cleanup(self) -> None:
+        """Remove whatever is left of the temporary file or folder."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _staged(out: Path, model: onnx.ModelProto) -> Iterator[_Staged]:
+    """A :class:`_Staged` write of ``model`` that is always cleaned up, whatever happens."""
+    staged = _Staged(out, external=_tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+    try:
+        staged.save(model)
+        yield staged
+    finally:
+        staged.cleanup()
 
 
 def default_output_path(model_path: str | os.PathLike[str]) -> Path:
@@ -155,8 +274,11 @@ def export(
 
     The file is written to a temporary name beside ``path`` and renamed only after it passed
     verification (and the BatchNormalization count check), so ``path`` never holds an
-    unverified model. A failed verification raises :class:`VerificationError` carrying the
-    report. ``source`` (the model file) is refused as an output path.
+    unverified model. A model whose tensors exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes is
+    written with external data (``<path>.data``, moved into place before ``path``). A write
+    failure (disk full, read-only file system) is an :class:`OutputError`. A failed verification
+    raises :class:`VerificationError` carrying the report. ``source`` (the model file) is
+    refused as an output path.
 
     ``fp16`` folds first (float64 math, float32 weights), checks every stored tensor fits float16,
     then converts; inputs and outputs are float16 unless ``keep_io_types``. ``rtol``/``atol``
@@ -186,21 +308,14 @@ def export(
     _check_labels(model, labels)
     _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
     progress.finish()
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            onnx.save(model, tmp)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot write {out}: {exc}") from exc
-        bn_count = count_ops(model, "BatchNormalization")
+    bn_count = count_ops(model, "BatchNormalization")
+    with _staged(out, model) as staged:
         report = None
         if verify:
             try:
-                report = verify_onnx(module, tmp, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
+                report = verify_onnx(module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
             except BnfoldError as exc:  # name the target, not the temporary file
-                raise type(exc)(str(exc).replace(str(tmp), str(out)) + _dtype_hint(module)) from exc
+                raise type(exc)(str(exc).replace(str(staged.path), str(out)) + _dtype_hint(module)) from exc
             report.onnx_path = str(out)
         if report is not None and not report.passed:
             raise VerificationError(
@@ -212,9 +327,7 @@ def export(
                 f"{folded.report.kept_count}; the export is inconsistent and was not written",
                 report,
             )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        staged.commit(source)
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportResult(
         path=str(out),

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +20,8 @@ import click
 import numpy as np
 
 from bnfold import __version__
-from bnfold.errors import EXIT_OK, BnfoldError, UsageError, VerificationError
-from bnfold.export import check_output_path, default_output_path, export
+from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, UsageError, VerificationError
+from bnfold.export import atomic_write, check_output_path, default_output_path, export
 from bnfold.fold import fold
 from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, read_labels
@@ -33,8 +32,6 @@ from bnfold.progress import Progress, for_stream
 from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
 from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES, verify
 
-EXIT_INTERRUPTED = 130
-EXIT_INTERNAL = 4
 DEFAULT_PREDICT_BATCH = 32
 
 
@@ -125,15 +122,9 @@ def _preprocess(loaded: LoadedModel, example: tuple[Any, ...], size: str | None,
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON atomically (temp file beside it, then rename)."""
-    target = Path(path)
-    check_output_path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    check_output_path(path)
+    text = json.dumps(data, indent=2).encode()
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,7 +135,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Fold batch-norm into a trained PyTorch CNN, export it to ONNX and verify it.
 
     Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 unreadable, unsafe or
-    unsupported model, 4 internal error, 130 interrupted.
+    unsupported model, 4 internal error, 5 output could not be written, 130 interrupted.
     """
     ctx.ensure_object(dict)["debug"] = debug
 
@@ -319,14 +310,7 @@ def _prediction_batches(predictor: Predictor, inputs: tuple[str, ...], batch_siz
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``path`` atomically (temp file beside it, then rename)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _print_predictions(scores: np.ndarray, names: list[str], labels: list[str] | None, top_k: int, as_json: bool) -> None:

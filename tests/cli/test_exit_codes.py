@@ -1,0 +1,126 @@
+"""Every exit code in the README's table, produced by the CLI: 0, 1, 2, 3, 4, 5 and 130 (the
+last also by a real SIGINT in the middle of an export, leaving no partial file)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_state_dict, run_cli, snapshot, write_malicious
+
+from bnfold import errors
+from bnfold.cli import main as cli_main
+
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_the_readme_documents_exactly_the_codes_the_cli_uses():
+    table = README.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
+    used = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert documented == used == {0, 1, 2, 3, 4, 5, 130}
+
+
+def test_0_success(tmp_path):
+    result = run_cli("export", DIGITS, "-o", tmp_path / "d.onnx")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert snapshot(tmp_path) == {"d.onnx": (tmp_path / "d.onnx").stat().st_size}
+
+
+def test_1_verification_failed_on_export(tmp_path):
+    result = run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--rtol", "0", "--atol", "0")
+    assert_one_line_error(result, 1, "verification failed", "d.onnx was not written")
+    assert "Verification FAILED" in result.stdout  # the report, on stdout
+    assert snapshot(tmp_path) == {}
+
+
+def test_1_verification_failed_on_verify(tmp_path):
+    assert run_cli("export", DIGITS, "-o", tmp_path / "d.onnx").exit_code == 0
+    torch.manual_seed(1)
+    torch.save(digits_state_dict(), tmp_path / "other.pt")  # another set of weights
+    result = run_cli("verify", tmp_path / "other.pt", tmp_path / "d.onnx", "--arch", DIGITS_ARCH)
+    assert_one_line_error(result, 1, "verification failed")
+
+
+def test_2_usage_error(tmp_path):
+    assert_one_line_error(run_cli("export", DIGITS, "--input-shape", "1x-3"), 2, "--input-shape")
+
+
+def test_3_unsafe_input(tmp_path):
+    path = write_malicious(tmp_path / "evil.pt", tmp_path / "pwned", "legacy")
+    assert_one_line_error(run_cli("export", path), 3, "posix.system", "--trust-pickle")
+
+
+def test_4_internal_error(tmp_path, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(cli_main, "load_model", bug)
+    line = assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 4, "internal error: RuntimeError: simulated bug")
+    assert "bnfold --debug" in line and "second line" not in line
+    debug = run_cli("--debug", "export", DIGITS, "-o", tmp_path / "d.onnx")
+    assert isinstance(debug.exception, RuntimeError)  # the traceback, for the bug report
+    assert snapshot(tmp_path) == {}
+
+
+def test_5_output_not_written(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 5, "No space left on device")
+    assert snapshot(tmp_path) == {}
+
+
+def test_130_interrupted_in_process(tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "verify", ctrl_c)
+    assert run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--no-verify").exit_code == 0
+    assert_one_line_error(run_cli("verify", DIGITS, tmp_path / "d.onnx"), 130, "interrupted")
+
+
+# A bootstrap that lowers the external-data threshold, so a small model takes that path too.
+EXTERNAL = "import importlib; importlib.import_module('bnfold.export').EXTERNAL_DATA_THRESHOLD = 0; "
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["single-file", "external-data"])
+def test_130_sigint_during_verification_leaves_no_partial_file(tmp_path, external):
+    """A real SIGINT once the temporary ONNX file (or folder) exists and verification runs."""
+    data, out = tmp_path / "many.npz", tmp_path / "out"
+    out.mkdir()
+    np.savez(data, x=np.random.default_rng(0).standard_normal((100_000, 1, 8, 8)).astype(np.float32))
+    code = (EXTERNAL if external else "") + "from bnfold.cli.main import main; main()"
+    args = [sys.executable, "-c", code, "export", str(DIGITS), "-o", str(out / "d.onnx"), "--inputs", str(data)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.endswith(".tmp") for p in out.iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no temporary file appeared"
+            time.sleep(0.005)
+        staged = next(p for p in out.iterdir() if p.name.endswith(".tmp"))
+        assert staged.is_dir() == external
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert stderr.strip().splitlines() == ["bnfold: error: interrupted; nothing was written"]
+    assert list(out.iterdir()) == []
