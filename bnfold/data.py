@@ -61,4 +61,6 @@ def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label:
             raise UsageError(f"{label}: array for input '{name}' is a scalar; expected a batch of samples")
     if len({a.shape[0] for a in selected}) != 1:
         raise UsageError(f"{label}: arrays have different numbers of samples")
+    if selected[0].shape[0] == 0:
+        raise UsageError(f"{label}: the arrays hold no samples")
     return selected

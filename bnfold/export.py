@@ -74,7 +74,14 @@ def to_onnx(
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         hint = f" (opset {opset} may be unsupported; omit --opset)" if opset else ""
         raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first}") from exc
-    return program.model_proto
+    model = program.model_proto
+    used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and used != opset:
+        raise UsageError(
+            f"--opset {opset}: torch's exporter produced opset {used} instead (it could not convert this "
+            f"model to opset {opset}); choose opset {used} or newer, or omit --opset"
+        )
+    return model
 
 
 def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -120,21 +127,21 @@ def _dtype_hint(module: nn.Module) -> str:
     return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass --no-verify)"
 
 
-def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> Path:
+def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "-o") -> Path:
     """The output path, checked: its folder exists and is writable, it is not the input, and it
     is a regular file if it exists (writing "onto" a device such as /dev/full would replace it)."""
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise UsageError(f"output folder {folder} does not exist; create it or choose another -o")
+        raise UsageError(f"output folder {folder} does not exist; create it or choose another {option}")
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable; choose another -o")
+        raise UsageError(f"output folder {folder} is not writable; choose another {option}")
     if out.is_dir():
         raise UsageError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
     if out.exists() and not out.is_file():
-        raise UsageError(f"output {out} exists and is not a regular file (a device, pipe or socket); choose another -o")
+        raise UsageError(f"output {out} exists and is not a regular file (a device, pipe or socket); choose another {option}")
     if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
-        raise UsageError(f"output {out} is the input model file; choose another -o")
+        raise UsageError(f"output {out} is the input model file; choose another {option}")
     return out
 
 
@@ -290,6 +297,8 @@ def export(
         raise UsageError("--keep-io-types only applies with --fp16")
     low_precision = fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
     rtol, atol = default_tolerances(low_precision, rtol, atol)
+    if rtol < 0 or atol < 0:
+        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     progress = progress or Progress()
     out = check_output_path(path, source)
     progress.start("Folding batch-norms")

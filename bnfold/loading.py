@@ -80,13 +80,11 @@ class LoadedModel:
         )
 
 
-def parse_shape(text: str) -> Shape:
-    """Parse ``"1x3x224x224"`` into ``(1, 3, 224, 224)``; a :class:`UsageError` if malformed."""
+def parse_shape(text: str, option: str = "--input-shape", example: str = "1x3x224x224") -> Shape:
+    """Parse ``"1x3x224x224"`` into ``(1, 3, 224, 224)``; a :class:`UsageError` naming ``option``
+    if malformed."""
     if not re.fullmatch(r"\s*[1-9]\d*(\s*[xX,]\s*[1-9]\d*)*\s*", text or ""):
-        raise UsageError(
-            f"--input-shape {text!r} is not a shape: give positive sizes separated by 'x', "
-            "batch first, e.g. 1x3x224x224"
-        )
+        raise UsageError(f"{option} {text!r} is not valid: give positive sizes separated by 'x', e.g. {example}")
     return tuple(int(p) for p in re.split(r"[xX,]", text))
 
 
@@ -346,9 +344,13 @@ def _apply_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str, 
     if not isinstance(module, nn.Module):
         raise UsageError(f"--arch {arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     expected = module.state_dict()
-    for prefix in WRAPPER_PREFIXES:  # saved from DataParallel / torch.compile
-        if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while stripped:  # saved from DataParallel / torch.compile, possibly both (_orig_mod.module.)
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     # torch itself accepts batch-norms without num_batches_tracked (older checkpoints).
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]

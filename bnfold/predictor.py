@@ -256,17 +256,25 @@ class Predictor:
         pad = (self.static_batch - n) if self.static_batch and n < self.static_batch else 0
         if pad:  # a static batch axis: pad with copies of the last row, drop their outputs
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
-        outs = self._session.run(None, feeds)
+        outs = self._session_run(feeds)
         return [o[:n] for o in outs] if pad else outs
+
+    def _session_run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._session.run(None, feeds)
+        except Exception as exc:  # onnxruntime's own errors: the input does not fit the model
+            shapes = ", ".join(f"{k}: {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+            message = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UsageError(f"{self.path}: ONNX Runtime cannot run inputs of shape {shapes}: {message}") from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run checked feeds, split into chunks of the batch size; outputs in model order."""
         chunk = self.static_batch or self.batch_size
         if chunk is None:
-            return self._session.run(None, feeds)
+            return self._session_run(feeds)
         n = next(iter(feeds.values())).shape[0]
         if n <= chunk and not self.static_batch:
-            return self._session.run(None, feeds)
+            return self._session_run(feeds)
         parts = [self._run_chunk({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
 

@@ -25,6 +25,7 @@ from bnfold.export import atomic_write, check_output_path, default_output_path, 
 from bnfold.fold import fold
 from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, read_labels
+from bnfold.bench import bench
 from bnfold.data import read_arrays, select_inputs
 from bnfold.images import find_images, load_images
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
@@ -106,7 +107,7 @@ def _preprocess(loaded: LoadedModel, example: tuple[Any, ...], size: str | None,
     shape = tuple(example[0].shape)
     spec: dict[str, Any] = dataclasses.asdict(loaded.preprocess) if loaded.preprocess else {}
     if size:
-        spec["size"] = parse_shape(size)
+        spec["size"] = parse_shape(size, option="--preprocess-size", example="224x224")
     if mean:
         spec["mean"] = parse_floats(mean, "--preprocess-mean")
     if std:
@@ -173,7 +174,11 @@ def export_command(model: str, output: str | None, arch: str | None, arch_kwargs
     out = Path(output) if output else default_output_path(model)
     check_output_path(out, model if Path(model).exists() else None)
     if report_path:
-        check_output_path(report_path, model if Path(model).exists() else None)
+        check_output_path(report_path, model if Path(model).exists() else None, option="--report")
+    if keep_io_types and not fp16:  # checked before any slow step
+        raise UsageError("--keep-io-types only applies with --fp16")
+    if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
+        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     progress = for_stream(sys.stderr)
     progress.start(f"Loading {model}")
     loaded = _load(model, arch, arch_kwargs, trust_pickle)
@@ -247,6 +252,30 @@ def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: s
         _write_json(report_path, {"model": model, **report.to_dict()})
     if not report.passed:
         _fail(f"verification failed: {'; '.join(report.failures())}", VerificationError.exit_code)
+
+
+@main.command("bench")
+@click.argument("model", type=click.Path(dir_okay=True))
+@model_options
+@click.option("--batch-sizes", default="1,32", show_default=True, metavar="B[,B...]", help="Batch sizes to time.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed runs per variant and batch size (after 2 warm-up runs).")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the medians and ratios as JSON here.")
+@handle_errors
+def bench_command(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool, input_shapes: tuple[str, ...],
+                  batch_sizes: str, repeats: int, json_path: str | None) -> None:  # fmt: skip
+    """Time MODEL eager (original, folded, BN-free floor) and in ONNX Runtime (plain torch.onnx.export
+    vs bnfold, optimizations on and off) on the CPU; prints medians and ratios."""
+    sizes = list(parse_shape(batch_sizes, option="--batch-sizes", example="1,32"))
+    if repeats < 1:
+        raise UsageError(f"--repeats {repeats}: must be at least 1")
+    if json_path:
+        check_output_path(json_path, option="--json")
+    loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    example = loaded.example_inputs([parse_shape(s) for s in input_shapes])
+    report = bench(loaded.module, example, name=model, batch_sizes=sizes, repeats=repeats, progress=for_stream(sys.stderr))
+    click.echo(str(report))
+    if json_path:
+        _write_json(json_path, report.to_dict())
 
 
 @main.command("predict")

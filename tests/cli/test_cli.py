@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -89,6 +90,13 @@ ERRORS = {
     "bad-arch-kwargs": (lambda t: ["export", _state_dict_file(t), "--arch", "sample_models.architectures:digits_cnn", "--arch-kwargs", "{bad"], 2, "--arch-kwargs"),
     "inspect-missing": (lambda t: ["inspect", t / "nope.pt"], 3, "does not exist"),
     "verify-missing-onnx": (lambda t: ["verify", DIGITS, t / "nope.onnx"], 3, "does not exist"),
+    "unsupported-opset": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--opset", "7"], 2, "--opset 7"),
+    "negative-rtol": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--no-verify", "--rtol", "-1"], 2, "--rtol"),
+    "keep-io-types-without-fp16": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--keep-io-types"], 2, "--keep-io-types"),
+    "empty-inputs": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--inputs", (t / "e.npy", np.save(t / "e.npy", np.zeros((0, 1, 8, 8), np.float32)))[0]], 2, "no samples"),
+    "report-folder-missing": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--report", t / "no" / "r.json"], 2, "--report"),
+    "bad-preprocess-size": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--preprocess-size", "abc"], 2, "--preprocess-size"),
+    "verify-other-model": (lambda t: ["verify", DIGITS, SAMPLES / "shapes_resnet" / "test.npz"], 3, "cannot be loaded by ONNX Runtime"),
 }
 
 
