@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import ModelLoadError, UnsafeModelError, UsageError
 from .metadata import Preprocess
-from .modes import quiet_torch
+from .modes import first_line, quiet_torch
 
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "torch.export"
@@ -301,13 +301,13 @@ def _load_pickled(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise _refusal(path, exc) from exc
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {first_line(exc)}") from exc
     try:
         with _cwd_importable(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: unpickling the trusted file failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: unpickling the trusted file failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _refusal(path: Path, exc: BaseException) -> ModelLoadError:
@@ -325,10 +325,6 @@ def _refusal(path: Path, exc: BaseException) -> ModelLoadError:
         "unpickler. Re-save or re-download it (torch.save(model.state_dict())), or, only if you "
         "trust the file, re-run with --trust-pickle"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -430,7 +426,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         with quiet_torch():
             module = torch.jit.load(_without_debug_info(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a loadable TorchScript archive: {_first_line(exc) or type(exc).__name__}") from exc
+        raise ModelLoadError(f"{path} is not a loadable TorchScript archive: {first_line(exc)}") from exc
     return _file_metadata(LoadedModel(module.eval(), path, TORCHSCRIPT), _extra_file_json(path, extra))
 
 
@@ -629,7 +625,7 @@ def _load_exported_program(path: Path, trust: bool) -> LoadedModel:
             placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
             module = program.module()
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: {first_line(exc)}") from exc
     vals = [n.meta.get("val") for n in placeholders]
     shapes = dtypes = None
     if vals and all(isinstance(v, torch.Tensor) for v in vals):

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import BnfoldError
+
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
@@ -80,3 +82,19 @@ def first_line(exc: BaseException) -> str:
     if lines and "TorchScript interpreter" in lines[0]:
         return lines[-1]
     return lines[0] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def model_failures(inputs: Sequence[torch.Tensor], error: type[Exception], what: str, hint: str) -> Iterator[None]:
+    """Turn an exception from the user's model into ``error`` naming ``what`` it was run on, the
+    input shapes, the model's own message and a ``hint``; bnfold's own errors pass through."""
+    try:
+        yield
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        message = first_line(exc)
+        if not message.startswith(f"{type(exc).__name__}:"):
+            message = f"{type(exc).__name__}: {message}"
+        raise error(f"{what} shape(s) {shapes}: {message}. {hint}") from exc

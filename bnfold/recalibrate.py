@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import UsageError
-from .modes import eval_mode, first_line, module_device, module_dtype
+from .modes import eval_mode, model_failures, module_device, module_dtype
 from .progress import Progress
 from .report import RecalibratedLayer, RecalibrationReport
 
@@ -119,14 +119,8 @@ def recalibrate(
                 t.layer.training = True  # normalise with batch statistics, as in training
             for i, rows in enumerate(batches):
                 inputs = [torch.from_numpy(np.ascontiguousarray(a[rows])).to(device=device, dtype=dtype) for a in arrays]
-                try:
+                with model_failures(inputs, UsageError, "--recalibrate: the model fails on the data's", "Give data the model takes."):
                     module(*inputs)
-                except Exception as exc:
-                    shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-                    raise UsageError(
-                        f"--recalibrate: the model fails on the data's shape(s) {shapes}: "
-                        f"{type(exc).__name__}: {first_line(exc)}. Give data the model takes."
-                    ) from exc
                 progress.advance(i + 1, len(batches))
     finally:
         for hook in hooks:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
-from .modes import first_line, module_device, module_dtype, quiet_torch, run_eval
+from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
@@ -133,14 +133,8 @@ def default_tolerances(low_precision: bool, rtol: float | None = None, atol: flo
 
 def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
-    try:
+    with model_failures(inputs, BnfoldError, "the PyTorch model fails on the verification input", "Is the ONNX file exported from this model?"):
         return run_eval(module, inputs)
-    except Exception as exc:
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-        raise BnfoldError(
-            f"the PyTorch model fails on the verification inputs of shape(s) {shapes}: "
-            f"{type(exc).__name__}: {first_line(exc)}. Is the ONNX file exported from this model?"
-        ) from exc
 
 
 def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:

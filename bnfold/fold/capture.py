@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldError
-from ..modes import eval_mode, quiet_torch, run_eval
+from ..modes import eval_mode, first_line, model_failures, quiet_torch, run_eval
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -72,22 +72,13 @@ def _failing_construct(exc: BaseException) -> str:
 
 def _first_lines(exc: BaseException, n: int = 3) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if lines and "TorchScript interpreter" in lines[0]:
-        lines = lines[-1:]  # TorchScript puts the real error on its last line
-    return " | ".join(lines[:n]) or type(exc).__name__
+    return " | ".join(lines[:n]) if len(lines) > 1 and n > 1 else first_line(exc)
 
 
 def _run_once(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """Run the model eagerly once, so a rejected input shape or a failing forward is named as such."""
-    try:
-        with quiet_torch():
-            run_eval(module, inputs)
-    except Exception as exc:
-        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
-        raise FoldError(
-            f"running the model on input shape(s) {shapes} failed: {type(exc).__name__}: "
-            f"{_first_lines(exc, 1)}. Check --input-shape, or fix the model's forward"
-        ) from exc
+    with model_failures(inputs, FoldError, "the model fails on input", "Check --input-shape, or fix the model's forward"), quiet_torch():
+        run_eval(module, inputs)
 
 
 def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
@@ -100,7 +91,7 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
         return TS2EPConverter(module, inputs).convert().module()
     except Exception as exc:  # the converter raises many types
         raise FoldError(
-            f"cannot convert the TorchScript model to a traceable graph: {_first_lines(exc, 1)}. "
+            f"cannot convert the TorchScript model to a traceable graph: {first_line(exc)}. "
             "Save the model as a state_dict (with --arch) or with torch.export.save instead."
         ) from exc
 
@@ -135,7 +126,7 @@ def capture(
             except Exception:
                 raise FoldError(
                     f"torch.export cannot trace the model (non-strict and strict): {type(exc).__name__}: "
-                    f"{_first_lines(exc, 1)}{_failing_construct(exc)}. Rewrite that construct "
+                    f"{first_line(exc)}{_failing_construct(exc)}. Rewrite that construct "
                     "(e.g. data-dependent control flow) or save the model with torch.export yourself"
                 ) from exc
     return program.module()
