@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import torch
 from helpers import assert_close, random_input, randomize_batchnorms
 from torch import nn
 

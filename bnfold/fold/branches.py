@@ -14,7 +14,7 @@ import operator
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, fx
+from torch import fx
 
 from ..report import FOLDED, FoldReport
 from . import math as fold_math

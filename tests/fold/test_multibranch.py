@@ -7,7 +7,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_input
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_patterns import fold_and_export, kept_reason, statuses
