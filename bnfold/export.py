@@ -20,7 +20,7 @@ from .errors import BnfoldError, ExportError, OutputError, UsageError, Verificat
 from .fold import fold
 from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
-from .modes import module_dtype, quiet_torch
+from .modes import first_line, module_dtype, quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .progress import Progress
 from .report import ExportResult, FoldReport
@@ -52,6 +52,11 @@ def output_count(module: fx.GraphModule) -> int:
     return len(torch.utils._pytree.tree_leaves(module.graph.output_node().args[0]))
 
 
+def onnx_opset(model: onnx.ModelProto) -> int:
+    """The model's opset version for the default ONNX domain."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def to_onnx(
     module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, outputs: int, dynamic_batch: bool, opset: int | None
 ) -> onnx.ModelProto:
@@ -71,11 +76,10 @@ def to_onnx(
                 optimize=True,
             )
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         hint = f" (opset {opset} may be unsupported; omit --opset)" if opset else ""
-        raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first}") from exc
+        raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first_line(exc)}") from exc
     model = program.model_proto
-    used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    used = onnx_opset(model)
     if opset is not None and used != opset:
         raise UsageError(
             f"--opset {opset}: torch's exporter produced opset {used} instead (it could not convert this "
@@ -337,7 +341,7 @@ def export(
                 report,
             )
         staged.commit(source)
-    opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset_used = onnx_opset(model)
     return ExportResult(
         path=str(out),
         fold_report=folded.report,

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from .errors import BnfoldError, ModelLoadError, UsageError
 from .images import load_images
 from .metadata import from_metadata
+from .modes import first_line
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -264,8 +265,7 @@ class Predictor:
             return self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime's own errors: the input does not fit the model
             shapes = ", ".join(f"{k}: {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
-            message = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise UsageError(f"{self.path}: ONNX Runtime cannot run inputs of shape {shapes}: {message}") from exc
+            raise UsageError(f"{self.path}: ONNX Runtime cannot run inputs of shape {shapes}: {first_line(exc)}") from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run checked feeds, split into chunks of the batch size; outputs in model order."""

@@ -122,8 +122,8 @@ def _preprocess(loaded: LoadedModel, example: tuple[Any, ...], size: str | None,
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (temp file beside it, then rename)."""
-    check_output_path(path)
+    """Write ``data`` as JSON atomically (temp file beside it, then rename); the callers check
+    ``path`` before their slow work, naming their option."""
     text = json.dumps(data, indent=2).encode()
     atomic_write(path, lambda fh: fh.write(text))
 
@@ -245,6 +245,8 @@ def verify_command(model: str, onnx_model: str, arch: str | None, arch_kwargs: s
     """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
     if input_shapes:
         raise UsageError("--input-shape is not used by verify: shapes come from the ONNX model (or --inputs)")
+    if report_path:
+        check_output_path(report_path, option="--report")
     loaded = _load(model, arch, arch_kwargs, trust_pickle)
     report = verify(loaded.module, onnx_model, inputs, rtol=rtol, atol=atol, reference=reference, progress=for_stream(sys.stderr))
     click.echo(str(report))

@@ -95,6 +95,7 @@ ERRORS = {
     "keep-io-types-without-fp16": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--keep-io-types"], 2, "--keep-io-types"),
     "empty-inputs": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--inputs", (t / "e.npy", np.save(t / "e.npy", np.zeros((0, 1, 8, 8), np.float32)))[0]], 2, "no samples"),
     "report-folder-missing": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--report", t / "no" / "r.json"], 2, "--report"),
+    "verify-report-folder-missing": (lambda t: ["verify", DIGITS, t / "nope.onnx", "--report", t / "no" / "r.json"], 2, "--report"),
     "bad-preprocess-size": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--preprocess-size", "abc"], 2, "--preprocess-size"),
     "verify-other-model": (lambda t: ["verify", DIGITS, SAMPLES / "shapes_resnet" / "test.npz"], 3, "cannot be loaded by ONNX Runtime"),
 }

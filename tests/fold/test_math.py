@@ -47,15 +47,27 @@ def conv_case(draw):
     ), draw  # fmt: skip
 
 
+def layer_tensors(c: dict, gen: torch.Generator, transposed: bool, size: int):
+    """The functional op, weight, bias (or None) and a batch-2 input of side ``size`` for conv case ``c``."""
+    dims, kernel = c["dims"], [c["k"]] * c["dims"]
+    if transposed:
+        op = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+        shape = (c["cin"], c["cout"] // c["groups"], *kernel)
+    else:
+        op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+        shape = (c["cout"], c["cin"] // c["groups"], *kernel)
+    w = torch.randn(*shape, dtype=F64, generator=gen)
+    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
+    x = torch.randn(2, c["cin"], *[size] * dims, dtype=F64, generator=gen)
+    return op, w, b, x
+
+
 @settings(max_examples=60, deadline=None)
 @given(conv_case())
 def test_conv_output_fold(case):
     c, draw = case
     mean, var, gamma, beta, eps, gen = bn_params(draw, c["cout"], c["affine"])
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
-    w = torch.randn(c["cout"], c["cin"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
-    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
-    x = torch.randn(2, c["cin"], *[7] * c["dims"], dtype=F64, generator=gen)
+    conv, w, b, x = layer_tensors(c, gen, transposed=False, size=7)
     kw = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
     s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
     w2, b2 = fold_math.scale_output_channels(w, b, s, t)
@@ -67,10 +79,7 @@ def test_conv_output_fold(case):
 def test_conv_transpose_output_fold(case):
     c, draw = case
     mean, var, gamma, beta, eps, gen = bn_params(draw, c["cout"], c["affine"])
-    deconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
-    w = torch.randn(c["cin"], c["cout"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
-    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
-    x = torch.randn(2, c["cin"], *[5] * c["dims"], dtype=F64, generator=gen)
+    deconv, w, b, x = layer_tensors(c, gen, transposed=True, size=5)
     kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
     s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
     w2, b2 = fold_math.scale_transposed_output_channels(w, b, s, t, c["groups"])
@@ -104,10 +113,7 @@ def test_conv_input_fold(case, pad_mode):
     """conv(pad(s*x + t)) == conv'(pad(x)) for affine-commuting pads (and no padding)."""
     c, draw = case
     mean, var, gamma, beta, eps, gen = bn_params(draw, c["cin"], c["affine"])
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
-    w = torch.randn(c["cout"], c["cin"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
-    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
-    x = torch.randn(2, c["cin"], *[7] * c["dims"], dtype=F64, generator=gen)
+    conv, w, b, x = layer_tensors(c, gen, transposed=False, size=7)
     p = c["padding"]
     pad = (lambda y: y) if pad_mode == "zeros-unpadded" or p == 0 else (lambda y: F.pad(y, [p] * 2 * c["dims"], mode=pad_mode))
     kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
@@ -122,10 +128,7 @@ def test_conv_transpose_input_fold_with_zero_shift(case):
     c, draw = case
     _, var, gamma, _, eps, gen = bn_params(draw, c["cin"], True)
     mean, beta = torch.zeros(c["cin"], dtype=F64), torch.zeros(c["cin"], dtype=F64)
-    deconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
-    w = torch.randn(c["cin"], c["cout"] // c["groups"], *[c["k"]] * c["dims"], dtype=F64, generator=gen)
-    b = torch.randn(c["cout"], dtype=F64, generator=gen) if c["bias"] else None
-    x = torch.randn(2, c["cin"], *[5] * c["dims"], dtype=F64, generator=gen)
+    deconv, w, b, x = layer_tensors(c, gen, transposed=True, size=5)
     kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
     s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
     assert (t == 0).all()
