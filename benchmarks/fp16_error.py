@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
+from onnxscript import ir
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 def cast_then_fold(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     unfolded = with_float32_io(to_float16(capture(module, (example,))))
     model = to_onnx(unfolded, (example,), outputs=output_count(unfolded), dynamic_batch=True, opset=None)
-    onnx.save(model, path)
+    ir.save(model, path)
 
 
 def normwise(y: np.ndarray, ref: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+from onnxscript import ir
 import onnxruntime as ort
 import torch
 from torch import fx, nn
@@ -133,7 +133,7 @@ def bench(
         with quiet_torch():
             torch.onnx.export(unfolded, inputs, str(plain_path), dynamo=True, verbose=False,
                               dynamic_shapes=batch_dynamic_shapes(unfolded, inputs))  # fmt: skip
-        onnx.save(to_onnx(folded, example_inputs, outputs=output_count(folded), dynamic_batch=True, opset=None), ours_path)
+        ir.save(to_onnx(folded, example_inputs, outputs=output_count(folded), dynamic_batch=True, opset=None), ours_path)
         sessions = {
             ORT_PLAIN: _session(plain_path, True), ORT_PLAIN_NOOPT: _session(plain_path, False),
             ORT_BNFOLD: _session(ours_path, True), ORT_BNFOLD_NOOPT: _session(ours_path, False),

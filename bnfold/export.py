@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-import onnx
 import torch
+from onnxscript import ir
 from torch import fx, nn
 
 from . import __version__
@@ -22,6 +22,7 @@ from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
 from .modes import first_line, module_dtype, quiet_torch
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
+from .onnx_writer import count_ops, onnx_opset, release_weights, save_with_external_data, tensor_bytes, write_model
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from .verify import InputsArg, default_tolerances
@@ -33,34 +34,16 @@ from .verify import verify as verify_onnx
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def count_ops(model: onnx.ModelProto, op_type: str) -> int:
-    """Number of ``op_type`` nodes in the model's graph, its subgraphs and its local functions."""
-
-    def in_graph(graph: onnx.GraphProto) -> int:
-        total = 0
-        for node in graph.node:
-            total += node.op_type == op_type
-            for attr in node.attribute:
-                total += sum(in_graph(g) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
-        return total
-
-    return in_graph(model.graph) + sum(n.op_type == op_type for f in model.functions for n in f.node)
-
-
 def output_count(module: fx.GraphModule) -> int:
     """Number of tensors a captured module returns."""
     return len(torch.utils._pytree.tree_leaves(module.graph.output_node().args[0]))
 
 
-def onnx_opset(model: onnx.ModelProto) -> int:
-    """The model's opset version for the default ONNX domain."""
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def to_onnx(
     module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, outputs: int, dynamic_batch: bool, opset: int | None
-) -> onnx.ModelProto:
-    """Translate a (folded) module with ``outputs`` outputs to an ONNX ModelProto (dynamo exporter)."""
+) -> ir.Model:
+    """Translate a (folded) module with ``outputs`` outputs to ONNX (dynamo exporter), as the
+    exporter's ONNX IR model: its initializers share memory with ``module``'s tensors."""
     inputs = with_batch(example_inputs, CAPTURE_BATCH) if dynamic_batch else tuple(example_inputs)
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]
     try:
@@ -78,7 +61,7 @@ def to_onnx(
     except Exception as exc:
         hint = f" (opset {opset} may be unsupported; omit --opset)" if opset else ""
         raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first_line(exc)}") from exc
-    model = program.model_proto
+    model = program.model
     used = onnx_opset(model)
     if opset is not None and used != opset:
         raise UsageError(
@@ -99,29 +82,25 @@ def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[to
         )
 
 
-def _check_labels(model: onnx.ModelProto, labels: Sequence[str] | None) -> None:
+def _check_labels(model: ir.Model, labels: Sequence[str] | None) -> None:
     if not labels:
         return
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    classes = dims[1].dim_value if len(dims) >= 2 and dims[1].HasField("dim_value") else None
+    shape = model.graph.outputs[0].shape
+    classes = shape[1] if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) else None
     if classes is not None and classes != len(labels):
         raise UsageError(f"--labels: {len(labels)} label(s), but the model's first output has {classes} classes")
 
 
-def _add_metadata(model: onnx.ModelProto, report: FoldReport, extra: dict[str, str]) -> None:
-    props = {
+def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) -> None:
+    model.metadata_props.update({
         **extra,
         "bnfold_version": __version__,
         "bnfold_fold_report": json.dumps(
             {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
         ),
-        "bnfold_input_names": json.dumps([i.name for i in model.graph.input]),
-        "bnfold_output_names": json.dumps([o.name for o in model.graph.output]),
-    }
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in props.items():
-        entry = existing.get(key) or model.metadata_props.add()
-        entry.key, entry.value = key, value
+        "bnfold_input_names": json.dumps([v.name for v in model.graph.inputs]),
+        "bnfold_output_names": json.dumps([v.name for v in model.graph.outputs]),
+    })
 
 
 def _dtype_hint(module: nn.Module) -> str:
@@ -181,11 +160,6 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         Path(tmp).unlink(missing_ok=True)
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of the main graph's initializers and nodes (constants live there)."""
-    return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
-
-
 class _Staged:
     """An ONNX file written under a temporary name in the target's folder, moved into place by
     :meth:`commit` only. A model over :data:`EXTERNAL_DATA_THRESHOLD` is written with external
@@ -206,16 +180,14 @@ class _Staged:
         except OSError as exc:
             raise _write_failed(out, exc) from exc
 
-    def save(self, model: onnx.ModelProto) -> None:
+    def save(self, model: ir.Model) -> None:
         """Serialize ``model`` to the temporary location (tensors to ``<name>.data`` if external)."""
         try:
             if self.external:
-                onnx.save_model(
-                    model, self.path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=external_data_path(self.out).name, size_threshold=1024, convert_attribute=True,
-                )  # fmt: skip
+                save_with_external_data(model, self.path, external_data_path(self.out).name)
             else:
-                onnx.save_model(model, self.path)
+                with open(self.path, "wb") as fh:
+                    write_model(model, fh)
         except OSError as exc:
             raise _write_failed(self.out, exc) from exc
         except ValueError as exc:
@@ -244,17 +216,6 @@ class _Staged:
             shutil.rmtree(self.folder, ignore_errors=True)
         else:
             self.path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _staged(out: Path, model: onnx.ModelProto) -> Iterator[_Staged]:
-    """A :class:`_Staged` write of ``model`` that is always cleaned up, whatever happens."""
-    staged = _Staged(out, external=_tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
-    try:
-        staged.save(model)
-        yield staged
-    finally:
-        staged.cleanup()
 
 
 def default_output_path(model_path: str | os.PathLike[str]) -> Path:
@@ -305,6 +266,52 @@ def export(
         raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     progress = progress or Progress()
     out = check_output_path(path, source)
+    result, staged = _fold_and_write(
+        module, example_inputs, out, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16,
+        keep_io_types=keep_io_types, labels=labels, preprocess=preprocess, progress=progress,
+    )  # fmt: skip
+    try:
+        # The folded graph and the exporter's IR (reference cycles) hold a copy of the weights;
+        # free it before ONNX Runtime loads the file, so the two never share the peak.
+        gc.collect()
+        if verify:
+            try:
+                report = verify_onnx(module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
+            except BnfoldError as exc:  # name the target, not the temporary file
+                raise type(exc)(str(exc).replace(str(staged.path), str(out)) + _dtype_hint(module)) from exc
+            report.onnx_path = str(out)
+            result.verify_report = report
+            if not report.passed:
+                raise VerificationError(f"verification failed, {out} was not written: " + "; ".join(report.failures()), report)
+        kept = result.fold_report.kept_count
+        if result.onnx_batchnorm_count != kept:
+            raise VerificationError(
+                f"the ONNX graph has {result.onnx_batchnorm_count} BatchNormalization node(s) but the fold "
+                f"report keeps {kept}; the export is inconsistent and was not written",
+                result.verify_report,
+            )
+        staged.commit(source)
+    finally:
+        staged.cleanup()
+    return result
+
+
+def _fold_and_write(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    out: Path,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    fp16: bool,
+    keep_io_types: bool,
+    labels: Sequence[str] | None,
+    preprocess: Preprocess | None,
+    progress: Progress,
+) -> tuple[ExportResult, _Staged]:
+    """Fold, export and write the ONNX file to a temporary name beside ``out``: the result so
+    far (no verification yet) and the staged file, which the caller commits or cleans up. Only
+    the small result leaves this function: the folded module and the ONNX IR die with it."""
     progress.start("Folding batch-norms")
     folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
     progress.finish()
@@ -320,35 +327,22 @@ def export(
     model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
     _check_labels(model, labels)
     _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
-    progress.finish()
-    bn_count = count_ops(model, "BatchNormalization")
-    with _staged(out, model) as staged:
-        report = None
-        if verify:
-            try:
-                report = verify_onnx(module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
-            except BnfoldError as exc:  # name the target, not the temporary file
-                raise type(exc)(str(exc).replace(str(staged.path), str(out)) + _dtype_hint(module)) from exc
-            report.onnx_path = str(out)
-        if report is not None and not report.passed:
-            raise VerificationError(
-                f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
-            )
-        if bn_count != folded.report.kept_count:
-            raise VerificationError(
-                f"the ONNX graph has {bn_count} BatchNormalization node(s) but the fold report keeps "
-                f"{folded.report.kept_count}; the export is inconsistent and was not written",
-                report,
-            )
-        staged.commit(source)
-    opset_used = onnx_opset(model)
-    return ExportResult(
+    result = ExportResult(
         path=str(out),
         fold_report=folded.report,
-        verify_report=report,
-        onnx_batchnorm_count=bn_count,
-        opset=opset_used,
-        input_names=[i.name for i in model.graph.input],
-        output_names=[o.name for o in model.graph.output],
+        verify_report=None,
+        onnx_batchnorm_count=count_ops(model, "BatchNormalization"),
+        opset=onnx_opset(model),
+        input_names=[v.name for v in model.graph.inputs],
+        output_names=[v.name for v in model.graph.outputs],
     )
-
+    staged = _Staged(out, external=tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+    try:
+        staged.save(model)
+    except BaseException:
+        staged.cleanup()
+        raise
+    finally:
+        release_weights(model)
+    progress.finish()
+    return result, staged

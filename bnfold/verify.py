@@ -178,7 +178,9 @@ def verify(
     and allows the original's own error on top of the tolerance.
     """
     ref_dtype = module_dtype(module)
-    rtol, atol = default_tolerances(ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path), rtol, atol)
+    if rtol is None or atol is None:  # reading the whole file for its weight types only when needed
+        low_precision = ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path)
+        rtol, atol = default_tolerances(low_precision, rtol, atol)
     if rtol < 0 or atol < 0:
         raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:

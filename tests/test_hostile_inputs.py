@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_state_dict, run_cli, snapshot
@@ -252,17 +251,16 @@ def test_disk_full_on_a_tiny_tmpfs(tiny_disk):
 
 def test_disk_full_simulated(tmp_path, monkeypatch):
     """ENOSPC halfway through writing: a partial temporary file exists, then is removed."""
-    real_save = onnx.save_model
+    export_module = importlib.import_module("bnfold.export")
     partial: list[Path] = []
 
-    def fills_the_disk(model, path, *args, **kwargs):
-        Path(path).write_bytes(b"\x08" * 1000)
-        partial.append(Path(path))
+    def fills_the_disk(model, fh):
+        fh.write(b"\x08" * 1000)
+        partial.append(Path(fh.name))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(onnx, "save_model", fills_the_disk)
+    monkeypatch.setattr(export_module, "write_model", fills_the_disk)
     result = run_cli("export", DIGITS, OUT, tmp_path / "d.onnx")
-    monkeypatch.setattr(onnx, "save_model", real_save)
     assert_one_line_error(result, 5, "d.onnx", "No space left on device", "nothing was written")
     assert partial and not partial[0].exists()
     assert snapshot(tmp_path) == {}

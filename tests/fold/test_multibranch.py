@@ -3,21 +3,20 @@ found through Add/Concat/pooling/activations, and shared features (kept)."""
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import onnx_ops
 from test_patterns import fold_and_export, kept_reason, statuses
 from torch import nn
 
-from bnfold.export import count_ops
 from bnfold.fold import math as fold_math
 
 
-def onnx_ops(tmp_path, op: str) -> int:
-    return count_ops(onnx.load(str(tmp_path / "model.onnx")), op)
+def model_ops(tmp_path, op: str) -> int:
+    return onnx_ops(tmp_path / "model.onnx", op)
 
 
 # ------------------------------------------------------------------ 1. multi-branch blocks
@@ -58,7 +57,7 @@ def test_multi_branch_block_becomes_one_conv(block, bns, tmp_path):
     folded = fold_and_export(nn.Sequential(block, nn.Conv2d(block.kxk[0].out_channels, 2, 1)), (2, 4, 8, 8), tmp_path)
     assert statuses(folded) == ["folded"] * bns
     assert {e.into for e in folded.report.entries} == {"0.kxk.0"}
-    assert onnx_ops(tmp_path, "Conv") == 2 and onnx_ops(tmp_path, "Add") == 0
+    assert model_ops(tmp_path, "Conv") == 2 and model_ops(tmp_path, "Add") == 0
 
 
 @pytest.mark.parametrize(
@@ -73,7 +72,7 @@ def test_multi_branch_block_that_cannot_be_merged_is_refused_with_the_reason(blo
     folded = fold_and_export(block, (2, 4, 8, 8), tmp_path)
     kept = [e for e in folded.report.entries if e.status == "kept"]
     assert kept and all(reason in e.reason and e.category == "multi-branch block that cannot be merged" for e in kept)
-    assert onnx_ops(tmp_path, "Conv") == 2
+    assert model_ops(tmp_path, "Conv") == 2
 
 
 class SharedBranch(RepBlock):
