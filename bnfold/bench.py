@@ -23,6 +23,7 @@ from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
 from .fold.graph import batchnorm_nodes
 from .modes import quiet_torch, run_eval
+from .predictor import session_options
 from .progress import Progress
 
 EAGER_ORIGINAL = "eager original"
@@ -88,13 +89,9 @@ def bn_free_floor(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> 
 
 
 def _session(path: Path, optimize: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # Idle ONNX Runtime threads spin-wait by default; with several sessions and torch timed in
     # turn on the same cores, that spinning would slow down whichever variant runs next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options = session_options(optimize, spin_wait=False)
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

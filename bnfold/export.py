@@ -6,7 +6,9 @@ import gc
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -218,6 +220,23 @@ class _Staged:
             self.path.unlink(missing_ok=True)
 
 
+def collect_garbage() -> None:
+    """``gc.collect()``, with Ctrl-C held until it is done: a ``KeyboardInterrupt`` raised inside
+    a finalizer that the collector runs is printed and ignored by Python, so the interrupt would
+    be lost. Outside the main thread, or under a non-default SIGINT handler, it just collects."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        gc.collect()
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        gc.collect()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def default_output_path(model_path: str | os.PathLike[str]) -> Path:
     """``<input stem>.onnx`` beside the input."""
     return Path(model_path).with_suffix(".onnx")
@@ -271,10 +290,10 @@ def export(
         keep_io_types=keep_io_types, labels=labels, preprocess=preprocess, progress=progress,
     )  # fmt: skip
     try:
-        # The folded graph and the exporter's IR (reference cycles) hold a copy of the weights;
-        # free it before ONNX Runtime loads the file, so the two never share the peak.
-        gc.collect()
         if verify:
+            # The folded graph and the exporter's program (reference cycles) hold a copy of the
+            # weights; free it before ONNX Runtime loads the file, so the two never share the peak.
+            collect_garbage()
             try:
                 report = verify_onnx(module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
             except BnfoldError as exc:  # name the target, not the temporary file

@@ -79,9 +79,13 @@ def _output_shape(spec: TensorSpec, batch: int) -> tuple[int, ...] | None:
     return (batch if not isinstance(spec.shape[0], int) else spec.shape[0], *spec.shape[1:])
 
 
-def _session_options(optimize: bool, threads: int | None) -> ort.SessionOptions:
+def session_options(optimize: bool = True, threads: int | None = None, spin_wait: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime session options: errors-only logging, graph optimizations on or off, the
+    intra-op thread count, and whether idle threads spin-wait between runs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: bnfold reports provider problems itself
+    if not spin_wait:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -141,6 +145,9 @@ class Predictor:
     ``batch_size`` splits large inputs into chunks; ``threads`` sets ORT's intra-op threads;
     ``providers`` overrides the provider list entirely; ``optimize=False`` disables ORT's graph
     optimizations (verification uses that so ORT's own fusions cannot hide a wrong fold).
+    ``spin_wait=False`` stops ORT's idle threads from spin-waiting for the next run: use it when
+    other work (PyTorch, another session) runs on the same cores between predictions, which
+    spinning threads would slow down (verification alternates ORT and PyTorch this way).
     """
 
     def __init__(
@@ -152,6 +159,7 @@ class Predictor:
         threads: int | None = None,
         providers: Sequence[Any] | None = None,
         optimize: bool = True,
+        spin_wait: bool = True,
     ) -> None:
         if device not in DEVICES:
             raise UsageError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
@@ -160,7 +168,7 @@ class Predictor:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"ONNX model {self.path} does not exist")
-        options = _session_options(optimize, threads)
+        options = session_options(optimize, threads, spin_wait)
         self.fallback_reason: str | None = None
         if providers is not None:
             self._session = self._create(options, list(providers))

@@ -187,7 +187,8 @@ def verify(
         raise UsageError(f"--reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
-    predictor = Predictor(onnx_path, device="cpu", optimize=False)
+    # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
+    predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
     specs = predictor.inputs
     dynamic = all(s.batch_is_dynamic for s in specs)
     if inputs is None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
+import os
+import signal
 
 import onnx
 import pytest
@@ -70,3 +73,23 @@ def test_interrupt_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_garbage_collection_is_not_lost():
+    """Python prints and ignores a KeyboardInterrupt raised inside a finalizer the collector runs;
+    collect_garbage holds SIGINT and raises it once the collection is over."""
+    export_module = importlib.import_module("bnfold.export")
+    interrupt_sent: list[bool] = []
+
+    def send_sigint(phase, info):
+        if phase == "start" and not interrupt_sent:
+            interrupt_sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    gc.callbacks.append(send_sigint)  # the collector reads this very list
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_module.collect_garbage()
+    finally:
+        gc.callbacks.remove(send_sigint)
+    assert interrupt_sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
