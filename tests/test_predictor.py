@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import random_input, randomize_batchnorms
@@ -134,3 +135,26 @@ def test_static_batch_axis_is_padded_and_split(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(p.predict(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spin_wait, optimize", [(True, True), (False, False)])
+def test_session_options_follow_spin_wait_and_optimize(single, monkeypatch, spin_wait, optimize):
+    created: list[ort.SessionOptions] = []
+    real_session = ort.InferenceSession
+
+    def recording(path, sess_options=None, **kwargs):
+        created.append(sess_options)
+        return real_session(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    p = Predictor(single, device="cpu", spin_wait=spin_wait, optimize=optimize)
+    (options,) = created
+    key = "session.intra_op.allow_spinning"
+    if spin_wait:  # ORT's default (spinning) is left as it is: the entry is not set
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry(key)
+    else:
+        assert options.get_session_config_entry(key) == "0"
+    disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert (options.graph_optimization_level == disabled) == (not optimize)
+    assert p.predict(np.zeros((2, 3, 6, 6), np.float32)).shape == (2, 5)
