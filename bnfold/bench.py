@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxscript import ir
 import onnxruntime as ort
 import torch
+from onnxscript import ir
 from torch import fx, nn
 
 from .export import output_count, to_onnx

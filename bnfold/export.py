@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -20,16 +21,22 @@ from torch import fx, nn
 from . import __version__
 from .errors import BnfoldError, ExportError, OutputError, UsageError, VerificationError
 from .fold import fold
+from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
 from .modes import first_line, module_dtype, quiet_torch
-from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
-from .onnx_writer import count_ops, onnx_opset, release_weights, save_with_external_data, tensor_bytes, write_model
+from .onnx_writer import (
+    count_ops,
+    onnx_opset,
+    release_weights,
+    save_with_external_data,
+    tensor_bytes,
+    write_model,
+)
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from .verify import InputsArg, default_tolerances
 from .verify import verify as verify_onnx
-
 
 # Protobuf cannot serialize a message of 2 GiB or more: models whose tensors exceed this many bytes
 # are written with their tensors in a separate file, ``<name>.onnx.data`` beside ``<name>.onnx``.
@@ -285,11 +292,11 @@ def export(
         raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
     progress = progress or Progress()
     out = check_output_path(path, source)
-    result, staged = _fold_and_write(
-        module, example_inputs, out, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16,
-        keep_io_types=keep_io_types, labels=labels, preprocess=preprocess, progress=progress,
-    )  # fmt: skip
-    try:
+    with contextlib.ExitStack() as cleanup:  # the temporary file goes, whatever happens
+        result, staged = _fold_and_write(
+            module, example_inputs, out, cleanup, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16,
+            keep_io_types=keep_io_types, labels=labels, preprocess=preprocess, progress=progress,
+        )  # fmt: skip
         if verify:
             # The folded graph and the exporter's program (reference cycles) hold a copy of the
             # weights; free it before ONNX Runtime loads the file, so the two never share the peak.
@@ -310,8 +317,6 @@ def export(
                 result.verify_report,
             )
         staged.commit(source)
-    finally:
-        staged.cleanup()
     return result
 
 
@@ -319,6 +324,7 @@ def _fold_and_write(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     out: Path,
+    cleanup: contextlib.ExitStack,
     *,
     dynamic_batch: bool,
     opset: int | None,
@@ -329,8 +335,9 @@ def _fold_and_write(
     progress: Progress,
 ) -> tuple[ExportResult, _Staged]:
     """Fold, export and write the ONNX file to a temporary name beside ``out``: the result so
-    far (no verification yet) and the staged file, which the caller commits or cleans up. Only
-    the small result leaves this function: the folded module and the ONNX IR die with it."""
+    far (no verification yet) and the staged file, which the caller commits; its removal is
+    registered on ``cleanup`` as soon as it exists. Only the small result leaves this function:
+    the folded module and the ONNX IR die with it."""
     progress.start("Folding batch-norms")
     folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
     progress.finish()
@@ -344,23 +351,21 @@ def _fold_and_write(
         else:
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
     model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
-    _check_labels(model, labels)
-    _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
-    result = ExportResult(
-        path=str(out),
-        fold_report=folded.report,
-        verify_report=None,
-        onnx_batchnorm_count=count_ops(model, "BatchNormalization"),
-        opset=onnx_opset(model),
-        input_names=[v.name for v in model.graph.inputs],
-        output_names=[v.name for v in model.graph.outputs],
-    )
-    staged = _Staged(out, external=tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
-    try:
+    try:  # drop the IR's weights on every path (onnxscript keeps the graph alive, see release_weights)
+        _check_labels(model, labels)
+        _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
+        result = ExportResult(
+            path=str(out),
+            fold_report=folded.report,
+            verify_report=None,
+            onnx_batchnorm_count=count_ops(model, "BatchNormalization"),
+            opset=onnx_opset(model),
+            input_names=[v.name for v in model.graph.inputs],
+            output_names=[v.name for v in model.graph.outputs],
+        )
+        staged = _Staged(out, external=tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+        cleanup.callback(staged.cleanup)
         staged.save(model)
-    except BaseException:
-        staged.cleanup()
-        raise
     finally:
         release_weights(model)
     progress.finish()

@@ -11,8 +11,13 @@ from onnxscript import ir
 
 
 def tensor_bytes(model: ir.Model) -> int:
-    """Bytes of the main graph's initializers (the model's weights)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    """Bytes of the model's tensors: initializers of every graph and tensors stored in node
+    attributes (``Constant`` values), which decide whether it needs external data."""
+    total = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+    for graph in [model.graph, *model.functions.values()]:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            total += sum(a.value.nbytes for a in node.attributes.values() if a.type == ir.AttributeType.TENSOR and getattr(a, "value", None) is not None)
+    return total
 
 
 def count_ops(model: ir.Model, op_type: str) -> int:
@@ -31,44 +36,77 @@ def onnx_opset(model: ir.Model) -> int:
     return imports[""] if "" in imports else imports["ai.onnx"]
 
 
-def _without_initializers(model: ir.Model) -> bytes:
-    """The serialized model minus its main graph's initializers (the model is left as it was)."""
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_LENGTH_DELIMITED = 2  # protobuf wire type of embedded messages
+
+
+def _varint(value: int) -> bytes:
+    """``value`` as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field_header(field: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(field << 3 | _LENGTH_DELIMITED) + _varint(length)
+
+
+def _model_and_graph_without_initializers(model: ir.Model) -> tuple[bytes, bytes]:
+    """The serialized model minus its graph, and its main graph minus the initializers (the model
+    is left as it was)."""
     initializers = dict(model.graph.initializers)
     model.graph.initializers.clear()
     try:
-        return ir.serde.serialize_model(model).SerializeToString()
+        proto = ir.serde.serialize_model(model)
     finally:
         model.graph.initializers.update(initializers)
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    return proto.SerializeToString(), graph
 
 
 def _initializer(value: ir.Value) -> bytes:
-    """A serialized ``ModelProto`` whose graph holds only the initializer ``value``."""
+    """The serialized ``TensorProto`` of the initializer ``value``."""
     value.const_value.name = value.name
-    piece = onnx.ModelProto()
-    ir.serde.serialize_tensor_into(piece.graph.initializer.add(), from_=value.const_value)
-    return piece.SerializeToString()
+    proto = onnx.TensorProto()
+    ir.serde.serialize_tensor_into(proto, from_=value.const_value)
+    return proto.SerializeToString()
 
 
 def write_model(model: ir.Model, fh: IO[bytes]) -> None:
     """Write ``model`` as one ``.onnx`` file (weights inside) to the open binary file ``fh``.
 
-    The file is the model without its initializers followed by one ``ModelProto`` per
-    initializer. Protobuf parses concatenated messages as one merged message (repeated fields
-    append, in order), so the file reads back as the whole model, while only one tensor is
-    serialized at a time: writing needs memory for the largest tensor, not two copies of the
-    whole model. The model must stay under protobuf's 2 GiB limit; see
-    :func:`save_with_external_data` for larger ones.
+    The bytes are those of one ``ModelProto`` with one ``graph`` field, but the weights are
+    serialized one tensor at a time: the graph's length is summed from each initializer's size
+    first, then the graph without its initializers is written, followed by each initializer. Writing
+    needs memory for the largest tensor, not two copies of the whole model. The model must stay
+    under protobuf's 2 GiB limit; see :func:`save_with_external_data` for larger ones.
     """
-    fh.write(_without_initializers(model))
-    for value in list(model.graph.initializers.values()):
-        if value.const_value is not None:
-            fh.write(_initializer(value))
+    head, graph = _model_and_graph_without_initializers(model)
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    sizes = [len(_initializer(v)) for v in values]  # one tensor at a time, dropped at once
+    graph_length = len(graph) + sum(len(_field_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    fh.write(head)
+    fh.write(_field_header(_GRAPH_FIELD, graph_length))
+    fh.write(graph)
+    for value, size in zip(values, sizes):
+        piece = _initializer(value)
+        if len(piece) != size:
+            raise ValueError(f"initializer {value.name!r} changed size while the model was written")
+        fh.write(_field_header(_INITIALIZER_FIELD, size))
+        fh.write(piece)
 
 
 def save_with_external_data(model: ir.Model, path: str | os.PathLike[str], location: str) -> None:
-    """Write ``model`` to ``path`` with its tensors in the file ``location`` (relative to
-    ``path``'s folder); each tensor is streamed to that file by ONNX IR."""
-    ir.save(model, path, external_data=location)
+    """Write ``model`` to ``path`` with its initializers of 1 KiB or more in the file ``location``
+    (relative to ``path``'s folder); each tensor is streamed to that file by ONNX IR. Tensors in
+    node attributes stay in ``path``: torch's exporter lifts constants to initializers."""
+    ir.save(model, path, external_data=location, size_threshold_bytes=1024)
 
 
 def release_weights(model: ir.Model) -> None:

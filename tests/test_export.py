@@ -93,3 +93,34 @@ def test_ctrl_c_during_garbage_collection_is_not_lost():
     finally:
         gc.callbacks.remove(send_sigint)
     assert interrupt_sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class InterruptedAfter(bnfold.progress.Progress):
+    """Ctrl-C as a step finishes, after its work (here: writing the temporary file) is done."""
+
+    def __init__(self, step: str) -> None:
+        self.step, self.current = step, ""
+
+    def start(self, step: str) -> None:
+        self.current = step
+
+    def finish(self) -> None:
+        if self.current == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("step", ["Exporting to ONNX", "Verifying in ONNX Runtime"])
+def test_an_interrupt_after_the_file_is_staged_leaves_nothing(tmp_path, step):
+    with pytest.raises(KeyboardInterrupt):
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", progress=InterruptedAfter(step))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_exporters_graph_lets_go_of_the_weights_when_export_fails(tmp_path, monkeypatch):
+    """onnxscript keeps the last graph it rewrote alive: its weights are dropped even on errors."""
+    export_module = importlib.import_module("bnfold.export")
+    released = []
+    monkeypatch.setattr(export_module, "release_weights", lambda m: released.append(len(m.graph.initializers)))
+    with pytest.raises(bnfold.errors.UsageError, match="--labels"):
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", labels=["only one"])
+    assert released and released[0] > 0 and list(tmp_path.iterdir()) == []

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import tracemalloc
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from helpers import randomize_batchnorms
@@ -43,6 +45,43 @@ class CountingSink(io.RawIOBase):
         return len(data)
 
 
+def top_level_fields(data: bytes) -> list[int]:
+    """Field numbers of a serialized protobuf message's top-level fields, in file order."""
+
+    def varint(pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            value |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                return value, pos
+
+    fields, pos = [], 0
+    while pos < len(data):
+        tag, pos = varint(pos)
+        wire = tag & 7
+        if wire == 0:
+            _, pos = varint(pos)
+        elif wire == 2:
+            length, pos = varint(pos)
+            pos += length
+        else:
+            pos += {1: 8, 5: 4}[wire]
+        fields.append(tag >> 3)
+    assert pos == len(data)
+    return fields
+
+
+def test_the_file_is_one_model_with_one_graph_field(conv_model, tmp_path):
+    """Readers that keep only the last copy of a field (Netron, some JavaScript decoders) must see
+    the whole graph: the graph is written once, not as messages to be merged."""
+    path = tmp_path / "m.onnx"
+    with open(path, "wb") as fh:
+        write_model(conv_model, fh)
+    assert top_level_fields(path.read_bytes()).count(onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number) == 1
+
+
 def test_the_file_reads_back_as_the_whole_model(conv_model, tmp_path):
     path = tmp_path / "m.onnx"
     with open(path, "wb") as fh:
@@ -66,6 +105,18 @@ def test_the_model_is_left_as_it_was(conv_model):
     after = dict(conv_model.graph.initializers)
     assert list(after) == list(before) and all(after[k] is v for k, v in before.items())
     assert all(v.graph is conv_model.graph for v in after.values())
+
+
+def test_tensor_bytes_counts_initializers_and_constant_attributes():
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    constant = onnx.helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(8, np.float64)))
+    graph = onnx.helper.make_graph(
+        [constant, onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
+    assert tensor_bytes(model) == 4 * 4 * 4 + 8 * 8
 
 
 def test_only_one_tensor_is_serialized_at_a_time():
