@@ -69,7 +69,7 @@ def child(mode: str, folder: str) -> None:
 MODES = ("bare", "bnfold", "bnfold-no-verify")
 
 
-def main(rounds: int = 3) -> None:
+def main(rounds: int = 5) -> None:
     """``rounds`` rounds of every step, interleaved, each in a fresh process; medians reported."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
