@@ -9,7 +9,7 @@ import io
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,15 @@ def _output_shape(spec: TensorSpec, batch: int) -> tuple[int, ...] | None:
     if not spec.shape or any(not isinstance(d, int) for d in spec.shape[1:]):
         return None
     return (batch if not isinstance(spec.shape[0], int) else spec.shape[0], *spec.shape[1:])
+
+
+def _with_last_row_repeated(x: Any, times: int) -> Any:
+    """``x`` (a numpy array or a torch tensor) with its last row repeated ``times`` more times."""
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x, np.repeat(x[-1:], times, axis=0)])
+    import torch
+
+    return torch.cat([x, x[-1:].expand(times, *x.shape[1:])])
 
 
 def session_options(optimize: bool = True, threads: int | None = None, spin_wait: bool = True) -> ort.SessionOptions:
@@ -260,13 +269,24 @@ class Predictor:
             raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
         return feeds
 
-    def _run_chunk(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _chunked(self, feeds: dict[str, Any], run: Callable[[dict[str, Any]], list[Any]], join: Callable[[list[Any]], Any]) -> list[Any]:
+        """``run`` on ``feeds`` (numpy arrays or torch tensors) in chunks of the batch size; a
+        static batch axis takes every chunk at exactly its size, the last one padded with copies
+        of its last row whose outputs are dropped. Each output's chunks are joined with ``join``."""
+        chunk = self.static_batch or self.batch_size
         n = next(iter(feeds.values())).shape[0]
-        pad = (self.static_batch - n) if self.static_batch and n < self.static_batch else 0
-        if pad:  # a static batch axis: pad with copies of the last row, drop their outputs
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
-        outs = self._session_run(feeds)
-        return [o[:n] for o in outs] if pad else outs
+        if chunk is None or (n <= chunk and not self.static_batch):
+            return run(feeds)
+        parts = []
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            part = {k: v[start : start + rows] for k, v in feeds.items()}
+            pad = self.static_batch - rows if self.static_batch else 0
+            if pad:
+                part = {k: _with_last_row_repeated(v, pad) for k, v in part.items()}
+            outs = run(part)
+            parts.append([o[:rows] for o in outs] if pad else outs)
+        return [join([p[j] for p in parts]) for j in range(len(self.outputs))]
 
     def _session_run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -277,14 +297,7 @@ class Predictor:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run checked feeds, split into chunks of the batch size; outputs in model order."""
-        chunk = self.static_batch or self.batch_size
-        if chunk is None:
-            return self._session_run(feeds)
-        n = next(iter(feeds.values())).shape[0]
-        if n <= chunk and not self.static_batch:
-            return self._session_run(feeds)
-        parts = [self._run_chunk({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
+        return self._chunked(feeds, self._session_run, np.concatenate)
 
     def predict(self, x: Any, *, as_torch: bool = False) -> Any:
         """Numpy in, numpy out for one input and one output; a dict of name -> array otherwise.
@@ -339,7 +352,16 @@ class Predictor:
         sizes = {t.shape[0] for t in tensors.values()}
         if len(sizes) != 1:
             raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
-        n = sizes.pop()
+        return self._chunked(tensors, lambda part: self._run_bound(part, as_torch), torch.cat if as_torch else np.concatenate)
+
+    def _run_bound(self, tensors: dict[str, Any], as_torch: bool) -> list[Any]:
+        """One ONNX Runtime run on CUDA tensors through I/O binding: inputs read in place;
+        outputs written in place into new CUDA tensors (``as_torch``) or copied to numpy."""
+        import torch
+
+        specs = {s.name: s for s in self.inputs}
+        device = torch.device("cuda", self.device_id)
+        n = next(iter(tensors.values())).shape[0]
         binding = self._session.io_binding()  # one binding per call: thread-safe
         for name, t in tensors.items():
             binding.bind_input(name, "cuda", self.device_id, specs[name].dtype, tuple(t.shape), t.data_ptr())

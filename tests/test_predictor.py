@@ -137,6 +137,29 @@ def test_static_batch_axis_is_padded_and_split(tmp_path):
     np.testing.assert_allclose(p.predict(x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("static_batch", [True, False], ids=["static-batch", "batch_size"])
+def test_torch_tensors_are_chunked_and_padded_like_arrays(tmp_path, static_batch):
+    """The chunking the CUDA I/O-binding path uses, on torch tensors: every run gets the static
+    batch (the last chunk padded) or at most batch_size rows; outputs joined in order."""
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    example = random_input(4 if static_batch else 1, 3, 6, 6)
+    path = bnfold.export(model, (example,), tmp_path / "m.onnx", dynamic_batch=not static_batch).path
+    p = Predictor(path, device="cpu", batch_size=None if static_batch else 3)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((10, 3, 6, 6)).astype(np.float32))
+    rows: list[int] = []
+
+    def run(part):
+        (t,) = part.values()
+        assert isinstance(t, torch.Tensor)
+        rows.append(t.shape[0])
+        return [torch.from_numpy(o) for o in p.run({p.inputs[0].name: t.numpy()})]
+
+    (out,) = p._chunked({p.inputs[0].name: x}, run, torch.cat)
+    assert rows == ([4, 4, 4] if static_batch else [3, 3, 3, 1])
+    with torch.no_grad():
+        np.testing.assert_allclose(out.numpy(), model.eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("spin_wait, optimize", [(True, True), (False, False)])
 def test_session_options_follow_spin_wait_and_optimize(single, monkeypatch, spin_wait, optimize):
     created: list[ort.SessionOptions] = []

@@ -49,6 +49,19 @@ def test_torch_cuda_tensors_in_and_out_with_io_binding(model_path):
     np.testing.assert_allclose(out.cpu().numpy(), cpu, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("as_torch", [True, False])
+def test_torch_cuda_tensors_are_split_by_batch_size(model_path, as_torch):
+    predictor = cuda_predictor(model_path, batch_size=4)
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA: CUDA tensors cannot be made")
+    x = torch.randn(11, 3, 8, 8, device="cuda")
+    out = predictor.predict(x, as_torch=as_torch)
+    got = out.cpu().numpy() if as_torch else out
+    assert (out.is_cuda if as_torch else isinstance(out, np.ndarray)) and got.shape == (11, 10)
+    cpu = bnfold.Predictor(model_path, device="cpu").predict(x.cpu().numpy())
+    np.testing.assert_allclose(got, cpu, rtol=1e-4, atol=1e-4)
+
+
 def test_fp16_model_on_cuda(tmp_path):
     model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
     path = bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "h.onnx", fp16=True).path
