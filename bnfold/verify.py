@@ -8,12 +8,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
+from .onnx_scan import initializer_data_types
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
@@ -136,13 +138,10 @@ def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tens
 
 
 def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:
-    import onnx
-
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
+        return onnx.TensorProto.FLOAT16 in initializer_data_types(path)
+    except (OSError, ValueError):
         return False  # the Predictor reports unreadable files
-    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
 def float64_copy(module: nn.Module) -> nn.Module:

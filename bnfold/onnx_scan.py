@@ -1,0 +1,68 @@
+"""Facts read from an ``.onnx`` file's protobuf wire format without loading its tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import IO
+
+import onnx
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_DATA_TYPE = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(fh: IO[bytes]) -> int:
+    value = shift = 0
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            raise ValueError("truncated protobuf varint")
+        value |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if byte[0] < 0x80:
+            return value
+        if shift > 63:
+            raise ValueError("protobuf varint longer than 64 bits")
+
+
+def _fields(fh: IO[bytes], end: int) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(field number, wire type, value)`` up to offset ``end``: the value of a varint,
+    the payload's end offset for a length-delimited field (the caller reads or skips to it)."""
+    while fh.tell() < end:
+        tag = _varint(fh)
+        field, wire = tag >> 3, tag & 7
+        if wire == _VARINT:
+            yield field, wire, _varint(fh)
+        elif wire == _LENGTH_DELIMITED:
+            stop = _varint(fh) + fh.tell()
+            if stop > end:
+                raise ValueError("protobuf field runs past its message")
+            yield field, wire, stop
+            fh.seek(stop)
+        elif wire in (_FIXED64, _FIXED32):
+            fh.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
+            yield field, wire, 0
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    if fh.tell() != end:
+        raise ValueError("protobuf message ends mid-field")
+
+
+def initializer_data_types(path: str | os.PathLike[str]) -> set[int]:
+    """The ``TensorProto`` data types of the main graph's initializers, read by seeking past the
+    tensor bytes (memory does not grow with the model). A malformed file is a ``ValueError``."""
+    types: set[int] = set()
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(0)
+        for field, wire, graph_end in _fields(fh, size):
+            if field != _GRAPH or wire != _LENGTH_DELIMITED:
+                continue
+            for g_field, g_wire, tensor_end in _fields(fh, graph_end):
+                if g_field != _INITIALIZER or g_wire != _LENGTH_DELIMITED:
+                    continue
+                types.update(value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == _DATA_TYPE and t_wire == _VARINT)
+    return types
