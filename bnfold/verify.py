@@ -177,7 +177,7 @@ def verify(
     and allows the original's own error on top of the tolerance.
     """
     ref_dtype = module_dtype(module)
-    if rtol is None or atol is None:  # reading the whole file for its weight types only when needed
+    if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
         low_precision = ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path)
         rtol, atol = default_tolerances(low_precision, rtol, atol)
     if rtol < 0 or atol < 0:
@@ -206,7 +206,7 @@ def verify(
     device = module_device(module)
     for step, (feeds, counted) in enumerate(batches):
         # PyTorch first, then ONNX Runtime: PyTorch's activations are freed before ORT runs, so
-        # ORT's reuse that memory instead of adding to the peak.
+        # ORT reuses that memory instead of adding to the peak.
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(device) for s in specs]
         ref = _reference(module, [t.to(ref_dtype) for t in tensors])
         ref64 = _reference(module64, [t.double() for t in tensors]) if module64 is not None else None
