@@ -11,7 +11,7 @@ import onnx
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _DATA_TYPE = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 
 
 def _varint(fh: IO[bytes]) -> int:
@@ -30,10 +30,13 @@ def _varint(fh: IO[bytes]) -> int:
 
 def _fields(fh: IO[bytes], end: int) -> Iterator[tuple[int, int, int]]:
     """Yield ``(field number, wire type, value)`` up to offset ``end``: the value of a varint,
-    the payload's end offset for a length-delimited field (the caller reads or skips to it)."""
+    the payload's end offset for a length-delimited field (the caller reads or skips to it).
+    Fixed-size fields and (deprecated) groups are skipped."""
     while fh.tell() < end:
         tag = _varint(fh)
         field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise ValueError("protobuf field number 0")
         if wire == _VARINT:
             yield field, wire, _varint(fh)
         elif wire == _LENGTH_DELIMITED:
@@ -44,11 +47,40 @@ def _fields(fh: IO[bytes], end: int) -> Iterator[tuple[int, int, int]]:
             fh.seek(stop)
         elif wire in (_FIXED64, _FIXED32):
             fh.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
-            yield field, wire, 0
+        elif wire == _START_GROUP:
+            _skip_group(fh, field, end)
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise ValueError(f"unexpected protobuf wire type {wire}")
     if fh.tell() != end:
         raise ValueError("protobuf message ends mid-field")
+
+
+def _skip_group(fh: IO[bytes], field: int, end: int) -> None:
+    """Skip a group's fields up to its end-group tag (nested groups included)."""
+    depth = [field]
+    while depth:
+        if fh.tell() >= end:
+            raise ValueError("protobuf group runs past its message")
+        tag = _varint(fh)
+        number, wire = tag >> 3, tag & 7
+        if wire == _VARINT:
+            _varint(fh)
+        elif wire == _LENGTH_DELIMITED:
+            fh.seek(_varint(fh), os.SEEK_CUR)
+        elif wire in (_FIXED64, _FIXED32):
+            fh.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
+        elif wire == _START_GROUP:
+            depth.append(number)
+        elif wire == _END_GROUP and number == depth[-1]:
+            depth.pop()
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in a group")
+
+
+def _int32(value: int) -> int:
+    """A varint read as protobuf reads an ``int32`` field (low 32 bits, two's complement)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def initializer_data_types(path: str | os.PathLike[str]) -> set[int]:
@@ -64,5 +96,8 @@ def initializer_data_types(path: str | os.PathLike[str]) -> set[int]:
             for g_field, g_wire, tensor_end in _fields(fh, graph_end):
                 if g_field != _INITIALIZER or g_wire != _LENGTH_DELIMITED:
                     continue
-                types.update(value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == _DATA_TYPE and t_wire == _VARINT)
+                # protobuf keeps the last value of a repeated singular field
+                data_types = [value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == _DATA_TYPE and t_wire == _VARINT]
+                if data_types:
+                    types.add(_int32(data_types[-1]))
     return types

@@ -3,6 +3,7 @@ holding a second serialized copy of its weights in memory."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import IO
 
@@ -56,15 +57,22 @@ def _field_header(field: int, length: int) -> bytes:
     return _varint(field << 3 | _LENGTH_DELIMITED) + _varint(length)
 
 
-def _model_and_graph_without_initializers(model: ir.Model) -> tuple[bytes, bytes]:
-    """The serialized model minus its graph, and its main graph minus the initializers (the model
-    is left as it was)."""
-    initializers = dict(model.graph.initializers)
-    model.graph.initializers.clear()
+def _model_and_graph_without_tensors(model: ir.Model) -> tuple[bytes, bytes]:
+    """The serialized model minus its graph, and its main graph minus the initializers' tensors
+    (their names, types and value_info stay), leaving the model as it was."""
+    values = list(model.graph.initializers.values())
+    tensors = [v.const_value for v in values]
+    serde_log = logging.getLogger(ir.serde.__name__)
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # it warns once per initializer without a tensor
     try:
+        for value in values:
+            value.const_value = None
         proto = ir.serde.serialize_model(model)
     finally:
-        model.graph.initializers.update(initializers)
+        serde_log.setLevel(level)
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
     graph = proto.graph.SerializeToString()
     proto.ClearField("graph")
     return proto.SerializeToString(), graph
@@ -83,11 +91,11 @@ def write_model(model: ir.Model, fh: IO[bytes]) -> None:
 
     The bytes are those of one ``ModelProto`` with one ``graph`` field, but the weights are
     serialized one tensor at a time: the graph's length is summed from each initializer's size
-    first, then the graph without its initializers is written, followed by each initializer. Writing
+    first, then the graph without the initializers' tensors is written, followed by each initializer. Writing
     needs memory for the largest tensor, not two copies of the whole model. The model must stay
     under protobuf's 2 GiB limit; see :func:`save_with_external_data` for larger ones.
     """
-    head, graph = _model_and_graph_without_initializers(model)
+    head, graph = _model_and_graph_without_tensors(model)
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     sizes = [len(_initializer(v)) for v in values]  # one tensor at a time, dropped at once
     graph_length = len(graph) + sum(len(_field_header(_INITIALIZER_FIELD, n)) + n for n in sizes)

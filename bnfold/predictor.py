@@ -277,6 +277,8 @@ class Predictor:
         n = next(iter(feeds.values())).shape[0]
         if chunk is None or (n <= chunk and not self.static_batch):
             return run(feeds)
+        if n == 0:
+            raise UsageError(f"empty input (0 rows): this model takes batches of {self.static_batch}")
         parts = []
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
@@ -286,6 +288,8 @@ class Predictor:
                 part = {k: _with_last_row_repeated(v, pad) for k, v in part.items()}
             outs = run(part)
             parts.append([o[:rows] for o in outs] if pad else outs)
+        if len(parts) == 1:
+            return parts[0]
         return [join([p[j] for p in parts]) for j in range(len(self.outputs))]
 
     def _session_run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -69,3 +69,35 @@ def test_damaged_files_are_a_value_error(tmp_path, damage):
     path.write_bytes(data)
     with pytest.raises(ValueError):
         initializer_data_types(path)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value >> 7 else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _model_with_tensor_bytes(tensor: bytes) -> bytes:
+    """A ModelProto whose graph holds one initializer given as raw TensorProto bytes."""
+    graph = b"\x2a" + _varint(len(tensor)) + tensor  # GraphProto.initializer = 5
+    return b"\x3a" + _varint(len(graph)) + graph  # ModelProto.graph = 7
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["group before the graph", "data_type given twice", "data_type over 32 bits"],
+)
+def test_unusual_but_valid_encodings_read_as_protobuf_reads_them(tmp_path, case):
+    half = onnx.numpy_helper.from_array(np.ones(4, np.float16), "w").SerializeToString()
+    group = _varint(99 << 3 | 3) + _varint(1 << 3) + _varint(5) + _varint(99 << 3 | 4)  # field 99, a group
+    data = {
+        "group before the graph": group + _model_with_tensor_bytes(half),
+        "data_type given twice": _model_with_tensor_bytes(half + b"\x10\x01"),  # float16, then float: float
+        "data_type over 32 bits": _model_with_tensor_bytes(half + b"\x10" + _varint(onnx.TensorProto.FLOAT16 + (1 << 32))),
+    }[case]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    assert initializer_data_types(path) == loaded_types(path)

@@ -88,15 +88,8 @@ def test_the_file_reads_back_as_the_whole_model(conv_model, tmp_path):
         write_model(conv_model, fh)
     written, whole = onnx.load(str(path)), ir.serde.serialize_model(conv_model)
     onnx.checker.check_model(written, full_check=True)
-    assert len(written.graph.initializer) == 4
-    assert list(written.graph.initializer) == list(whole.graph.initializer)  # names, types, bytes, order
-    for field in ("node", "input", "output"):
-        assert list(getattr(written.graph, field)) == list(getattr(whole.graph, field)), field
-    assert list(written.opset_import) == list(whole.opset_import)
-    assert list(written.metadata_props) == list(whole.metadata_props)
-    # the only difference: no redundant value_info entries for initializers (they carry their own type)
-    names = {t.name for t in whole.graph.initializer}
-    assert list(written.graph.value_info) == [v for v in whole.graph.value_info if v.name not in names]
+    assert len(written.graph.initializer) == 4 and len(written.graph.value_info) > 0
+    assert written == whole  # every field: initializers (bytes, order), nodes, value_info, metadata
 
 
 def test_the_model_is_left_as_it_was(conv_model):
@@ -104,7 +97,7 @@ def test_the_model_is_left_as_it_was(conv_model):
     write_model(conv_model, CountingSink())
     after = dict(conv_model.graph.initializers)
     assert list(after) == list(before) and all(after[k] is v for k, v in before.items())
-    assert all(v.graph is conv_model.graph for v in after.values())
+    assert all(v.graph is conv_model.graph and v.const_value is not None for v in after.values())
 
 
 def test_tensor_bytes_counts_initializers_and_constant_attributes():

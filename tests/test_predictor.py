@@ -135,6 +135,9 @@ def test_static_batch_axis_is_padded_and_split(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(p.predict(x), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p.predict(x[:3]), expected[:3], rtol=1e-4, atol=1e-5)  # one padded chunk
+    with pytest.raises(bnfold.errors.UsageError, match="empty input"):
+        p.predict(x[:0])
 
 
 @pytest.mark.parametrize("static_batch", [True, False], ids=["static-batch", "batch_size"])
