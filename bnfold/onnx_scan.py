@@ -6,26 +6,18 @@ import os
 from collections.abc import Iterator
 from typing import IO
 
-import onnx
-
-_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_DATA_TYPE = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
-
-
-def _varint(fh: IO[bytes]) -> int:
-    value = shift = 0
-    while True:
-        byte = fh.read(1)
-        if not byte:
-            raise ValueError("truncated protobuf varint")
-        value |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if byte[0] < 0x80:
-            return value
-        if shift > 63:
-            raise ValueError("protobuf varint longer than 64 bits")
+from .protobuf_wire import (
+    DATA_TYPE_FIELD,
+    END_GROUP,
+    FIXED32,
+    FIXED64,
+    GRAPH_FIELD,
+    INITIALIZER_FIELD,
+    LENGTH_DELIMITED,
+    START_GROUP,
+    VARINT,
+    read_varint,
+)
 
 
 def _fields(fh: IO[bytes], end: int) -> Iterator[tuple[int, int, int]]:
@@ -33,21 +25,21 @@ def _fields(fh: IO[bytes], end: int) -> Iterator[tuple[int, int, int]]:
     the payload's end offset for a length-delimited field (the caller reads or skips to it).
     Fixed-size fields and (deprecated) groups are skipped."""
     while fh.tell() < end:
-        tag = _varint(fh)
+        tag = read_varint(fh)
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise ValueError("protobuf field number 0")
-        if wire == _VARINT:
-            yield field, wire, _varint(fh)
-        elif wire == _LENGTH_DELIMITED:
-            stop = _varint(fh) + fh.tell()
+        if wire == VARINT:
+            yield field, wire, read_varint(fh)
+        elif wire == LENGTH_DELIMITED:
+            stop = read_varint(fh) + fh.tell()
             if stop > end:
                 raise ValueError("protobuf field runs past its message")
             yield field, wire, stop
             fh.seek(stop)
-        elif wire in (_FIXED64, _FIXED32):
-            fh.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
-        elif wire == _START_GROUP:
+        elif wire in (FIXED64, FIXED32):
+            fh.seek(8 if wire == FIXED64 else 4, os.SEEK_CUR)
+        elif wire == START_GROUP:
             _skip_group(fh, field, end)
         else:
             raise ValueError(f"unexpected protobuf wire type {wire}")
@@ -61,17 +53,17 @@ def _skip_group(fh: IO[bytes], field: int, end: int) -> None:
     while depth:
         if fh.tell() >= end:
             raise ValueError("protobuf group runs past its message")
-        tag = _varint(fh)
+        tag = read_varint(fh)
         number, wire = tag >> 3, tag & 7
-        if wire == _VARINT:
-            _varint(fh)
-        elif wire == _LENGTH_DELIMITED:
-            fh.seek(_varint(fh), os.SEEK_CUR)
-        elif wire in (_FIXED64, _FIXED32):
-            fh.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
-        elif wire == _START_GROUP:
+        if wire == VARINT:
+            read_varint(fh)
+        elif wire == LENGTH_DELIMITED:
+            fh.seek(read_varint(fh), os.SEEK_CUR)
+        elif wire in (FIXED64, FIXED32):
+            fh.seek(8 if wire == FIXED64 else 4, os.SEEK_CUR)
+        elif wire == START_GROUP:
             depth.append(number)
-        elif wire == _END_GROUP and number == depth[-1]:
+        elif wire == END_GROUP and number == depth[-1]:
             depth.pop()
         else:
             raise ValueError(f"unexpected protobuf wire type {wire} in a group")
@@ -91,13 +83,13 @@ def initializer_data_types(path: str | os.PathLike[str]) -> set[int]:
         size = fh.seek(0, os.SEEK_END)
         fh.seek(0)
         for field, wire, graph_end in _fields(fh, size):
-            if field != _GRAPH or wire != _LENGTH_DELIMITED:
+            if field != GRAPH_FIELD or wire != LENGTH_DELIMITED:
                 continue
             for g_field, g_wire, tensor_end in _fields(fh, graph_end):
-                if g_field != _INITIALIZER or g_wire != _LENGTH_DELIMITED:
+                if g_field != INITIALIZER_FIELD or g_wire != LENGTH_DELIMITED:
                     continue
                 # protobuf keeps the last value of a repeated singular field
-                data_types = [value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == _DATA_TYPE and t_wire == _VARINT]
+                data_types = [value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == DATA_TYPE_FIELD and t_wire == VARINT]
                 if data_types:
                     types.add(_int32(data_types[-1]))
     return types

@@ -10,6 +10,8 @@ from typing import IO
 import onnx
 from onnxscript import ir
 
+from .protobuf_wire import GRAPH_FIELD, INITIALIZER_FIELD, field_header
+
 
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes of the model's tensors: initializers of every graph and tensors stored in node
@@ -35,26 +37,6 @@ def onnx_opset(model: ir.Model) -> int:
     """The model's opset version for the default ONNX domain."""
     imports = model.opset_imports
     return imports[""] if "" in imports else imports["ai.onnx"]
-
-
-_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_LENGTH_DELIMITED = 2  # protobuf wire type of embedded messages
-
-
-def _varint(value: int) -> bytes:
-    """``value`` as a protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field_header(field: int, length: int) -> bytes:
-    """Tag and length of a length-delimited protobuf field."""
-    return _varint(field << 3 | _LENGTH_DELIMITED) + _varint(length)
 
 
 def _model_and_graph_without_tensors(model: ir.Model) -> tuple[bytes, bytes]:
@@ -98,15 +80,15 @@ def write_model(model: ir.Model, fh: IO[bytes]) -> None:
     head, graph = _model_and_graph_without_tensors(model)
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     sizes = [len(_initializer(v)) for v in values]  # one tensor at a time, dropped at once
-    graph_length = len(graph) + sum(len(_field_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    graph_length = len(graph) + sum(len(field_header(INITIALIZER_FIELD, n)) + n for n in sizes)
     fh.write(head)
-    fh.write(_field_header(_GRAPH_FIELD, graph_length))
+    fh.write(field_header(GRAPH_FIELD, graph_length))
     fh.write(graph)
     for value, size in zip(values, sizes):
         piece = _initializer(value)
         if len(piece) != size:
             raise ValueError(f"initializer {value.name!r} changed size while the model was written")
-        fh.write(_field_header(_INITIALIZER_FIELD, size))
+        fh.write(field_header(INITIALIZER_FIELD, size))
         fh.write(piece)
 
 

@@ -14,6 +14,17 @@ from torch import nn
 
 import bnfold
 from bnfold.onnx_scan import initializer_data_types
+from bnfold.protobuf_wire import (
+    DATA_TYPE_FIELD,
+    END_GROUP,
+    GRAPH_FIELD,
+    INITIALIZER_FIELD,
+    START_GROUP,
+    VARINT,
+    encode_varint,
+    field_header,
+    tag,
+)
 
 
 def loaded_types(path) -> set[int]:
@@ -71,19 +82,10 @@ def test_damaged_files_are_a_value_error(tmp_path, damage):
         initializer_data_types(path)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value >> 7 else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
 def _model_with_tensor_bytes(tensor: bytes) -> bytes:
     """A ModelProto whose graph holds one initializer given as raw TensorProto bytes."""
-    graph = b"\x2a" + _varint(len(tensor)) + tensor  # GraphProto.initializer = 5
-    return b"\x3a" + _varint(len(graph)) + graph  # ModelProto.graph = 7
+    graph = field_header(INITIALIZER_FIELD, len(tensor)) + tensor
+    return field_header(GRAPH_FIELD, len(graph)) + graph
 
 
 @pytest.mark.parametrize(
@@ -92,11 +94,11 @@ def _model_with_tensor_bytes(tensor: bytes) -> bytes:
 )
 def test_unusual_but_valid_encodings_read_as_protobuf_reads_them(tmp_path, case):
     half = onnx.numpy_helper.from_array(np.ones(4, np.float16), "w").SerializeToString()
-    group = _varint(99 << 3 | 3) + _varint(1 << 3) + _varint(5) + _varint(99 << 3 | 4)  # field 99, a group
+    group = tag(99, START_GROUP) + tag(1, VARINT) + encode_varint(5) + tag(99, END_GROUP)  # field 99: a group
     data = {
         "group before the graph": group + _model_with_tensor_bytes(half),
-        "data_type given twice": _model_with_tensor_bytes(half + b"\x10\x01"),  # float16, then float: float
-        "data_type over 32 bits": _model_with_tensor_bytes(half + b"\x10" + _varint(onnx.TensorProto.FLOAT16 + (1 << 32))),
+        "data_type given twice": _model_with_tensor_bytes(half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT)),  # float16, then float
+        "data_type over 32 bits": _model_with_tensor_bytes(half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT16 + (1 << 32))),
     }[case]
     path = tmp_path / "m.onnx"
     path.write_bytes(data)
