@@ -54,8 +54,14 @@ def child(mode: str, folder: str) -> None:
         model = resnet50().eval()
         inputs = (torch.randn(2, 3, 224, 224),)  # batch 2: torch.export specialises a batch of 1
         t0 = time.perf_counter()  # the bare call alone
-        torch.onnx.export(model, inputs, str(Path(folder) / "bare.onnx"), dynamo=True, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))  # fmt: skip
+        torch.onnx.export(
+            model,
+            inputs,
+            str(Path(folder) / "bare.onnx"),
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        )
     else:
         import bnfold
 
@@ -63,7 +69,9 @@ def child(mode: str, folder: str) -> None:
         bnfold.export(loaded.module, loaded.example_inputs(), Path(folder) / "bnfold.onnx", verify=mode == "bnfold")
     seconds = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
-    print(json.dumps({"mode": mode, "seconds": seconds, "before_mb": before, "peak_mb": peak, "added_mb": peak - before}))
+    print(
+        json.dumps({"mode": mode, "seconds": seconds, "before_mb": before, "peak_mb": peak, "added_mb": peak - before})
+    )
 
 
 MODES = ("bare", "bnfold", "bnfold-no-verify")
@@ -75,17 +83,23 @@ def main(rounds: int = 7) -> None:
     this machine's speed drifts by tens of percent over minutes."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-
     from models import resnet50
 
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as folder:
-        torch.save({"state_dict": resnet50().state_dict(), "input_shape": [1, 3, 224, 224]}, Path(folder) / "resnet50.pt")
+        torch.save(
+            {"state_dict": resnet50().state_dict(), "input_shape": [1, 3, 224, 224]}, Path(folder) / "resnet50.pt"
+        )
         for _ in range(rounds):
             for mode in MODES:
-                out = subprocess.run([sys.executable, __file__, mode, folder], capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, mode, folder], capture_output=True, text=True, check=True
+                )
                 runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "before_mb", "peak_mb", "added_mb")} for mode, rs in runs.items()}
+    med = {
+        mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "before_mb", "peak_mb", "added_mb")}
+        for mode, rs in runs.items()
+    }
     print(f"medians of {rounds} fresh-process runs per step, interleaved")
     print("| step | seconds | RSS before (MB) | peak RSS (MB) | peak RSS added by the step (MB) |")
     print("|---|---|---|---|---|")
@@ -93,10 +107,12 @@ def main(rounds: int = 7) -> None:
         print(f"| {mode} | {r['seconds']:.1f} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | {r['added_mb']:.0f} |")
     ratios = [ours["seconds"] / bare["seconds"] for bare, ours in zip(runs["bare"], runs["bnfold"])]
     bare, ours = med["bare"], med["bnfold"]
-    print(f"time ratio bnfold/bare: median of the per-round ratios {statistics.median(ratios):.2f} "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; ratio of the medians "
-          f"{ours['seconds'] / bare['seconds']:.2f}) (target <= 1.5); "
-          f"peak-memory ratio: {ours['added_mb'] / bare['added_mb']:.2f} (target <= 2)")  # fmt: skip
+    print(
+        f"time ratio bnfold/bare: median of the per-round ratios {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; ratio of the medians "
+        f"{ours['seconds'] / bare['seconds']:.2f}) (target <= 1.5); "
+        f"peak-memory ratio: {ours['added_mb'] / bare['added_mb']:.2f} (target <= 2)"
+    )
 
 
 if __name__ == "__main__":

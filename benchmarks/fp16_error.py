@@ -30,11 +30,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bnfold  # noqa: E402
-from bnfold.export import output_count, to_onnx  # noqa: E402
-from bnfold.fold.capture import capture  # noqa: E402
-from bnfold.fold.precision import to_float16, with_float32_io  # noqa: E402
-from bnfold.modes import run_eval  # noqa: E402
+import bnfold
+from bnfold.export import output_count, to_onnx
+from bnfold.fold.capture import capture
+from bnfold.fold.precision import to_float16, with_float32_io
+from bnfold.modes import run_eval
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -56,10 +56,16 @@ def synthetic() -> tuple[nn.Module, np.ndarray]:
     """A conv stack whose batch-norms have running variances down to 1e-4 and large gammas."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    )  # fmt: skip
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 10, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     with torch.no_grad():
         for bn in (model[1], model[4]):
             bn.running_var.copy_(10 ** torch.empty(32).uniform_(-4, 0))

@@ -4,6 +4,8 @@ torchvision is not a dependency)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -31,7 +33,9 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
         out = width * 4
-        self.body = nn.Sequential(*_conv_bn(cin, width, 1), *_conv_bn(width, width, 3, stride), *_conv_bn(width, out, 1, act=False))
+        self.body = nn.Sequential(
+            *_conv_bn(cin, width, 1), *_conv_bn(width, width, 3, stride), *_conv_bn(width, out, 1, act=False)
+        )
         self.down = None if stride == 1 and cin == out else nn.Sequential(*_conv_bn(cin, out, 1, stride, act=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +63,16 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
         hidden = cin * expand
-        layers = [] if expand == 1 else [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers = (
+            []
+            if expand == 1
+            else [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        )
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+        ]
         layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
@@ -70,7 +82,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS: ClassVar[list[tuple[int, int, int, int]]] = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bnfold  # noqa: E402
-from models import resnet50  # noqa: E402
+from models import resnet50
+
+import bnfold
 
 # (batch, repeats) per model: enough repeats for a stable median within a few minutes on 2 cores.
 PLAN = {"shapes_resnet": [(1, 1000), (64, 100)], "resnet50 (224x224)": [(1, 40), (64, 11)]}
@@ -39,7 +40,7 @@ def measure(predictor: bnfold.Predictor, x: np.ndarray, repeats: int) -> tuple[f
         predictor.session.run(None, feeds)
     raw, wrapped = [], []
     for i in range(repeats):
-        for which in ((0, 1) if i % 2 else (1, 0)):  # alternate the order
+        for which in (0, 1) if i % 2 else (1, 0):  # alternate the order
             t0 = time.perf_counter()
             if which:
                 predictor.predict(x)
@@ -57,8 +58,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sample = bnfold.load_model(ROOT / "sample_models" / "shapes_resnet" / "model.pt2")
         paths = {
-            "shapes_resnet": bnfold.export(sample.module, sample.example_inputs(), Path(tmp) / "s.onnx", verify=False).path,
-            "resnet50 (224x224)": bnfold.export(resnet50(), (torch.randn(1, 3, 224, 224),), Path(tmp) / "r.onnx", verify=False).path,
+            "shapes_resnet": bnfold.export(
+                sample.module, sample.example_inputs(), Path(tmp) / "s.onnx", verify=False
+            ).path,
+            "resnet50 (224x224)": bnfold.export(
+                resnet50(), (torch.randn(1, 3, 224, 224),), Path(tmp) / "r.onnx", verify=False
+            ).path,
         }
         for name, path in paths.items():
             predictor = bnfold.Predictor(path, device="cpu")

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bnfold  # noqa: E402
-from bnfold.bench import EAGER_FLOOR, EAGER_FOLDED, EAGER_ORIGINAL, ORT_BNFOLD, ORT_BNFOLD_NOOPT, ORT_PLAIN, bench  # noqa: E402
-from models import MODELS  # noqa: E402
+from models import MODELS
+
+import bnfold
+from bnfold.bench import EAGER_FLOOR, EAGER_FOLDED, EAGER_ORIGINAL, ORT_BNFOLD, ORT_BNFOLD_NOOPT, ORT_PLAIN, bench
 
 
 def cases(quick: bool):
@@ -37,7 +38,9 @@ def main() -> None:
     quick = "--quick" in sys.argv
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in ms; batch 1 / batch 8")
-    print("| model | eager original | eager folded | BN-free floor | folded/floor | folded/original | ORT plain (opt) | ORT bnfold (opt) | ORT bnfold (no opt) | bnfold no-opt / plain opt |")
+    print(
+        "| model | eager original | eager folded | BN-free floor | folded/floor | folded/original | ORT plain (opt) | ORT bnfold (opt) | ORT bnfold (no opt) | bnfold no-opt / plain opt |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, module, example in cases(quick):
         report = bench(module, example, name=name, batch_sizes=(1, 8), repeats=5 if quick else 15)

@@ -6,7 +6,7 @@ Public API: :func:`load_model`, :func:`fold`, :func:`export`, :func:`verify`,
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     BnfoldError,
     ExportError,
     FoldError,
@@ -16,12 +16,12 @@ from .errors import (  # noqa: E402
     UsageError,
     VerificationError,
 )
-from .export import export  # noqa: E402
-from .fold import FoldResult, fold  # noqa: E402
-from .loading import LoadedModel, load_model, parse_shape  # noqa: E402
-from .predictor import CudaUnavailableWarning, Predictor  # noqa: E402
-from .recalibrate import recalibrate  # noqa: E402
-from .report import (  # noqa: E402
+from .export import export
+from .fold import FoldResult, fold
+from .loading import LoadedModel, load_model, parse_shape
+from .predictor import CudaUnavailableWarning, Predictor
+from .recalibrate import recalibrate
+from .report import (
     BatchNormEntry,
     ExportResult,
     FoldReport,
@@ -30,7 +30,7 @@ from .report import (  # noqa: E402
     RecalibrationReport,
     VerifyReport,
 )
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL, verify  # noqa: E402
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, verify
 
 __all__ = [
     "DEFAULT_ATOL",

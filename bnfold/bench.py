@@ -71,7 +71,9 @@ class BenchReport:
         lines.append("ratios:")
         for name, by_batch in self.ratios().items():
             lines.append(f"  {name:44s}" + "".join(f"{v:9.3f}" for v in by_batch.values()))
-        lines.append("session creation (ms): " + ", ".join(f"{k}: {v:.1f}" for k, v in self.session_creation_ms.items()))
+        lines.append(
+            "session creation (ms): " + ", ".join(f"{k}: {v:.1f}" for k, v in self.session_creation_ms.items())
+        )
         return "\n".join(lines)
 
 
@@ -128,15 +130,28 @@ def bench(
         # unfolded captured graph: what torch.onnx.export traces itself, and TorchScript works too.
         unfolded = capture(module, example_inputs)
         with quiet_torch():
-            torch.onnx.export(unfolded, inputs, str(plain_path), dynamo=True, verbose=False,
-                              dynamic_shapes=batch_dynamic_shapes(unfolded, inputs))  # fmt: skip
-        ir.save(to_onnx(folded, example_inputs, outputs=output_count(folded), dynamic_batch=True, opset=None), ours_path)
+            torch.onnx.export(
+                unfolded,
+                inputs,
+                str(plain_path),
+                dynamo=True,
+                verbose=False,
+                dynamic_shapes=batch_dynamic_shapes(unfolded, inputs),
+            )
+        ir.save(
+            to_onnx(folded, example_inputs, outputs=output_count(folded), dynamic_batch=True, opset=None), ours_path
+        )
         sessions = {
-            ORT_PLAIN: _session(plain_path, True), ORT_PLAIN_NOOPT: _session(plain_path, False),
-            ORT_BNFOLD: _session(ours_path, True), ORT_BNFOLD_NOOPT: _session(ours_path, False),
-        }  # fmt: skip
-        report.session_creation_ms = {"plain export": _creation_ms(plain_path, True), "bnfold": _creation_ms(ours_path, True),
-                                      "bnfold, opts disabled": _creation_ms(ours_path, False)}  # fmt: skip
+            ORT_PLAIN: _session(plain_path, True),
+            ORT_PLAIN_NOOPT: _session(plain_path, False),
+            ORT_BNFOLD: _session(ours_path, True),
+            ORT_BNFOLD_NOOPT: _session(ours_path, False),
+        }
+        report.session_creation_ms = {
+            "plain export": _creation_ms(plain_path, True),
+            "bnfold": _creation_ms(ours_path, True),
+            "bnfold, opts disabled": _creation_ms(ours_path, False),
+        }
         progress.finish()
         for batch in batch_sizes:
             progress.start(f"Timing batch {batch}")
@@ -148,7 +163,7 @@ def bench(
             samples: dict[str, list[float]] = {v: [] for v in runners}
             order = list(runners)
             for i in range(repeats):
-                for variant in order[i % len(order):] + order[: i % len(order)]:  # rotate the order
+                for variant in order[i % len(order) :] + order[: i % len(order)]:  # rotate the order
                     t0 = time.perf_counter()
                     runners[variant]()
                     samples[variant].append((time.perf_counter() - t0) * 1e3)
@@ -159,8 +174,13 @@ def bench(
     return report
 
 
-def _runners(module: nn.Module, folded: nn.Module, floor: nn.Module, sessions: dict[str, ort.InferenceSession],
-             xs: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], Any]]:  # fmt: skip
+def _runners(
+    module: nn.Module,
+    folded: nn.Module,
+    floor: nn.Module,
+    sessions: dict[str, ort.InferenceSession],
+    xs: tuple[torch.Tensor, ...],
+) -> dict[str, Callable[[], Any]]:
     def ort_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
         return {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
 

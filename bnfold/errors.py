@@ -15,7 +15,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT
 class BnfoldError(Exception):
     """Base class of every error bnfold raises for a problem the user can fix.
 
-    The message names the file, layer or option at fault and says what to do.
+    The message names the file, layer or parameter at fault and says what to do. The library
+    speaks Python: a parameter, or a call that would fix the problem, is written in backticks
+    (`` `rtol` must be non-negative``, ``pass `trust_pickle=True` ``); the CLI maps each such
+    name to its flag in one place (``bnfold.cli.flags``).
     """
 
     exit_code: int = EXIT_BAD_INPUT

@@ -49,7 +49,12 @@ def output_count(module: fx.GraphModule) -> int:
 
 
 def to_onnx(
-    module: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, outputs: int, dynamic_batch: bool, opset: int | None
+    module: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    outputs: int,
+    dynamic_batch: bool,
+    opset: int | None,
 ) -> ir.Model:
     """Translate a (folded) module with ``outputs`` outputs to ONNX (dynamo exporter), as the
     exporter's ONNX IR model: its initializers share memory with ``module``'s tensors."""
@@ -101,15 +106,17 @@ def _check_labels(model: ir.Model, labels: Sequence[str] | None) -> None:
 
 
 def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) -> None:
-    model.metadata_props.update({
-        **extra,
-        "bnfold_version": __version__,
-        "bnfold_fold_report": json.dumps(
-            {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
-        ),
-        "bnfold_input_names": json.dumps([v.name for v in model.graph.inputs]),
-        "bnfold_output_names": json.dumps([v.name for v in model.graph.outputs]),
-    })
+    model.metadata_props.update(
+        {
+            **extra,
+            "bnfold_version": __version__,
+            "bnfold_fold_report": json.dumps(
+                {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
+            ),
+            "bnfold_input_names": json.dumps([v.name for v in model.graph.inputs]),
+            "bnfold_output_names": json.dumps([v.name for v in model.graph.outputs]),
+        }
+    )
 
 
 def _dtype_hint(module: nn.Module) -> str:
@@ -119,7 +126,9 @@ def _dtype_hint(module: nn.Module) -> str:
     return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass --no-verify)"
 
 
-def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "-o") -> Path:
+def check_output_path(
+    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "-o"
+) -> Path:
     """The output path, checked: its folder exists and is writable, it is not the input, and it
     is a regular file if it exists (writing "onto" a device such as /dev/full would replace it)."""
     out = Path(path)
@@ -131,7 +140,9 @@ def check_output_path(path: str | os.PathLike[str], source: str | os.PathLike[st
     if out.is_dir():
         raise UsageError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
     if out.exists() and not out.is_file():
-        raise UsageError(f"output {out} exists and is not a regular file (a device, pipe or socket); choose another {option}")
+        raise UsageError(
+            f"output {out} exists and is not a regular file (a device, pipe or socket); choose another {option}"
+        )
     if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
         raise UsageError(f"output {out} is the input model file; choose another {option}")
     return out
@@ -205,7 +216,13 @@ class _Staged:
     def commit(self, source: str | os.PathLike[str] | None) -> None:
         """Move the verified model into place: the data file (if any) first, the ``.onnx`` last."""
         data = external_data_path(self.out)
-        if self.external and source is not None and data.exists() and Path(source).exists() and os.path.samefile(data, source):
+        if (
+            self.external
+            and source is not None
+            and data.exists()
+            and Path(source).exists()
+            and os.path.samefile(data, source)
+        ):
             raise UsageError(f"the external data file {data} would overwrite the input model; choose another -o")
         try:
             if self.external:
@@ -231,7 +248,10 @@ def collect_garbage() -> None:
     """``gc.collect()``, with Ctrl-C held until it is done: a ``KeyboardInterrupt`` raised inside
     a finalizer that the collector runs is printed and ignored by Python, so the interrupt would
     be lost. Outside the main thread, or under a non-default SIGINT handler, it just collects."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         gc.collect()
         return
     received: list[int] = []
@@ -294,21 +314,34 @@ def export(
     out = check_output_path(path, source)
     with contextlib.ExitStack() as cleanup:  # the temporary file goes, whatever happens
         result, staged = _fold_and_write(
-            module, example_inputs, out, cleanup, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16,
-            keep_io_types=keep_io_types, labels=labels, preprocess=preprocess, progress=progress,
-        )  # fmt: skip
+            module,
+            example_inputs,
+            out,
+            cleanup,
+            dynamic_batch=dynamic_batch,
+            opset=opset,
+            fp16=fp16,
+            keep_io_types=keep_io_types,
+            labels=labels,
+            preprocess=preprocess,
+            progress=progress,
+        )
         if verify:
             # The folded graph and the exporter's program (reference cycles) hold a copy of the
             # weights; free it before ONNX Runtime loads the file, so the two never share the peak.
             collect_garbage()
             try:
-                report = verify_onnx(module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress)
+                report = verify_onnx(
+                    module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress
+                )
             except BnfoldError as exc:  # name the target, not the temporary file
                 raise type(exc)(str(exc).replace(str(staged.path), str(out)) + _dtype_hint(module)) from exc
             report.onnx_path = str(out)
             result.verify_report = report
             if not report.passed:
-                raise VerificationError(f"verification failed, {out} was not written: " + "; ".join(report.failures()), report)
+                raise VerificationError(
+                    f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
+                )
         kept = result.fold_report.kept_count
         if result.onnx_batchnorm_count != kept:
             raise VerificationError(

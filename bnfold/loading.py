@@ -188,7 +188,9 @@ COMPUTED_GLOBAL = "<a global whose name is computed while unpickling>"
 
 def _python3_name(module: str, attr: str) -> str:
     """``module.attr`` as Python 3 imports it (protocol 0-2 pickles may use Python 2 names)."""
-    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr))
+    module, attr = _compat_pickle.NAME_MAPPING.get(
+        (module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr)
+    )
     return f"{module}.{attr}"
 
 
@@ -214,7 +216,7 @@ def pickle_globals(stream: IO[bytes], max_pickles: int = 1) -> set[str]:
                     if _GLOBAL_NAME.fullmatch(module) and _GLOBAL_NAME.fullmatch(attr):
                         found.add(_python3_name(module, attr))
                 elif name == "STACK_GLOBAL":
-                    module, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                    module, attr = pushed[-2:] if len(pushed) >= 2 else [None, None]
                     ok = isinstance(module, str) and isinstance(attr, str)
                     found.add(f"{module}.{attr}" if ok else COMPUTED_GLOBAL)
                 elif name.startswith("EXT"):
@@ -253,7 +255,9 @@ def _unsafe_globals(path: Path) -> list[str]:
 def _refusal_reason(exc: BaseException) -> str:
     """The informative line of torch's weights_only error (it wraps it in paragraphs of advice)."""
     text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text) or re.search(r"(Unsupported [^\n]+|Trying to load [^\n]+)", text)
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text) or re.search(
+        r"(Unsupported [^\n]+|Trying to load [^\n]+)", text
+    )
     line = match.group(1) if match else next((x for x in text.splitlines() if x.strip()), type(exc).__name__)
     return line.strip().rstrip(".")
 
@@ -272,19 +276,29 @@ def _sniff(path: Path) -> str:
                 names = archive.namelist()
                 bad = archive.testzip()
         except Exception as exc:  # zipfile and zlib raise many types on damaged archives
-            raise ModelLoadError(f"{path} is a damaged archive ({type(exc).__name__}: {exc}); re-download or re-save the model") from exc
+            raise ModelLoadError(
+                f"{path} is a damaged archive ({type(exc).__name__}: {exc}); re-download or re-save the model"
+            ) from exc
         if bad is not None:
-            raise ModelLoadError(f"{path} is a damaged archive (member {bad} fails its checksum); re-download or re-save it")
-        if any(n.endswith("/archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
+            raise ModelLoadError(
+                f"{path} is a damaged archive (member {bad} fails its checksum); re-download or re-save it"
+            )
+        if any(n.endswith("/archive_format") for n in names) or any(
+            "/models/" in n and n.endswith(".json") for n in names
+        ):
             return EXPORTED_PROGRAM
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
             return TORCHSCRIPT
         if any(n.endswith("/data.pkl") for n in names):
             return "pickle"
-        raise ModelLoadError(f"{path} is a zip archive but not a PyTorch model (no TorchScript code, export program or data.pkl)")
+        raise ModelLoadError(
+            f"{path} is a zip archive but not a PyTorch model (no TorchScript code, export program or data.pkl)"
+        )
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "pickle"
-    kind = "a text or JSON file" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "of an unknown format"
+    kind = (
+        "a text or JSON file" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "of an unknown format"
+    )
     raise ModelLoadError(
         f"{path} is not a PyTorch model file (it is {kind}); expected a TorchScript archive "
         "(torch.jit.save), a torch.export program (torch.export.save) or a torch.save checkpoint"
@@ -301,13 +315,17 @@ def _load_pickled(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise _refusal(path, exc) from exc
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     try:
         with _cwd_importable(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: unpickling the trusted file failed: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"{path}: unpickling the trusted file failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
 
 
 def _refusal(path: Path, exc: BaseException) -> ModelLoadError:
@@ -331,12 +349,16 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _apply_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any] | None) -> nn.Module:
+def _apply_state_dict(
+    path: Path, state: Mapping[str, torch.Tensor], arch: str, arch_kwargs: Mapping[str, Any] | None
+) -> nn.Module:
     factory = resolve_factory(arch)
     try:
         module = factory(**dict(arch_kwargs or {}))
     except Exception as exc:
-        raise UsageError(f"--arch {arch!r}: calling it with {dict(arch_kwargs or {})} failed: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(
+            f"--arch {arch!r}: calling it with {dict(arch_kwargs or {})} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(module, nn.Module):
         raise UsageError(f"--arch {arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     expected = module.state_dict()
@@ -345,17 +367,23 @@ def _apply_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str, 
         stripped = False
         for prefix in WRAPPER_PREFIXES:
             if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     # torch itself accepts batch-norms without num_batches_tracked (older checkpoints).
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
     ]
     problems = [
         f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (file vs arch)", mismatched))
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (file vs arch)", mismatched),
+        )
         if keys
     ]
     if problems:
@@ -386,7 +414,10 @@ def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str,
     meta: Mapping[str, Any] = {}
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         meta = obj
-        inner = next((obj[k] for k in STATE_DICT_KEYS if k in obj and (_is_state_dict(obj[k]) or isinstance(obj[k], nn.Module))), None)
+        inner = next(
+            (obj[k] for k in STATE_DICT_KEYS if k in obj and (_is_state_dict(obj[k]) or isinstance(obj[k], nn.Module))),
+            None,
+        )
         if inner is None:
             raise ModelLoadError(
                 f"{path} is a checkpoint dict without a model: expected a state_dict under one of "
@@ -403,7 +434,9 @@ def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str,
                 f"{path} holds a state_dict ({len(obj)} tensors) but no architecture: pass "
                 "--arch package.module:factory (and --arch-kwargs '{...}' if it takes arguments)"
             )
-        return _file_metadata(LoadedModel(_apply_state_dict(path, obj, arch, arch_kwargs).eval(), path, STATE_DICT), meta)
+        return _file_metadata(
+            LoadedModel(_apply_state_dict(path, obj, arch, arch_kwargs).eval(), path, STATE_DICT), meta
+        )
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model, state_dict or checkpoint dict")
 
 
@@ -453,17 +486,88 @@ def _extra_file_json(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
 # and pickled members importing nothing outside the safe allow-list.
 _SAFE_OP_NAMESPACES = ("aten", "prims", "higher_order")
 _SAFE_OPERATOR_FUNCTIONS = frozenset(
-    "getitem add sub mul truediv floordiv mod pow neg pos abs eq ne lt le gt ge and_ or_ xor not_ invert "
-    "lshift rshift truth matmul".split()
+    [
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "neg",
+        "pos",
+        "abs",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "xor",
+        "not_",
+        "invert",
+        "lshift",
+        "rshift",
+        "truth",
+        "matmul",
+    ]
 )
-_SAFE_TORCH_FUNCTIONS = frozenset("sym_int sym_float sym_max sym_min sym_not sym_ite sym_sum sym_sqrt _sym_sqrt".split())
+_SAFE_TORCH_FUNCTIONS = frozenset(
+    ["sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum", "sym_sqrt", "_sym_sqrt"]
+)
 _SYMPY_NAMES = frozenset(
-    "Symbol Integer Rational Float Add Mul Pow Mod Max Min Abs Eq Ne Lt Le Gt Ge StrictLessThan "
-    "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair floor "
-    "ceiling sqrt oo zoo nan true false True False None Infinity NegativeInfinity Tuple".split()
+    [
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ExprCondPair",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "oo",
+        "zoo",
+        "nan",
+        "true",
+        "false",
+        "True",
+        "False",
+        "None",
+        "Infinity",
+        "NegativeInfinity",
+        "Tuple",
+    ]
 )
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
-_EXPR_TOKEN = re.compile(rf"\s+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|'{_IDENTIFIER}'|{_IDENTIFIER}|\*\*|//|[-+*/%(),=<>!]=?|[&|~]")
+_EXPR_TOKEN = re.compile(
+    rf"\s+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|'{_IDENTIFIER}'|{_IDENTIFIER}|\*\*|//|[-+*/%(),=<>!]=?|[&|~]"
+)
 _GUARD_TOKEN = re.compile(
     rf"\s+|L(?:\['{_IDENTIFIER}'\]|\[\d+\])+(?:\.(?:size|stride)\(\)(?:\[\d+\])?|\.storage_offset\(\))?"
     rf"|\d+|\*\*|//|[-+*/%(),<>]=?|[=!]=|\b(?:and|or|not|max|min|abs|True|False)\b"
@@ -478,9 +582,11 @@ def _sympy_name_allowed(name: str) -> bool:
     if "__" in name:
         return False
     return (
-        name in _SYMPY_NAMES or name in _assume_defined or bool(re.fullmatch(r"[a-z]{1,4}\d+", name))
+        name in _SYMPY_NAMES
+        or name in _assume_defined
+        or bool(re.fullmatch(r"[a-z]{1,4}\d+", name))
         or (name[:1].isupper() and isinstance(getattr(functions, name, None), type))
-    )  # fmt: skip
+    )
 
 
 def _tokens(text: str, grammar: re.Pattern[str]) -> list[str] | None:
@@ -498,9 +604,7 @@ def _tokens(text: str, grammar: re.Pattern[str]) -> list[str] | None:
 def _safe_expression(text: str) -> bool:
     """Whether a shape expression (``expr_str``, given to ``sympy.sympify``) is plain arithmetic."""
     tokens = _tokens(text, _EXPR_TOKEN)
-    return tokens is not None and all(
-        _sympy_name_allowed(t) for t in tokens if re.fullmatch(_IDENTIFIER, t)
-    )
+    return tokens is not None and all(_sympy_name_allowed(t) for t in tokens if re.fullmatch(_IDENTIFIER, t))
 
 
 def _safe_guard(text: str) -> bool:
@@ -539,7 +643,11 @@ def _json_code_problems(doc: Any) -> Iterator[str]:
                     yield f"evaluates the shape expression {value[:80]!r}"
                 elif key == "guards_code":
                     guards = value if isinstance(value, list) else [value]
-                    yield from (f"compiles the guard {str(g)[:80]!r}" for g in guards if not (isinstance(g, str) and _safe_guard(g)))
+                    yield from (
+                        f"compiles the guard {str(g)[:80]!r}"
+                        for g in guards
+                        if not (isinstance(g, str) and _safe_guard(g))
+                    )
                 else:
                     stack.append(value)
 
@@ -557,10 +665,12 @@ def _raw_tensor_members(archive: zipfile.ZipFile, names: Iterable[str]) -> set[s
         folder, weights = name.rsplit("/", 1)[0], config_file.group(1) == "weights"
         try:
             declared = [
-                (posixpath.normpath(f"{folder}/{entry['path_name']}"),
-                 entry["use_pickle"] is False and (weights or str(entry["path_name"]).startswith("tensor_")))
+                (
+                    posixpath.normpath(f"{folder}/{entry['path_name']}"),
+                    entry["use_pickle"] is False and (weights or str(entry["path_name"]).startswith("tensor_")),
+                )
                 for entry in json.loads(archive.read(name))["config"].values()
-            ]  # fmt: skip
+            ]
         except (ValueError, KeyError, AttributeError, TypeError):
             continue  # unreadable: none of its members counts as raw, so all are scanned
         for member, is_raw in declared:
@@ -605,7 +715,9 @@ def _check_export_archive(path: Path) -> None:
     try:
         problems = export_archive_problems(path)
     except Exception as exc:  # e.g. a damaged nested archive
-        raise ModelLoadError(f"{path} is a damaged archive ({type(exc).__name__}: {exc}); re-download or re-save the model") from exc
+        raise ModelLoadError(
+            f"{path} is a damaged archive ({type(exc).__name__}: {exc}); re-download or re-save the model"
+        ) from exc
     if problems:
         raise UnsafeModelError(
             f"{path} is a torch.export archive that would run code from the file when loaded "
@@ -625,7 +737,9 @@ def _load_exported_program(path: Path, trust: bool) -> LoadedModel:
             placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
             module = program.module()
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a loadable torch.export program: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise ModelLoadError(
+            f"{path} is not a loadable torch.export program: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     vals = [n.meta.get("val") for n in placeholders]
     shapes = dtypes = None
     if vals and all(isinstance(v, torch.Tensor) for v in vals):

@@ -34,7 +34,9 @@ class Preprocess:
     def __post_init__(self) -> None:
         channels = 1 if self.channel_order == "L" else 3
         if self.channel_order not in CHANNEL_ORDERS:
-            raise UsageError(f"--preprocess-channels {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}")
+            raise UsageError(
+                f"--preprocess-channels {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}"
+            )
         if len(self.size) != 2 or min(self.size) < 1:
             raise UsageError(f"--preprocess-size {self.size}: expected HxW, e.g. 224x224")
         for label, values in (("--preprocess-mean", self.mean), ("--preprocess-std", self.std)):

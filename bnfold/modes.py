@@ -39,7 +39,11 @@ def quiet_torch() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -49,9 +53,7 @@ def quiet_torch() -> Iterator[None]:
 
 def module_types(module: nn.Module) -> dict[str, str]:
     """Class name of every submodule by path (TorchScript modules report their original class)."""
-    return {
-        path: getattr(m, "original_name", None) or type(m).__name__ for path, m in module.named_modules()
-    }
+    return {path: getattr(m, "original_name", None) or type(m).__name__ for path, m in module.named_modules()}
 
 
 def run_eval(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

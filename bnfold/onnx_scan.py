@@ -89,7 +89,11 @@ def initializer_data_types(path: str | os.PathLike[str]) -> set[int]:
                 if g_field != INITIALIZER_FIELD or g_wire != LENGTH_DELIMITED:
                     continue
                 # protobuf keeps the last value of a repeated singular field
-                data_types = [value for t_field, t_wire, value in _fields(fh, tensor_end) if t_field == DATA_TYPE_FIELD and t_wire == VARINT]
+                data_types = [
+                    value
+                    for t_field, t_wire, value in _fields(fh, tensor_end)
+                    if t_field == DATA_TYPE_FIELD and t_wire == VARINT
+                ]
                 if data_types:
                     types.add(_int32(data_types[-1]))
     return types

@@ -16,10 +16,16 @@ from .protobuf_wire import GRAPH_FIELD, INITIALIZER_FIELD, field_header
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes of the model's tensors: initializers of every graph and tensors stored in node
     attributes (``Constant`` values), which decide whether it needs external data."""
-    total = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+    total = sum(
+        v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
+    )
     for graph in [model.graph, *model.functions.values()]:
         for node in ir.traversal.RecursiveGraphIterator(graph):
-            total += sum(a.value.nbytes for a in node.attributes.values() if a.type == ir.AttributeType.TENSOR and getattr(a, "value", None) is not None)
+            total += sum(
+                a.value.nbytes
+                for a in node.attributes.values()
+                if a.type == ir.AttributeType.TENSOR and getattr(a, "value", None) is not None
+            )
     return total
 
 

@@ -140,10 +140,9 @@ def _quiet_cuda_attempt() -> Iterator[None]:
 def _preload_cuda_libraries() -> None:
     """Make the CUDA/cuDNN libraries of pip-installed torch/nvidia packages findable."""
     if hasattr(ort, "preload_dlls"):
-        try:
+        # Nothing to preload is fine: the session creation reports the real problem.
+        with contextlib.suppress(Exception):
             ort.preload_dlls()
-        except Exception:  # nothing to preload: the session creation reports the real problem
-            pass
 
 
 class Predictor:
@@ -242,7 +241,9 @@ class Predictor:
         if not is_float:
             raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {dtype}")
         if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in self._fixed[spec.name]):
-            want = "x".join("N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape))
+            want = "x".join(
+                "N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape)
+            )
             raise UsageError(f"input '{spec.name}': expected shape {want}, got {'x'.join(map(str, shape))}")
 
     def check_input(self, spec: TensorSpec, array: Any) -> np.ndarray:
@@ -269,7 +270,9 @@ class Predictor:
             raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
         return feeds
 
-    def _chunked(self, feeds: dict[str, Any], run: Callable[[dict[str, Any]], list[Any]], join: Callable[[list[Any]], Any]) -> list[Any]:
+    def _chunked(
+        self, feeds: dict[str, Any], run: Callable[[dict[str, Any]], list[Any]], join: Callable[[list[Any]], Any]
+    ) -> list[Any]:
         """``run`` on ``feeds`` (numpy arrays or torch tensors) in chunks of the batch size; a
         static batch axis takes every chunk at exactly its size, the last one padded with copies
         of its last row whose outputs are dropped. Each output's chunks are joined with ``join``."""
@@ -297,7 +300,9 @@ class Predictor:
             return self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime's own errors: the input does not fit the model
             shapes = ", ".join(f"{k}: {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
-            raise UsageError(f"{self.path}: ONNX Runtime cannot run inputs of shape {shapes}: {first_line(exc)}") from exc
+            raise UsageError(
+                f"{self.path}: ONNX Runtime cannot run inputs of shape {shapes}: {first_line(exc)}"
+            ) from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run checked feeds, split into chunks of the batch size; outputs in model order."""
@@ -315,10 +320,15 @@ class Predictor:
         """
         fast = self._fast
         if (  # the common case: no conversion, no chunking, one call into ONNX Runtime
-            fast is not None and type(x) is np.ndarray and not as_torch and x.dtype == fast.dtype
-            and x.shape[1:] == self._fast_tail and x.flags.c_contiguous
-            and self.batch_size is None and self.static_batch is None
-        ):  # fmt: skip
+            fast is not None
+            and type(x) is np.ndarray
+            and not as_torch
+            and x.dtype == fast.dtype
+            and x.shape[1:] == self._fast_tail
+            and x.flags.c_contiguous
+            and self.batch_size is None
+            and self.static_batch is None
+        ):
             return self._session.run(None, {fast.name: x})[0]
         single = len(self.inputs) == 1 and len(self.outputs) == 1 and not isinstance(x, Mapping)
         named = x if isinstance(x, Mapping) else {self.inputs[0].name: x} if len(self.inputs) == 1 else None
@@ -350,13 +360,16 @@ class Predictor:
         device = torch.device("cuda", self.device_id)
         tensors = {
             name: value.detach().to(device=device, dtype=getattr(torch, specs[name].dtype.name)).contiguous()
-            if _is_torch(value) else torch.from_numpy(self.check_input(specs[name], value)).to(device)
+            if _is_torch(value)
+            else torch.from_numpy(self.check_input(specs[name], value)).to(device)
             for name, value in named.items()
-        }  # fmt: skip
+        }
         sizes = {t.shape[0] for t in tensors.values()}
         if len(sizes) != 1:
             raise UsageError(f"inputs have different batch sizes: {sorted(sizes)}")
-        return self._chunked(tensors, lambda part: self._run_bound(part, as_torch), torch.cat if as_torch else np.concatenate)
+        return self._chunked(
+            tensors, lambda part: self._run_bound(part, as_torch), torch.cat if as_torch else np.concatenate
+        )
 
     def _run_bound(self, tensors: dict[str, Any], as_torch: bool) -> list[Any]:
         """One ONNX Runtime run on CUDA tensors through I/O binding: inputs read in place;

@@ -14,6 +14,7 @@ exact population statistics whatever the batch size.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +63,11 @@ class _Tracked:
 
 def _input_names(module: nn.Module, count: int) -> list[str]:
     try:
-        params = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
@@ -70,10 +75,10 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
 
 def _batches(arrays: Sequence[np.ndarray], batch_size: int) -> list[slice]:
     n = arrays[0].shape[0]
-    bounds = list(range(0, n, batch_size)) + [n]
+    bounds = [*list(range(0, n, batch_size)), n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]  # a batch of one sample has no variance: merge it into the previous one
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def recalibrate(
@@ -91,15 +96,16 @@ def recalibrate(
     with ``inputs`` > 1. Needs a Python module with ``nn.BatchNorm`` layers (not TorchScript or a
     loaded ``torch.export`` program). Returns the per-layer shift of mean and variance.
     """
-    if isinstance(module, torch.jit.ScriptModule) or isinstance(module, torch.fx.GraphModule):
+    if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         raise UsageError(
             "--recalibrate needs the model's Python classes (nn.BatchNorm layers); load it as a "
             "state_dict with --arch (or a trusted pickle) instead of TorchScript or torch.export"
         )
     tracked = [
-        _Tracked(name, m) for name, m in module.named_modules()
+        _Tracked(name, m)
+        for name, m in module.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]  # fmt: skip
+    ]
     if not tracked:
         raise UsageError("--recalibrate: the model has no batch-norm layer with running statistics")
     if batch_size < 2:
@@ -118,8 +124,12 @@ def recalibrate(
             for t in tracked:
                 t.layer.training = True  # normalise with batch statistics, as in training
             for i, rows in enumerate(batches):
-                inputs = [torch.from_numpy(np.ascontiguousarray(a[rows])).to(device=device, dtype=dtype) for a in arrays]
-                with model_failures(inputs, UsageError, "--recalibrate: the model fails on the data's", "Give data the model takes."):
+                inputs = [
+                    torch.from_numpy(np.ascontiguousarray(a[rows])).to(device=device, dtype=dtype) for a in arrays
+                ]
+                with model_failures(
+                    inputs, UsageError, "--recalibrate: the model fails on the data's", "Give data the model takes."
+                ):
                     module(*inputs)
                 progress.advance(i + 1, len(batches))
     finally:
@@ -141,9 +151,12 @@ def recalibrate(
         ratio = new_var / old_var.clamp_min(torch.finfo(torch.float64).tiny)
         layers.append(
             RecalibratedLayer(
-                name=t.name, channels=int(m.mean.numel()), values_per_channel=m.count,
+                name=t.name,
+                channels=int(m.mean.numel()),
+                values_per_channel=m.count,
                 max_mean_shift=float((m.mean - old_mean).abs().max()),
-                var_ratio_min=float(ratio.min()), var_ratio_max=float(ratio.max()),
-            )  # fmt: skip
+                var_ratio_min=float(ratio.min()),
+                var_ratio_max=float(ratio.max()),
+            )
         )
     return RecalibrationReport(layers=layers, samples=int(arrays[0].shape[0]), batches=len(batches))

@@ -76,10 +76,7 @@ class FoldReport:
         return dict(Counter(e.category or e.reason or "" for e in self.entries if e.status == KEPT).most_common())
 
     def summary(self) -> str:
-        return (
-            f"{len(self.entries)} batch-norm(s): {self.folded_count} folded, "
-            f"{self.kept_count} kept"
-        )
+        return f"{len(self.entries)} batch-norm(s): {self.folded_count} folded, {self.kept_count} kept"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,9 +167,13 @@ class VerifyReport:
             f"({self.input_source}; batch sizes {', '.join(map(str, self.batch_sizes))})",
         ]
         if any(o.float64_rel_error_onnx is not None for o in self.outputs):
-            lines.append(f"  pass iff max|y - y64| <= atol + rtol * max|y64| + max|y32 - y64|   (rtol={self.rtol:g}, atol={self.atol:g})")
+            lines.append(
+                f"  pass iff max|y - y64| <= atol + rtol * max|y64| + max|y32 - y64|   (rtol={self.rtol:g}, atol={self.atol:g})"
+            )
         else:
-            lines.append(f"  pass iff max|y - y_ref| <= atol + rtol * max|y_ref|   (rtol={self.rtol:g}, atol={self.atol:g})")
+            lines.append(
+                f"  pass iff max|y - y_ref| <= atol + rtol * max|y_ref|   (rtol={self.rtol:g}, atol={self.atol:g})"
+            )
         rows = [
             [
                 o.name,
@@ -221,10 +222,12 @@ class RecalibrationReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"Recalibrated {len(self.layers)} batch-norm(s) on {self.samples} sample(s) in {self.batches} batch(es)"]
+        lines = [
+            f"Recalibrated {len(self.layers)} batch-norm(s) on {self.samples} sample(s) in {self.batches} batch(es)"
+        ]
         rows = [
-            [l.name, str(l.channels), f"{l.max_mean_shift:.3e}", f"{l.var_ratio_min:.3f} .. {l.var_ratio_max:.3f}"]
-            for l in self.layers
+            [x.name, str(x.channels), f"{x.max_mean_shift:.3e}", f"{x.var_ratio_min:.3f} .. {x.var_ratio_max:.3f}"]
+            for x in self.layers
         ]
         if rows:
             lines.append(_table(["layer", "ch", "max |mean shift|", "var new/old"], rows))

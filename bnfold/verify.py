@@ -41,8 +41,12 @@ def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.
     label = f"--inputs {source}" if isinstance(source, (str, os.PathLike)) else "--inputs"
     arrays = select_inputs(read_arrays(source, "--inputs"), [s.name for s in specs], label)
     for spec, arr in zip(specs, arrays):
-        if arr.ndim != len(spec.shape) or any(isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])):
-            raise UsageError(f"{label}: array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}")
+        if arr.ndim != len(spec.shape) or any(
+            isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
+        ):
+            raise UsageError(
+                f"{label}: array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}"
+            )
     return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
 
@@ -125,7 +129,9 @@ class _Accumulator:
         )
 
 
-def default_tolerances(low_precision: bool, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+def default_tolerances(
+    low_precision: bool, rtol: float | None = None, atol: float | None = None
+) -> tuple[float, float]:
     """``(rtol, atol)``: the given values, else the float32 or float16/bfloat16 defaults."""
     default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if low_precision else (DEFAULT_RTOL, DEFAULT_ATOL)
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
@@ -133,7 +139,12 @@ def default_tolerances(low_precision: bool, rtol: float | None = None, atol: flo
 
 def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
-    with model_failures(inputs, BnfoldError, "the PyTorch model fails on the verification input", "Is the ONNX file exported from this model?"):
+    with model_failures(
+        inputs,
+        BnfoldError,
+        "the PyTorch model fails on the verification input",
+        "Is the ONNX file exported from this model?",
+    ):
         return run_eval(module, inputs)
 
 
@@ -150,7 +161,9 @@ def float64_copy(module: nn.Module) -> nn.Module:
         with quiet_torch():
             return copy.deepcopy(module).double()
     except Exception as exc:
-        raise BnfoldError(f"the model cannot be copied to float64 for --reference float64: {type(exc).__name__}: {exc}") from exc
+        raise BnfoldError(
+            f"the model cannot be copied to float64 for --reference float64: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def verify(

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 
-def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, bias: bool = True, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def conv_bn_relu(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, bias: bool = True, act: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=bias), nn.BatchNorm2d(cout), act())
 
 
@@ -116,10 +118,16 @@ class SignalNet(nn.Module):
     def __init__(self, num_classes: int = 4) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
-            nn.Conv1d(16, 32, 5, stride=2, padding=4, dilation=2), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Conv1d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv1d(1, 16, 5, padding=2),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=4, dilation=2),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Conv1d(32, 32, 3, padding=1, groups=4, bias=False),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,13 +53,20 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def _save_common(name: str, model: nn.Module, x_test: np.ndarray, y_test: np.ndarray, meta: dict, save: Callable[[Path], None]) -> dict:
+def _save_common(
+    name: str, model: nn.Module, x_test: np.ndarray, y_test: np.ndarray, meta: dict, save: Callable[[Path], None]
+) -> dict:
     folder = ROOT / name
     folder.mkdir(exist_ok=True)
     save(folder / meta["file"])
     np.savez_compressed(folder / "test.npz", x=x_test, y=y_test)
-    meta = {"name": name, **meta, "input_shape": [1, *x_test.shape[1:]], "test_samples": len(x_test),
-            "test_accuracy": accuracy(model, x_test, y_test)}  # fmt: skip
+    meta = {
+        "name": name,
+        **meta,
+        "input_shape": [1, *x_test.shape[1:]],
+        "test_samples": len(x_test),
+        "test_accuracy": accuracy(model, x_test, y_test),
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"{name}: test accuracy {meta['test_accuracy']:.4f} ({meta['format']})", flush=True)
     return meta
@@ -72,19 +79,33 @@ def build_digits() -> dict:
     scripted = torch.jit.trace(model, torch.from_numpy(xt[:2]))
     info = {"input_shape": shape, "labels": [str(d) for d in range(10)], "preprocess": DIGITS_PREPROCESS}
     extra = {"bnfold.json": json.dumps(info)}
-    return _save_common("digits_cnn", model, xt, yt, {"file": "model.pt", "format": "torchscript", "load": {}},
-                        lambda p: torch.jit.save(scripted, str(p), _extra_files=extra))  # fmt: skip
+    return _save_common(
+        "digits_cnn",
+        model,
+        xt,
+        yt,
+        {"file": "model.pt", "format": "torchscript", "load": {}},
+        lambda p: torch.jit.save(scripted, str(p), _extra_files=extra),
+    )
 
 
 def build_resnet() -> dict:
     x, y, _ = datasets.shapes(3000, SEED)
     xt, yt, _ = datasets.shapes(300, SEED + 1)
     model = train(arch.tiny_resnet(), x, y, epochs=8)
-    program = torch.export.export(model, (torch.from_numpy(xt[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        model, (torch.from_numpy(xt[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
     info = {"labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
     extra = {"bnfold.json": json.dumps(info)}
-    return _save_common("shapes_resnet", model, xt, yt, {"file": "model.pt2", "format": "torch.export", "load": {}},
-                        lambda p: torch.export.save(program, str(p), extra_files=extra))  # fmt: skip
+    return _save_common(
+        "shapes_resnet",
+        model,
+        xt,
+        yt,
+        {"file": "model.pt2", "format": "torch.export", "load": {}},
+        lambda p: torch.export.save(program, str(p), extra_files=extra),
+    )
 
 
 def build_mobilenet() -> dict:
@@ -92,18 +113,40 @@ def build_mobilenet() -> dict:
     xt, yt, _ = datasets.shapes(300, SEED + 3)
     model = train(arch.mobilenet_tiny(num_classes=4), x, y, epochs=8)
     load = {"arch": "sample_models.architectures:mobilenet_tiny", "arch_kwargs": {"num_classes": 4}}
-    ckpt = {"state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
-    return _save_common("shapes_mobilenet", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
-                        lambda p: torch.save(ckpt, p))  # fmt: skip
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "input_shape": [1, *xt.shape[1:]],
+        "labels": list(datasets.SHAPES),
+        "preprocess": SHAPES_PREPROCESS,
+    }
+    return _save_common(
+        "shapes_mobilenet",
+        model,
+        xt,
+        yt,
+        {"file": "model.pt", "format": "state_dict", "load": load},
+        lambda p: torch.save(ckpt, p),
+    )
 
 
 def build_segnet() -> dict:
     x, _, m = datasets.shapes(2000, SEED + 4)
     xt, _, mt = datasets.shapes(200, SEED + 5)
     model = train(arch.segnet_tiny(), x, m, epochs=6)
-    payload = {"model": model, "input_shape": [1, *xt.shape[1:]], "labels": ["background", "shape"], "preprocess": SHAPES_PREPROCESS}
-    return _save_common("shapes_segnet", model, xt, mt, {"file": "model.pt", "format": "pickled nn.Module", "load": {"trust_pickle": True}},
-                        lambda p: torch.save(payload, p))  # fmt: skip
+    payload = {
+        "model": model,
+        "input_shape": [1, *xt.shape[1:]],
+        "labels": ["background", "shape"],
+        "preprocess": SHAPES_PREPROCESS,
+    }
+    return _save_common(
+        "shapes_segnet",
+        model,
+        xt,
+        mt,
+        {"file": "model.pt", "format": "pickled nn.Module", "load": {"trust_pickle": True}},
+        lambda p: torch.save(payload, p),
+    )
 
 
 def build_signal() -> dict:
@@ -112,9 +155,20 @@ def build_signal() -> dict:
     model = train(arch.signal_net(), x, y, epochs=10)
     load = {"arch": "sample_models/architectures.py:signal_net"}
     # numpy scalars are common in checkpoints; bnfold loads them without --trust-pickle.
-    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "epoch": np.int64(10), "labels": list(datasets.SIGNALS)}
-    return _save_common("signal_cnn", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
-                        lambda p: torch.save(ckpt, p))  # fmt: skip
+    ckpt = {
+        "model_state_dict": model.state_dict(),
+        "input_shape": [1, *xt.shape[1:]],
+        "epoch": np.int64(10),
+        "labels": list(datasets.SIGNALS),
+    }
+    return _save_common(
+        "signal_cnn",
+        model,
+        xt,
+        yt,
+        {"file": "model.pt", "format": "state_dict", "load": load},
+        lambda p: torch.save(ckpt, p),
+    )
 
 
 def build_preact() -> dict:
@@ -122,9 +176,20 @@ def build_preact() -> dict:
     xt, yt, _ = datasets.shapes(200, SEED + 9)
     model = train(arch.preact_resnet(), x, y, epochs=8)
     load = {"arch": "sample_models.architectures:preact_resnet"}
-    ckpt = {"model_state_dict": model.state_dict(), "input_shape": [1, *xt.shape[1:]], "labels": list(datasets.SHAPES), "preprocess": SHAPES_PREPROCESS}
-    return _save_common("shapes_preact", model, xt, yt, {"file": "model.pt", "format": "state_dict", "load": load},
-                        lambda p: torch.save(ckpt, p))  # fmt: skip
+    ckpt = {
+        "model_state_dict": model.state_dict(),
+        "input_shape": [1, *xt.shape[1:]],
+        "labels": list(datasets.SHAPES),
+        "preprocess": SHAPES_PREPROCESS,
+    }
+    return _save_common(
+        "shapes_preact",
+        model,
+        xt,
+        yt,
+        {"file": "model.pt", "format": "state_dict", "load": load},
+        lambda p: torch.save(ckpt, p),
+    )
 
 
 def main() -> None:

@@ -26,13 +26,17 @@ ROOT = Path(__file__).resolve().parent
 def main() -> None:
     metas = json.loads((ROOT / "models.json").read_text())
     print(f"torch {torch.__version__}, onnxruntime CPU, {platform.machine()}, {torch.get_num_threads()} threads")
-    print("| model | format | BN | folded | kept | max abs err | max rel err | fp32 vs f64 | ONNX vs f64 | top-1 before | top-1 after |")
+    print(
+        "| model | format | BN | folded | kept | max abs err | max rel err | fp32 vs f64 | ONNX vs f64 | top-1 before | top-1 after |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for meta in metas:
             folder = ROOT / meta["name"]
             loaded = bnfold.load_model(folder / meta["file"], **meta["load"])
-            result = bnfold.export(loaded.module, loaded.example_inputs(), Path(tmp) / "m.onnx", inputs=folder / "test.npz")
+            result = bnfold.export(
+                loaded.module, loaded.example_inputs(), Path(tmp) / "m.onnx", inputs=folder / "test.npz"
+            )
             test = np.load(folder / "test.npz")
             before = run_eval(loaded.module, [torch.from_numpy(test["x"])])[0].numpy().argmax(1)
             after = bnfold.Predictor(result.path, device="cpu").predict(test["x"]).argmax(1)

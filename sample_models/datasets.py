@@ -6,7 +6,9 @@ import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross")
 SIGNALS = ("sine", "square", "sawtooth", "noise")
-PALETTE = np.array([[1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.4, 1], [1, 1, 0.2], [1, 0.3, 1], [0.2, 1, 1]], dtype=np.float32)
+PALETTE = np.array(
+    [[1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.4, 1], [1, 1, 0.2], [1, 0.3, 1], [0.2, 1, 1]], dtype=np.float32
+)
 
 
 def digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -71,7 +71,9 @@ def mutate(data: bytes, kind: str, a: int, b: int, c: int) -> bytes:
     return bytes(out)
 
 
-def random_cases(samples: dict[str, tuple[Path, list[str]]], count: int, seed: int, folder: Path) -> list[dict[str, Any]]:
+def random_cases(
+    samples: dict[str, tuple[Path, list[str]]], count: int, seed: int, folder: Path
+) -> list[dict[str, Any]]:
     """``count`` mutated copies of the sample files written to ``folder``, with the CLI arguments for each."""
     rng = random.Random(seed)
     cases = []
@@ -108,9 +110,8 @@ def fd_stderr() -> Iterator[list[str]]:
 
 def drive(cases: list[dict[str, Any]]) -> None:
     """Run the CLI on every case; print a START line, then a JSON result line, per case."""
-    from click.testing import CliRunner
-
     from bnfold.cli.main import main
+    from click.testing import CliRunner
 
     for case in cases:
         print(json.dumps({"start": case["file"]}), flush=True)
@@ -118,7 +119,10 @@ def drive(cases: list[dict[str, Any]]) -> None:
         with fd_stderr() as raw:
             result = CliRunner().invoke(main, case["args"])
         faulthandler.cancel_dump_traceback_later()
-        print(json.dumps({"file": case["file"], "exit": result.exit_code, "stderr": result.stderr, "fd_stderr": raw[0]}), flush=True)
+        print(
+            json.dumps({"file": case["file"], "exit": result.exit_code, "stderr": result.stderr, "fd_stderr": raw[0]}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def randomize_batchnorms(module: nn.Module, seed: int = 0) -> nn.Module:
     return module.eval()
 
 
-def assert_close(reference: torch.Tensor, candidate: torch.Tensor, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> None:
+def assert_close(
+    reference: torch.Tensor, candidate: torch.Tensor, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
+) -> None:
     """The verifier's own criterion: max|c - r| <= atol + rtol * max|r| (normwise)."""
     ref = reference.detach().double()
     err = float((candidate.detach().double() - ref).abs().max())

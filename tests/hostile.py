@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from click.testing import CliRunner
-
 from bnfold.cli.main import main
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -31,7 +30,10 @@ DIGITS_ARCH = "sample_models.architectures:digits_cnn"
 SAMPLE_FILES: dict[str, tuple[Path, dict[str, Any]]] = {
     "torchscript": (DIGITS, {}),
     "pt2": (RESNET, {}),
-    "state_dict": (MOBILENET, {"arch": "sample_models.architectures:mobilenet_tiny", "arch_kwargs": {"num_classes": 4}}),
+    "state_dict": (
+        MOBILENET,
+        {"arch": "sample_models.architectures:mobilenet_tiny", "arch_kwargs": {"num_classes": 4}},
+    ),
     "checkpoint_numpy": (SIGNAL, {"arch": "sample_models.architectures:signal_net"}),
     "pickled_module": (SEGNET, {}),
 }

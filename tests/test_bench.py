@@ -14,7 +14,9 @@ from bnfold.modes import run_eval
 
 
 def model() -> nn.Module:
-    return randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)))
+    return randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    )
 
 
 def test_floor_is_the_model_with_batchnorms_as_identity():
@@ -32,7 +34,10 @@ def test_bench_times_every_variant_at_every_batch_size():
     assert set(report.median_ms) == set(VARIANTS)
     assert all(set(v) == {1, 3} and all(t > 0 for t in v.values()) for v in report.median_ms.values())
     ratios = report.ratios()
-    assert ratios["eager folded / eager original"][1] == report.median_ms["eager folded"][1] / report.median_ms["eager original"][1]
+    assert (
+        ratios["eager folded / eager original"][1]
+        == report.median_ms["eager folded"][1] / report.median_ms["eager original"][1]
+    )
     assert set(report.session_creation_ms) == {"plain export", "bnfold", "bnfold, opts disabled"}
     json.dumps(report.to_dict())
     assert "ratios:" in str(report)

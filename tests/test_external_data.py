@@ -24,7 +24,9 @@ export_module = importlib.import_module("bnfold.export")
 
 
 def small() -> nn.Module:
-    return randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)))
+    return randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    )
 
 
 @pytest.fixture
@@ -46,7 +48,9 @@ def test_large_model_is_written_with_external_data_and_runs(tmp_path, external):
     assert _external_tensors(tmp_path / "m.onnx")  # the weights live in m.onnx.data
     with torch.no_grad():
         expected = model(x).numpy()
-    np.testing.assert_allclose(Predictor(tmp_path / "m.onnx", device="cpu").predict(x.numpy()), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        Predictor(tmp_path / "m.onnx", device="cpu").predict(x.numpy()), expected, rtol=1e-4, atol=1e-5
+    )
     assert bnfold.verify(model, tmp_path / "m.onnx").passed
 
 
@@ -116,10 +120,17 @@ def test_a_model_over_2_gib(tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         model = nn.Sequential(
-            nn.Conv2d(4, 1024, 1), nn.BatchNorm2d(1024), nn.Flatten(),
-            nn.Linear(1024, width), nn.BatchNorm1d(width), nn.ReLU(),
-            nn.Linear(width, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Linear(1024, 10),
-        )  # fmt: skip
+            nn.Conv2d(4, 1024, 1),
+            nn.BatchNorm2d(1024),
+            nn.Flatten(),
+            nn.Linear(1024, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Linear(width, 1024),
+            nn.BatchNorm1d(1024),
+            nn.ReLU(),
+            nn.Linear(1024, 10),
+        )
         randomize_batchnorms(model)
     start = time.perf_counter()
     result = bnfold.export(model, (torch.randn(1, 4, 1, 1),), tmp_path / "wide.onnx")
@@ -132,5 +143,7 @@ def test_a_model_over_2_gib(tmp_path):
         expected = model(torch.from_numpy(x)).numpy()
     got = Predictor(tmp_path / "wide.onnx", device="cpu").predict(x)
     assert np.abs(got - expected).max() <= 1e-5 + 1e-4 * np.abs(expected).max()
-    print(f"\n>2 GiB export: {sizes['wide.onnx.data'] / 2**30:.2f} GiB data + {sizes['wide.onnx']} B graph, "
-          f"export+verify {seconds:.0f} s, max rel err {result.verify_report.outputs[0].max_rel_error:.2e}")  # fmt: skip
+    print(
+        f"\n>2 GiB export: {sizes['wide.onnx.data'] / 2**30:.2f} GiB data + {sizes['wide.onnx']} B graph, "
+        f"export+verify {seconds:.0f} s, max rel err {result.verify_report.outputs[0].max_rel_error:.2e}"
+    )

@@ -28,7 +28,15 @@ from bnfold.loading import load_model
 
 # Prefixes that steer random bytes past format detection into each reader: zip archives, the
 # legacy torch.save magic number, bare pickles, JSON.
-PREFIXES = [b"", b"PK\x03\x04", b"PK\x05\x06", b"\x80\x02", b"\x80\x04\x95", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.", b"{"]
+PREFIXES = [
+    b"",
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+    b"\x80\x02",
+    b"\x80\x04\x95",
+    b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.",
+    b"{",
+]
 SETTINGS = {"deadline": None, "suppress_health_check": list(HealthCheck), "database": None}
 LOAD_TIMEOUT_S = 120
 OUTCOMES: Counter[str] = Counter()
@@ -141,7 +149,9 @@ def test_damaged_torchscript_debug_info_does_not_crash_folding(tmp_path):
         "import sys; from bnfold.loading import load_model; from bnfold.fold import fold; "
         "m = load_model(sys.argv[1]); print(fold(m.module, m.example_inputs()).report.summary())"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 folded" in proc.stdout
 

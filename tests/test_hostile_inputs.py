@@ -20,7 +20,7 @@ from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_sta
 import bnfold
 from bnfold.export import atomic_write
 
-ARCH_FILE = '''
+ARCH_FILE = """
 import torch
 from torch import nn
 
@@ -45,7 +45,7 @@ def raises():
 
 def inf_output():
     return InfOutput()
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -107,56 +107,175 @@ CASES: dict[str, tuple[Case, int, tuple[str, ...]]] = {
     # unreadable files
     "empty-file": (lambda t: ["export", _bytes(t, "m.pt", b"")], 3, ("m.pt", "empty")),
     "directory": (lambda t: ["export", t], 3, ("is a directory",)),
-    "truncated-zip": (lambda t: ["export", _bytes(t, "m.pt", DIGITS.read_bytes()[:40000])], 3, ("m.pt", "damaged archive")),
-    "corrupt-zip": (lambda t: ["export", _zip_with_flipped_byte(t)], 3, ("flipped.pt", "damaged archive", "re-download")),
-    "random-bytes": (lambda t: ["export", _bytes(t, "m.pt", np.random.default_rng(0).bytes(4096))], 3, ("m.pt", "not a PyTorch model")),
+    "truncated-zip": (
+        lambda t: ["export", _bytes(t, "m.pt", DIGITS.read_bytes()[:40000])],
+        3,
+        ("m.pt", "damaged archive"),
+    ),
+    "corrupt-zip": (
+        lambda t: ["export", _zip_with_flipped_byte(t)],
+        3,
+        ("flipped.pt", "damaged archive", "re-download"),
+    ),
+    "random-bytes": (
+        lambda t: ["export", _bytes(t, "m.pt", np.random.default_rng(0).bytes(4096))],
+        3,
+        ("m.pt", "not a PyTorch model"),
+    ),
     "json-file": (lambda t: ["export", _bytes(t, "m.json", b'{"weights": [1, 2]}')], 3, ("m.json", "text or JSON")),
     "truncated-legacy-pickle": (
-        lambda t: ["inspect", _bytes(t, "m.pt", _legacy_bytes(t)[:3000]), "--arch", DIGITS_ARCH], 3, ("m.pt",)),
+        lambda t: ["inspect", _bytes(t, "m.pt", _legacy_bytes(t)[:3000]), "--arch", DIGITS_ARCH],
+        3,
+        ("m.pt",),
+    ),
     # a state_dict that does not match --arch: all three kinds of mismatch listed
     "arch-mismatch": (
-        lambda t: ["export", _mismatched(t), "--arch", DIGITS_ARCH, "--input-shape", "1x1x8x8"], 3,
-        ("missing keys (1): head.0.bias", "unexpected keys (1): extra.weight", "head.3.weight (3, 64) vs (10, 64)")),
+        lambda t: ["export", _mismatched(t), "--arch", DIGITS_ARCH, "--input-shape", "1x1x8x8"],
+        3,
+        ("missing keys (1): head.0.bias", "unexpected keys (1): extra.weight", "head.3.weight (3, 64) vs (10, 64)"),
+    ),
     # --input-shape
-    "malformed-shape": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x1x8xfoo"], 2, ("--input-shape", "1x1x8xfoo")),
-    "wrong-rank": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x1x8"], 3, ("input shape(s) 1x1x8", "--input-shape")),
-    "wrong-channels": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x3x8x8"], 3, ("1x3x8x8", "3 channels", "--input-shape")),
+    "malformed-shape": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x1x8xfoo"],
+        2,
+        ("--input-shape", "1x1x8xfoo"),
+    ),
+    "wrong-rank": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x1x8"],
+        3,
+        ("input shape(s) 1x1x8", "--input-shape"),
+    ),
+    "wrong-channels": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x3x8x8"],
+        3,
+        ("1x3x8x8", "3 channels", "--input-shape"),
+    ),
     "shape-for-verify": (lambda t: ["verify", DIGITS, t / "x.onnx", "--input-shape", "1x1x8x8"], 2, ("--input-shape",)),
     # corrupt weights and statistics
-    "nan-weight": (lambda t: ["export", _digits_with(t, "features.0.0.weight", (0, 0, 0, 0), float("nan")), "--arch", DIGITS_ARCH,
-                              "--input-shape", "1x1x8x8"], 3, ("parameter 'features.0.0.weight'", "NaN/inf")),
-    "inf-bias": (lambda t: ["inspect", _digits_with(t, "head.3.bias", (2,), float("inf")), "--arch", DIGITS_ARCH,
-                            "--input-shape", "1x1x8x8"], 3, ("parameter 'head.3.bias'", "NaN/inf")),
-    "nan-statistics": (lambda t: ["export", _digits_with(t, "features.1.1.running_mean", (0,), float("nan")), "--arch", DIGITS_ARCH,
-                                  "--input-shape", "1x1x8x8"], 3, ("batch-norm 'features.1.1'", "running_mean")),
-    "negative-variance": (lambda t: ["export", _digits_with(t, "head.1.running_var", (5,), -0.5), "--arch", DIGITS_ARCH,
-                                     "--input-shape", "1x1x8x8"], 3, ("batch-norm 'head.1'", "negative running_var")),
+    "nan-weight": (
+        lambda t: [
+            "export",
+            _digits_with(t, "features.0.0.weight", (0, 0, 0, 0), float("nan")),
+            "--arch",
+            DIGITS_ARCH,
+            "--input-shape",
+            "1x1x8x8",
+        ],
+        3,
+        ("parameter 'features.0.0.weight'", "NaN/inf"),
+    ),
+    "inf-bias": (
+        lambda t: [
+            "inspect",
+            _digits_with(t, "head.3.bias", (2,), float("inf")),
+            "--arch",
+            DIGITS_ARCH,
+            "--input-shape",
+            "1x1x8x8",
+        ],
+        3,
+        ("parameter 'head.3.bias'", "NaN/inf"),
+    ),
+    "nan-statistics": (
+        lambda t: [
+            "export",
+            _digits_with(t, "features.1.1.running_mean", (0,), float("nan")),
+            "--arch",
+            DIGITS_ARCH,
+            "--input-shape",
+            "1x1x8x8",
+        ],
+        3,
+        ("batch-norm 'features.1.1'", "running_mean"),
+    ),
+    "negative-variance": (
+        lambda t: [
+            "export",
+            _digits_with(t, "head.1.running_var", (5,), -0.5),
+            "--arch",
+            DIGITS_ARCH,
+            "--input-shape",
+            "1x1x8x8",
+        ],
+        3,
+        ("batch-norm 'head.1'", "negative running_var"),
+    ),
     # models that fail by themselves
     "forward-raises": (lambda t: ["export", *_arch(t, "raises")], 3, ("boom in forward", "fix the model's forward")),
     "reference-not-finite": (lambda t: ["export", *_arch(t, "inf_output")], 3, ("original model's output", "NaN/inf")),
     # --inputs data
-    "inputs-dtype": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _npz(t, x=np.zeros((4, 1, 8, 8), np.int64))], 2,
-                     ("--inputs", "data.npz", "dtype int64")),
-    "inputs-shape": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _npz(t, x=np.zeros((4, 3, 8, 8), np.float32))], 2,
-                     ("--inputs", "shape (4, 3, 8, 8)")),
-    "inputs-names": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _npz(t, a=np.zeros((2, 1, 8, 8)), b=np.zeros((2, 1, 8, 8)))],
-                     2, ("--inputs", "no array named", "['a', 'b']")),
-    "inputs-not-npz": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _bytes(t, "data.npz", b"not numpy")], 2,
-                       ("--inputs", "data.npz", "not a readable")),
-    "verify-inputs-dtype": (lambda t: ["verify", DIGITS, _onnx_of_digits(t), "--inputs", _npz(t, x=np.zeros((2, 1, 8, 8), bool))], 2,
-                            ("--inputs", "dtype bool")),
+    "inputs-dtype": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _npz(t, x=np.zeros((4, 1, 8, 8), np.int64))],
+        2,
+        ("--inputs", "data.npz", "dtype int64"),
+    ),
+    "inputs-shape": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _npz(t, x=np.zeros((4, 3, 8, 8), np.float32))],
+        2,
+        ("--inputs", "shape (4, 3, 8, 8)"),
+    ),
+    "inputs-names": (
+        lambda t: [
+            "export",
+            DIGITS,
+            OUT,
+            t / "d.onnx",
+            "--inputs",
+            _npz(t, a=np.zeros((2, 1, 8, 8)), b=np.zeros((2, 1, 8, 8))),
+        ],
+        2,
+        ("--inputs", "no array named", "['a', 'b']"),
+    ),
+    "inputs-not-npz": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--inputs", _bytes(t, "data.npz", b"not numpy")],
+        2,
+        ("--inputs", "data.npz", "not a readable"),
+    ),
+    "verify-inputs-dtype": (
+        lambda t: ["verify", DIGITS, _onnx_of_digits(t), "--inputs", _npz(t, x=np.zeros((2, 1, 8, 8), bool))],
+        2,
+        ("--inputs", "dtype bool"),
+    ),
     # output paths
-    "output-folder-missing": (lambda t: ["export", DIGITS, OUT, t / "nope" / "d.onnx"], 2, ("output folder", "nope", "does not exist")),
-    "output-is-input": (lambda t: ["export", _copy(t, DIGITS, "m.pt"), OUT, t / "m.pt"], 2, ("is the input model file",)),
+    "output-folder-missing": (
+        lambda t: ["export", DIGITS, OUT, t / "nope" / "d.onnx"],
+        2,
+        ("output folder", "nope", "does not exist"),
+    ),
+    "output-is-input": (
+        lambda t: ["export", _copy(t, DIGITS, "m.pt"), OUT, t / "m.pt"],
+        2,
+        ("is the input model file",),
+    ),
     "output-is-a-folder": (lambda t: ["export", DIGITS, OUT, t], 2, ("is a directory",)),
-    "report-folder-missing": (lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--report", t / "no" / "r.json"], 2, ("no", "does not exist")),
-    "predict-output-folder-missing": (lambda t: ["predict", _onnx_of_digits(t), _npz(t, x=np.zeros((2, 1, 8, 8), np.float32)),
-                                                 OUT, t / "no" / "p.npz"], 2, ("does not exist",)),
+    "report-folder-missing": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--report", t / "no" / "r.json"],
+        2,
+        ("no", "does not exist"),
+    ),
+    "predict-output-folder-missing": (
+        lambda t: [
+            "predict",
+            _onnx_of_digits(t),
+            _npz(t, x=np.zeros((2, 1, 8, 8), np.float32)),
+            OUT,
+            t / "no" / "p.npz",
+        ],
+        2,
+        ("does not exist",),
+    ),
     # unreadable ONNX files
-    "verify-corrupt-onnx": (lambda t: ["verify", DIGITS, _bytes(t, "m.onnx", b"\x08\x07garbage")], 3, ("m.onnx", "ONNX Runtime")),
-    "predict-corrupt-onnx": (lambda t: ["predict", _bytes(t, "m.onnx", b"garbage"), _npz(t, x=np.zeros((1, 1, 8, 8), np.float32))], 3,
-                             ("m.onnx",)),
-}  # fmt: skip
+    "verify-corrupt-onnx": (
+        lambda t: ["verify", DIGITS, _bytes(t, "m.onnx", b"\x08\x07garbage")],
+        3,
+        ("m.onnx", "ONNX Runtime"),
+    ),
+    "predict-corrupt-onnx": (
+        lambda t: ["predict", _bytes(t, "m.onnx", b"garbage"), _npz(t, x=np.zeros((1, 1, 8, 8), np.float32))],
+        3,
+        ("m.onnx",),
+    ),
+}
 
 
 def _copy(tmp: Path, source: Path, name: str) -> Path:
@@ -191,7 +310,10 @@ def test_debug_shows_the_traceback_instead(tmp_path):
 def _mount_tmpfs(folder: Path, options: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode
+        == 0
+    )
 
 
 @pytest.fixture

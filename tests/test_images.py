@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def shapes_onnx(tmp_path_factory) -> str:
     loaded = bnfold.load_model(ROOT / "sample_models" / "shapes_resnet" / "model.pt2")
     path = tmp_path_factory.mktemp("img") / "shapes.onnx"
-    return bnfold.export(loaded.module, loaded.example_inputs(), path, verify=False, labels=loaded.labels, preprocess=loaded.preprocess).path
+    return bnfold.export(
+        loaded.module, loaded.example_inputs(), path, verify=False, labels=loaded.labels, preprocess=loaded.preprocess
+    ).path
 
 
 def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:
@@ -78,9 +80,13 @@ def test_labels_must_match_the_class_count(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(size=(0, 4), mean=(0.0,), std=(1.0,)), "HxW"), (dict(size=(4, 4), mean=(0.0, 1.0), std=(1.0,)), "--preprocess-mean"),
-     (dict(size=(4, 4), mean=(0.0,), std=(0.0,)), "non-zero"), (dict(size=(4, 4), mean=(0.0,), std=(1.0,), channel_order="CMYK"), "RGB")],
-)  # fmt: skip
+    [
+        (dict(size=(0, 4), mean=(0.0,), std=(1.0,)), "HxW"),
+        (dict(size=(4, 4), mean=(0.0, 1.0), std=(1.0,)), "--preprocess-mean"),
+        (dict(size=(4, 4), mean=(0.0,), std=(0.0,)), "non-zero"),
+        (dict(size=(4, 4), mean=(0.0,), std=(1.0,), channel_order="CMYK"), "RGB"),
+    ],
+)
 def test_invalid_preprocessing_is_refused(kwargs, match):
     with pytest.raises(bnfold.UsageError, match=match):
         Preprocess(**kwargs)

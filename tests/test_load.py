@@ -36,7 +36,9 @@ def predictor(tmp_path_factory) -> Predictor:
     return Predictor(out, device="cpu")
 
 
-def hammer(predictor: Predictor, inputs: list[np.ndarray], expected: list[np.ndarray], calls_per_thread: int) -> list[tuple[int, int]]:
+def hammer(
+    predictor: Predictor, inputs: list[np.ndarray], expected: list[np.ndarray], calls_per_thread: int
+) -> list[tuple[int, int]]:
     """``THREADS`` threads each make ``calls_per_thread`` predict calls over ``inputs``; the
     (thread, call) of every result that differs from the sequential one."""
     wrong: list[tuple[int, int]] = []

@@ -30,7 +30,11 @@ def net() -> nn.Module:
 
 def test_torchscript_with_recorded_input_shape(tmp_path):
     path = tmp_path / "ts.bin"  # the extension is irrelevant
-    torch.jit.save(torch.jit.trace(net(), torch.randn(2, 1, 8, 8)), str(path), _extra_files={"bnfold.json": json.dumps({"input_shape": [1, 1, 8, 8]})})
+    torch.jit.save(
+        torch.jit.trace(net(), torch.randn(2, 1, 8, 8)),
+        str(path),
+        _extra_files={"bnfold.json": json.dumps({"input_shape": [1, 1, 8, 8]})},
+    )
     loaded = load_model(path)
     assert loaded.format == TORCHSCRIPT and loaded.input_shapes == [(1, 1, 8, 8)]
 
@@ -45,7 +49,11 @@ def test_exported_program_carries_its_input_shape(tmp_path):
 @pytest.mark.parametrize("key", ["state_dict", "model_state_dict", None])
 def test_state_dict_and_checkpoint_dicts_with_arch(tmp_path, key):
     model = net()
-    payload = model.state_dict() if key is None else {key: model.state_dict(), "epoch": np.int64(3), "acc": np.float64(0.9), "input_shape": [1, 1, 8, 8]}
+    payload = (
+        model.state_dict()
+        if key is None
+        else {key: model.state_dict(), "epoch": np.int64(3), "acc": np.float64(0.9), "input_shape": [1, 1, 8, 8]}
+    )
     torch.save(payload, tmp_path / "m.pt")
     loaded = load_model(tmp_path / "m.pt", arch=ARCH)
     assert loaded.format == STATE_DICT
@@ -81,7 +89,9 @@ def test_arch_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
 
 def test_arch_from_a_file_path_with_kwargs(tmp_path):
     torch.save(net().state_dict(), tmp_path / "m.pt")
-    loaded = load_model(tmp_path / "m.pt", arch="sample_models/architectures.py:digits_cnn", arch_kwargs={"num_classes": 10})
+    loaded = load_model(
+        tmp_path / "m.pt", arch="sample_models/architectures.py:digits_cnn", arch_kwargs={"num_classes": 10}
+    )
     assert loaded.format == STATE_DICT
 
 
@@ -123,7 +133,12 @@ def test_malicious_pickle_never_runs_without_trust(tmp_path):
 
 @pytest.mark.parametrize(
     "content, match",
-    [(b"", "empty"), (b'{"a": 1}', "text or JSON"), (bytes(range(7, 71)), "not a PyTorch model"), (b"PK\x03\x04garbage", "damaged archive")],
+    [
+        (b"", "empty"),
+        (b'{"a": 1}', "text or JSON"),
+        (bytes(range(7, 71)), "not a PyTorch model"),
+        (b"PK\x03\x04garbage", "damaged archive"),
+    ],
     ids=["empty", "json", "random", "corrupt-zip"],
 )
 def test_files_that_are_not_models(tmp_path, content, match):

@@ -33,7 +33,9 @@ def loaded_types(path) -> set[int]:
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["float32", "float16"])
 def test_the_types_match_onnx_load(tmp_path, fp16):
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)))
+    model = randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    )
     path = bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=fp16, verify=False).path
     types = initializer_data_types(path)
     assert types == loaded_types(path)
@@ -97,8 +99,12 @@ def test_unusual_but_valid_encodings_read_as_protobuf_reads_them(tmp_path, case)
     group = tag(99, START_GROUP) + tag(1, VARINT) + encode_varint(5) + tag(99, END_GROUP)  # field 99: a group
     data = {
         "group before the graph": group + _model_with_tensor_bytes(half),
-        "data_type given twice": _model_with_tensor_bytes(half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT)),  # float16, then float
-        "data_type over 32 bits": _model_with_tensor_bytes(half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT16 + (1 << 32))),
+        "data_type given twice": _model_with_tensor_bytes(
+            half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT)
+        ),  # float16, then float
+        "data_type over 32 bits": _model_with_tensor_bytes(
+            half + tag(DATA_TYPE_FIELD, VARINT) + encode_varint(onnx.TensorProto.FLOAT16 + (1 << 32))
+        ),
     }[case]
     path = tmp_path / "m.onnx"
     path.write_bytes(data)

@@ -26,7 +26,9 @@ def exported(*layers: nn.Module, example: torch.Tensor) -> ir.Model:
 
 @pytest.fixture
 def conv_model() -> ir.Model:
-    model = exported(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), example=torch.randn(1, 3, 6, 6))
+    model = exported(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), example=torch.randn(1, 3, 6, 6)
+    )
     model.metadata_props["note"] = "kept"
     return model
 
@@ -104,10 +106,12 @@ def test_tensor_bytes_counts_initializers_and_constant_attributes():
     weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     constant = onnx.helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(8, np.float64)))
     graph = onnx.helper.make_graph(
-        [constant, onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [constant, onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight],
-    )  # fmt: skip
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
     model = ir.serde.deserialize_model(onnx.helper.make_model(graph))
     assert tensor_bytes(model) == 4 * 4 * 4 + 8 * 8
 

@@ -51,7 +51,11 @@ def test_splitting_gives_the_same_result_in_order(single):
 
 @pytest.mark.parametrize(
     "x, match",
-    [(np.zeros((2, 3, 6, 6), np.int64), "dtype int64"), (np.zeros((2, 4, 6, 6), np.float32), "expected shape Nx3x6x6"), (np.zeros((3, 6, 6), np.float32), "got 3x6x6")],
+    [
+        (np.zeros((2, 3, 6, 6), np.int64), "dtype int64"),
+        (np.zeros((2, 4, 6, 6), np.float32), "expected shape Nx3x6x6"),
+        (np.zeros((3, 6, 6), np.float32), "got 3x6x6"),
+    ],
     ids=["int", "channels", "rank"],
 )
 def test_bad_inputs_name_the_input(single, x, match):

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)))
+    model = randomize_batchnorms(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)
+        )
+    )
     return bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path_factory.mktemp("gpu") / "m.onnx").path
 
 

@@ -25,16 +25,23 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_documented_exit_codes_match_the_code():
-    from bnfold import errors
     from bnfold.cli import main
 
-    for code in (errors.EXIT_OK, errors.EXIT_VERIFICATION_FAILED, errors.EXIT_USAGE, errors.EXIT_BAD_INPUT, main.EXIT_INTERNAL, main.EXIT_INTERRUPTED):
+    from bnfold import errors
+
+    for code in (
+        errors.EXIT_OK,
+        errors.EXIT_VERIFICATION_FAILED,
+        errors.EXIT_USAGE,
+        errors.EXIT_BAD_INPUT,
+        main.EXIT_INTERNAL,
+        main.EXIT_INTERRUPTED,
+    ):
         assert re.search(rf"^\| {code} \|", README, re.M), f"exit code {code} not documented"
 
 
 def test_every_cli_option_is_in_the_readme():
     import click
-
     from bnfold.cli.main import main
 
     for name, command in main.commands.items():

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bnfold.cli.main import main
 from click.testing import CliRunner
 from helpers import randomize_batchnorms
 from torch import nn
 
 import bnfold
-from bnfold.cli.main import main
 
 
 class Net(nn.Module):
@@ -47,7 +47,9 @@ def test_statistics_equal_a_direct_computation():
         h1 = model.conv1(x)
         m1, v1 = population(h1)
         # In train-statistics mode bn1 normalises with the batch's own (biased) statistics.
-        normed = torch.nn.functional.batch_norm(h1, None, None, model.bn1.weight, model.bn1.bias, training=True, eps=model.bn1.eps)
+        normed = torch.nn.functional.batch_norm(
+            h1, None, None, model.bn1.weight, model.bn1.bias, training=True, eps=model.bn1.eps
+        )
         m2, v2 = population(model.conv2(torch.relu(normed)))
     torch.testing.assert_close(model.bn1.running_mean.double(), m1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bn1.running_var.double(), v1, rtol=1e-5, atol=1e-6)
@@ -91,9 +93,19 @@ def test_cli_export_with_recalibration(tmp_path, monkeypatch):
     report = tmp_path / "r.json"
     result = CliRunner().invoke(
         main,
-        ["export", "sample_models/signal_cnn/model.pt", "--arch", "sample_models/architectures.py:signal_net",
-         "-o", str(tmp_path / "s.onnx"), "--recalibrate", "sample_models/signal_cnn/test.npz", "--report", str(report)],
-    )  # fmt: skip
+        [
+            "export",
+            "sample_models/signal_cnn/model.pt",
+            "--arch",
+            "sample_models/architectures.py:signal_net",
+            "-o",
+            str(tmp_path / "s.onnx"),
+            "--recalibrate",
+            "sample_models/signal_cnn/test.npz",
+            "--report",
+            str(report),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "Recalibrated 3 batch-norm(s) on 400 sample(s)" in result.stdout and "Verification PASSED" in result.stdout
     layers = json.loads(report.read_text())["recalibration"]["layers"]

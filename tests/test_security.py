@@ -34,7 +34,14 @@ from hostile import (
 from torch import nn
 
 import bnfold
-from bnfold.loading import COMPUTED_GLOBAL, _safe_target, export_archive_problems, load_model, pickle_globals, resolve_factory
+from bnfold.loading import (
+    COMPUTED_GLOBAL,
+    _safe_target,
+    export_archive_problems,
+    load_model,
+    pickle_globals,
+    resolve_factory,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +72,16 @@ def test_the_payloads_really_run_when_trusted(tmp_path, container):
 
 
 CLI_ENTRY_POINTS = {
-    "export": lambda model, t: ["export", model, "-o", t / "out.onnx", "--arch", DIGITS_ARCH, "--input-shape", "1x1x8x8"],
+    "export": lambda model, t: [
+        "export",
+        model,
+        "-o",
+        t / "out.onnx",
+        "--arch",
+        DIGITS_ARCH,
+        "--input-shape",
+        "1x1x8x8",
+    ],
     "inspect": lambda model, t: ["inspect", model, "--arch", DIGITS_ARCH, "--input-shape", "1x1x8x8"],
     "verify": lambda model, t: ["verify", model, ROOT / "sample_models" / "missing.onnx", "--arch", DIGITS_ARCH],
 }
@@ -107,9 +123,17 @@ def test_harmless_checkpoint_contents_load_without_trust(tmp_path, kind):
 
 def test_checkpoints_written_with_numpy_1_module_names_load(tmp_path):
     """numpy 1.x pickles scalars as numpy.core.multiarray.scalar; numpy 2 renamed the module."""
-    torch.save({"state_dict": digits_state_dict(), "acc": np.float64(0.9)}, tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+    torch.save(
+        {"state_dict": digits_state_dict(), "acc": np.float64(0.9)},
+        tmp_path / "m.pt",
+        _use_new_zipfile_serialization=False,
+    )
     data = (tmp_path / "m.pt").read_bytes()
-    other = (b"numpy._core.multiarray", b"numpy.core.multiarray") if b"numpy._core" in data else (b"numpy.core.multiarray", b"numpy._core.multiarray")
+    other = (
+        (b"numpy._core.multiarray", b"numpy.core.multiarray")
+        if b"numpy._core" in data
+        else (b"numpy.core.multiarray", b"numpy._core.multiarray")
+    )
     assert other[0] in data
     (tmp_path / "m.pt").write_bytes(data.replace(*other))
     assert load_model(tmp_path / "m.pt", arch=DIGITS_ARCH).format == "state_dict"
@@ -172,7 +196,9 @@ def program_file(tmp_path_factory) -> pathlib.Path:
     """A torch.export archive with a dynamic batch (so it records shape expressions)."""
     path = tmp_path_factory.mktemp("pt2") / "net.pt2"
     batch = torch.export.Dim("batch", min=1)
-    torch.export.save(torch.export.export(Net().eval(), (torch.randn(2, 3, 6, 6),), dynamic_shapes=({0: batch},)), str(path))
+    torch.export.save(
+        torch.export.export(Net().eval(), (torch.randn(2, 3, 6, 6),), dynamic_shapes=({0: batch},)), str(path)
+    )
     return path
 
 
@@ -189,7 +215,9 @@ def _shape_expression(source, target, marker):
 
 
 def _guard(source, target, marker):
-    return rewrite_program_json(source, target, lambda doc: doc.__setitem__("guards_code", [f"__import__('os').system('touch {marker}') == 0"]))
+    return rewrite_program_json(
+        source, target, lambda doc: doc.__setitem__("guards_code", [f"__import__('os').system('touch {marker}') == 0"])
+    )
 
 
 def replace_first(doc, key, value) -> None:
@@ -206,7 +234,11 @@ def replace_first(doc, key, value) -> None:
     raise AssertionError(f"no {key} in the document")
 
 
-PT2_ATTACKS = {"sample-inputs pickle": _pickle_in_sample_inputs, "shape expression": _shape_expression, "guard code": _guard}
+PT2_ATTACKS = {
+    "sample-inputs pickle": _pickle_in_sample_inputs,
+    "shape expression": _shape_expression,
+    "guard code": _guard,
+}
 
 
 @pytest.mark.parametrize("attack", list(PT2_ATTACKS))
@@ -329,7 +361,7 @@ def test_pickled_weights_in_an_export_archive_are_scanned(program_file, tmp_path
         return data
 
     path = rewrite_zip(program_file, tmp_path / "evil.pt2", change)
-    with pytest.raises(bnfold.UnsafeModelError, match="weight_0 imports posix.system"):
+    with pytest.raises(bnfold.UnsafeModelError, match=r"weight_0 imports posix\.system"):
         load_model(path)
     assert not marker.exists()
     with contextlib.suppress(bnfold.BnfoldError):  # control: torch unpickles it

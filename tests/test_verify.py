@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bnfold.cli.main import main
 from click.testing import CliRunner
 from helpers import random_input, randomize_batchnorms
 from torch import nn
 
 import bnfold
-from bnfold.cli.main import main
 from bnfold.fold import math as fold_math
 
 

@@ -10,8 +10,8 @@ from torch import fx, nn
 
 from ..modes import module_types
 from ..report import FoldReport
-from .capture import capture
 from .branches import merge_parallel_branches
+from .capture import capture
 from .graph import fold_graph, remove_unused_attributes
 
 

@@ -21,8 +21,8 @@ from . import math as fold_math
 from .graph import (
     ENTRY_META,
     _arg,
-    _BatchNormSite,
     _batchnorm_site,
+    _BatchNormSite,
     _cast_checked,
     _erase_unused,
     _FoldPass,
@@ -123,9 +123,10 @@ class _Merger:
                 if b.site is not None and ENTRY_META in b.site.node.meta:
                     entry = self.report.entries[b.site.node.meta[ENTRY_META]]
                     self.report.entries[b.site.node.meta[ENTRY_META]] = replace(
-                        entry, reason=f"in a multi-branch block that cannot be merged: {problem}",
+                        entry,
+                        reason=f"in a multi-branch block that cannot be merged: {problem}",
                         category="multi-branch block that cannot be merged",
-                    )  # fmt: skip
+                    )
             return
         self._merge(root, adds, branches, convs)
 
@@ -170,7 +171,11 @@ class _Merger:
         k = _ints(_arg(pool, 1, "kernel_size", 1), dims, 1)
         s = _ints(_arg(pool, 2, "stride", None), dims, 0) if _arg(pool, 2, "stride", None) else k
         p = _ints(_arg(pool, 3, "padding", 0), dims, 0)
-        if _arg(pool, 4, "ceil_mode", False) or not _arg(pool, 5, "count_include_pad", True) or _arg(pool, 6, "divisor_override", None):
+        if (
+            _arg(pool, 4, "ceil_mode", False)
+            or not _arg(pool, 5, "count_include_pad", True)
+            or _arg(pool, 6, "divisor_override", None)
+        ):
             return "the average pool branch does not divide by the full kernel (ceil_mode/count_include_pad/divisor_override)"
         if s != stride or any(ki > kk or ki % 2 == 0 or pi != (ki - 1) // 2 for ki, kk, pi in zip(k, kernel, p)):
             return f"the average pool branch (kernel {k}, stride {s}, padding {p}) does not line up with the convs"
@@ -192,7 +197,11 @@ class _Merger:
         for b in branches:
             if b.layer is not None:
                 continue
-            scale, shift = b.site.scale_shift(self.gm) if b.site is not None else (torch.ones(ref.shape[0], dtype=torch.float64), None)
+            scale, shift = (
+                b.site.scale_shift(self.gm)
+                if b.site is not None
+                else (torch.ones(ref.shape[0], dtype=torch.float64), None)
+            )
             values = None
             if b.pool is not None:
                 k = _ints(_arg(b.pool, 1, "kernel_size", 1), len(kernel), 1)
@@ -227,17 +236,26 @@ class _Merger:
                 pattern = f"{what} branch merged into {main.kind} (multi-branch re-parameterisation)"
                 if shared:
                     pattern += "; weights copied, other call sites keep the originals"
-                self.report.entries[index] = replace(self.report.entries[index], status=FOLDED, into=main.name, pattern=pattern, reason=None, category=None)
+                self.report.entries[index] = replace(
+                    self.report.entries[index],
+                    status=FOLDED,
+                    into=main.name,
+                    pattern=pattern,
+                    reason=None,
+                    category=None,
+                )
 
 
 def merge_parallel_branches(gm: fx.GraphModule, report: FoldReport) -> None:
     """Merge every multi-branch conv block of ``gm`` into one conv, updating ``report``."""
     merger = _Merger(gm, report)
     roots = [
-        n for n in gm.graph.nodes
-        if n.op == "call_function" and n.target is _ADD
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target is _ADD
         and not (len(n.users) == 1 and next(iter(n.users)).target is _ADD)
-    ]  # fmt: skip
+    ]
     for root in roots:
         if not root._erased:  # an earlier merge may have removed it
             merger.try_merge(root)

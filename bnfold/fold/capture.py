@@ -77,7 +77,12 @@ def _first_lines(exc: BaseException, n: int = 3) -> str:
 
 def _run_once(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """Run the model eagerly once, so a rejected input shape or a failing forward is named as such."""
-    with model_failures(inputs, FoldError, "the model fails on input", "Check --input-shape, or fix the model's forward"), quiet_torch():
+    with (
+        model_failures(
+            inputs, FoldError, "the model fails on input", "Check --input-shape, or fix the model's forward"
+        ),
+        quiet_torch(),
+    ):
         run_eval(module, inputs)
 
 

@@ -39,17 +39,21 @@ _WEIGHT_OPS = _CONV_OPS | _CONV_PADDING_STR_OPS | _CONV_TRANSPOSE_OPS | _GENERIC
 # Padding modes that commute with a per-channel affine map (the padded values are input values).
 _AFFINE_COMMUTING_PAD_MODES = {"reflect", "replicate", "circular"}
 
+
 def fetch_attribute(gm: fx.GraphModule, target: str) -> Tensor:
     """The tensor a ``get_attr`` target names."""
     return functools.reduce(getattr, target.split("."), gm)
+
 
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
 
+
 def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
 
 def _module_path(node: fx.Node) -> tuple[str, str] | None:
     """(path, class name) of the innermost module that produced ``node``, if recorded."""
@@ -60,8 +64,10 @@ def _module_path(node: fx.Node) -> tuple[str, str] | None:
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     return path, cls_name.rsplit(".", 1)[-1]
 
+
 def _is_stored(node: object) -> bool:
     return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+
 
 @dataclass
 class _BatchNormSite:
@@ -104,8 +110,9 @@ class _BatchNormSite:
         return int(val.shape[1]) if val is not None and val.dim() > 1 else 0
 
     def scale_shift(self, gm: fx.GraphModule) -> tuple[Tensor, Tensor]:
-        get = lambda ref: None if ref is None else fetch_attribute(gm, ref.target)  # noqa: E731
+        get = lambda ref: None if ref is None else fetch_attribute(gm, ref.target)
         return fold_math.bn_scale_shift(get(self.mean), get(self.var), get(self.weight), get(self.bias), self.eps)
+
 
 @dataclass
 class _WeightLayer:
@@ -134,6 +141,7 @@ class _WeightLayer:
             return padding == "same" and any(k > 1 for k in kernel)
         return any(int(p) != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
+
 def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
     if node.op != "call_function":
         return None
@@ -161,6 +169,7 @@ def _batchnorm_site(node: fx.Node) -> _BatchNormSite | None:
         name, kind = node.name, "batch_norm"
     return _BatchNormSite(node, output, float(node.args[eps_idx]), uses_batch_stats, name or node.name, kind)
 
+
 def _weight_layer(node: fx.Node) -> _WeightLayer | None:
     if node.op != "call_function" or node.target not in _WEIGHT_OPS:
         return None
@@ -186,26 +195,40 @@ def _weight_layer(node: fx.Node) -> _WeightLayer | None:
         name = node.name
     return _WeightLayer(node, transposed, groups, kind, name)
 
+
 _VIEW_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-    aten.permute.default, aten.transpose.int,
-}  # fmt: skip
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.permute.default,
+    aten.transpose.int,
+}
 
 
 # Ops that read only the shape of one argument (its index here): folding changes values, not shapes.
 _SHAPE_ONLY = {
-    aten.reshape_as.default: 1, aten.view_as.default: 1, aten.expand_as.default: 1, aten.sym_size.int: 0,
-    aten.zeros_like.default: 0, aten.ones_like.default: 0, aten.empty_like.default: 0,
-}  # fmt: skip
+    aten.reshape_as.default: 1,
+    aten.view_as.default: 1,
+    aten.expand_as.default: 1,
+    aten.sym_size.int: 0,
+    aten.zeros_like.default: 0,
+    aten.ones_like.default: 0,
+    aten.empty_like.default: 0,
+}
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
     """Users of ``node`` that read its values (not only its shape)."""
     return [
-        user for user in node.users
-        if not (user.target in _SHAPE_ONLY and user.args[_SHAPE_ONLY[user.target]] is node
-                and sum(a is node for a in user.args) == 1)
-    ]  # fmt: skip
+        user
+        for user in node.users
+        if not (
+            user.target in _SHAPE_ONLY
+            and user.args[_SHAPE_ONLY[user.target]] is node
+            and sum(a is node for a in user.args) == 1
+        )
+    ]
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -274,8 +297,14 @@ def _describe_source(node: fx.Node) -> str:
         return f"its input comes from '{_op_name(node)}', not directly from a conv/linear layer"
     return f"its input comes from {node.op} '{node.target}', not a conv/linear layer"
 
+
 def _check_statistics(gm: fx.GraphModule, site: _BatchNormSite) -> None:
-    for label, ref in (("running_mean", site.mean), ("running_var", site.var), ("weight", site.weight), ("bias", site.bias)):
+    for label, ref in (
+        ("running_mean", site.mean),
+        ("running_var", site.var),
+        ("weight", site.weight),
+        ("bias", site.bias),
+    ):
         if not (isinstance(ref, fx.Node) and ref.op == "get_attr"):
             continue
         value = fetch_attribute(gm, ref.target).detach()
@@ -292,6 +321,7 @@ def _check_statistics(gm: fx.GraphModule, site: _BatchNormSite) -> None:
                 "the checkpoint is corrupt."
             )
 
+
 def _cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
     cast = value.to(like.dtype)
     if not torch.isfinite(cast).all():
@@ -301,6 +331,7 @@ def _cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
             "tiny running_var with a large weight; fix the statistics or export in a wider dtype."
         )
     return cast
+
 
 class _FoldPass:
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -340,9 +371,19 @@ class _FoldPass:
             self.gm.graph.erase_node(node)
 
     def _layer_tensors(self, layer: _WeightLayer) -> tuple[Tensor, Tensor | None]:
-        return fetch_attribute(self.gm, layer.weight.target), None if layer.bias is None else fetch_attribute(self.gm, layer.bias.target)
+        return fetch_attribute(self.gm, layer.weight.target), None if layer.bias is None else fetch_attribute(
+            self.gm, layer.bias.target
+        )
 
-    def _cast_pair(self, site: _BatchNormSite, layer: _WeightLayer, w: Tensor, b: Tensor | None, like_w: Tensor, like_b: Tensor | None):
+    def _cast_pair(
+        self,
+        site: _BatchNormSite,
+        layer: _WeightLayer,
+        w: Tensor,
+        b: Tensor | None,
+        like_w: Tensor,
+        like_b: Tensor | None,
+    ):
         what = f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
         w = _cast_checked(w, like_w, f"{what}: the weight")
         b = None if b is None else _cast_checked(b, like_w if like_b is None else like_b, f"{what}: the bias")
@@ -408,7 +449,9 @@ class _FoldPass:
         weight = fetch_attribute(self.gm, layer.weight.target)
         out_channels = weight.shape[1] * layer.groups if layer.transposed else weight.shape[0]
         if out_channels != channels:
-            return f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {channels}"
+            return (
+                f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {channels}"
+            )
         return None
 
     def _apply_output_fold(self, site: _BatchNormSite, layer: _WeightLayer, s: Tensor, t: Tensor) -> bool:
@@ -523,11 +566,15 @@ class _FoldPass:
         shared = len(layer.weight.users) > 1  # the layer is called at other sites too
         self._set_weights(layer, new_w, new_b)
         self._remove(site, site.source)
-        pattern = f"{site.kind} → {layer.kind}, input side" + (f", through {_arg(pad, 2, 'mode')} padding" if pad else "")
+        pattern = f"{site.kind} → {layer.kind}, input side" + (
+            f", through {_arg(pad, 2, 'mode')} padding" if pad else ""
+        )
         return self._folded(site, layer.name, pattern, shared)
 
     def _compose(self, site: _BatchNormSite, next_bn: _BatchNormSite) -> BatchNormEntry | str:
-        if next_bn.uses_batch_stats or not all(_is_stored(r) for r in (next_bn.weight, next_bn.bias, next_bn.mean, next_bn.var)):
+        if next_bn.uses_batch_stats or not all(
+            _is_stored(r) for r in (next_bn.weight, next_bn.bias, next_bn.mean, next_bn.var)
+        ):
             return "the following batch-norm uses batch statistics or computed parameters"
         if next_bn.channels(self.gm) != site.channels(self.gm):
             return "channel mismatch with the following batch-norm"
@@ -550,8 +597,13 @@ class _FoldPass:
             if node.op == "get_attr" and not node.users:
                 graph.erase_node(node)
         used = {n.target for n in graph.nodes if n.op == "get_attr"}
-        for name in [n for n, _ in [*self.gm.named_parameters(), *self.gm.named_buffers()] if n.startswith("_bnfold_") and n not in used]:
+        for name in [
+            n
+            for n, _ in [*self.gm.named_parameters(), *self.gm.named_buffers()]
+            if n.startswith("_bnfold_") and n not in used
+        ]:
             delattr(self.gm, name)
+
 
 def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
     """Name what a stored tensor is, for errors: "the weight of Conv2d 'layer1.conv'" and the like."""
@@ -562,9 +614,12 @@ def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
             return f"the {role} of {layer.kind} '{layer.name}'"
         site = _batchnorm_site(user)
         if site is not None:
-            role = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}.get(list(user.args).index(node), "tensor")
+            role = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}.get(
+                list(user.args).index(node), "tensor"
+            )
             return f"the {role} of batch-norm '{site.name}'"
     return f"tensor '{node.target}'"
+
 
 # Value- and layout-preserving ops. Not clone/contiguous: they change strides a later view needs.
 _NO_OPS = {aten.alias.default, aten.detach.default}

@@ -31,9 +31,7 @@ def bn_scale_shift(
     return s, beta - s * mean
 
 
-def scale_output_channels(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
-) -> tuple[Tensor, Tensor]:
+def scale_output_channels(weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Fold ``s * y + t`` into a layer whose output channel is weight dim 0.
 
     Covers Conv1d/2d/3d (any groups, stride, dilation, padding) and Linear:

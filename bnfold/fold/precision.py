@@ -57,7 +57,10 @@ def with_float32_io(gm: fx.GraphModule) -> fx.GraphModule:
             cast = graph.call_function(to_copy, (placeholder,), {"dtype": torch.float16})
         # Every reader takes the float16 copy, except the cast itself and torch.export's input
         # guard (a call_module), which checks the caller's float32 input.
-        placeholder.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "call_module")
+        placeholder.replace_all_uses_with(
+            cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "call_module"
+        )
+
     def to_float32(node: object) -> object:
         # The capture's metadata predates the float16 conversion: floating there means float16 now.
         val = node.meta.get("val") if isinstance(node, fx.Node) else None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bnfold.cli.main import main
 from click.testing import CliRunner
 
 from bnfold.bench import VARIANTS
-from bnfold.cli.main import main
 
 SIGNAL = Path(__file__).resolve().parents[2] / "sample_models" / "signal_cnn"
 ARCH = str(SIGNAL.parent / "architectures.py") + ":signal_net"
@@ -16,7 +16,21 @@ ARCH = str(SIGNAL.parent / "architectures.py") + ":signal_net"
 
 def test_bench_prints_medians_and_ratios_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", str(SIGNAL / "model.pt"), "--arch", ARCH, "--batch-sizes", "1,4", "--repeats", "2", "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(SIGNAL / "model.pt"),
+            "--arch",
+            ARCH,
+            "--batch-sizes",
+            "1,4",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "ratios:" in result.stdout and "eager folded / BN-free floor" in result.stdout
     data = json.loads(out.read_text())

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
 from bnfold.cli.main import main
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
@@ -52,7 +51,17 @@ def test_export_defaults_to_the_model_stem_beside_it(tmp_path):
 
 
 def test_export_state_dict_with_arch_and_kwargs(tmp_path):
-    result = invoke("export", MOBILENET, "-o", tmp_path / "m.onnx", "--arch", "sample_models.architectures:mobilenet_tiny", "--arch-kwargs", '{"num_classes": 4}', "--static-batch")
+    result = invoke(
+        "export",
+        MOBILENET,
+        "-o",
+        tmp_path / "m.onnx",
+        "--arch",
+        "sample_models.architectures:mobilenet_tiny",
+        "--arch-kwargs",
+        '{"num_classes": 4}',
+        "--static-batch",
+    )
     assert result.exit_code == 0, result.stderr
     assert "static batch" in result.stdout
 
@@ -81,23 +90,73 @@ def _state_dict_file(tmp_path: Path) -> Path:
 
 ERRORS = {
     "missing-file": (lambda t: ["export", t / "nope.pt"], 3, "does not exist"),
-    "not-a-model": (lambda t: ["export", (t / "notes.txt", (t / "notes.txt").write_text("hello"))[0]], 3, "not a PyTorch model"),
+    "not-a-model": (
+        lambda t: ["export", (t / "notes.txt", (t / "notes.txt").write_text("hello"))[0]],
+        3,
+        "not a PyTorch model",
+    ),
     "pickle-untrusted": (lambda t: ["export", SEGNET, "-o", t / "s.onnx"], 3, "--trust-pickle"),
     "state-dict-no-arch": (lambda t: ["export", _state_dict_file(t)], 2, "--arch"),
     "bad-input-shape": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--input-shape", "1x1x8"], 3, ""),
-    "malformed-input-shape": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--input-shape", "1xfoo"], 2, "--input-shape"),
+    "malformed-input-shape": (
+        lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--input-shape", "1xfoo"],
+        2,
+        "--input-shape",
+    ),
     "missing-output-folder": (lambda t: ["export", DIGITS, "-o", t / "no" / "d.onnx"], 2, "does not exist"),
-    "bad-arch-kwargs": (lambda t: ["export", _state_dict_file(t), "--arch", "sample_models.architectures:digits_cnn", "--arch-kwargs", "{bad"], 2, "--arch-kwargs"),
+    "bad-arch-kwargs": (
+        lambda t: [
+            "export",
+            _state_dict_file(t),
+            "--arch",
+            "sample_models.architectures:digits_cnn",
+            "--arch-kwargs",
+            "{bad",
+        ],
+        2,
+        "--arch-kwargs",
+    ),
     "inspect-missing": (lambda t: ["inspect", t / "nope.pt"], 3, "does not exist"),
     "verify-missing-onnx": (lambda t: ["verify", DIGITS, t / "nope.onnx"], 3, "does not exist"),
     "unsupported-opset": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--opset", "7"], 2, "--opset 7"),
     "negative-rtol": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--no-verify", "--rtol", "-1"], 2, "--rtol"),
-    "keep-io-types-without-fp16": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--keep-io-types"], 2, "--keep-io-types"),
-    "empty-inputs": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--inputs", (t / "e.npy", np.save(t / "e.npy", np.zeros((0, 1, 8, 8), np.float32)))[0]], 2, "no samples"),
-    "report-folder-missing": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--report", t / "no" / "r.json"], 2, "--report"),
-    "verify-report-folder-missing": (lambda t: ["verify", DIGITS, t / "nope.onnx", "--report", t / "no" / "r.json"], 2, "--report"),
-    "bad-preprocess-size": (lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--preprocess-size", "abc"], 2, "--preprocess-size"),
-    "verify-other-model": (lambda t: ["verify", DIGITS, SAMPLES / "shapes_resnet" / "test.npz"], 3, "cannot be loaded by ONNX Runtime"),
+    "keep-io-types-without-fp16": (
+        lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--keep-io-types"],
+        2,
+        "--keep-io-types",
+    ),
+    "empty-inputs": (
+        lambda t: [
+            "export",
+            DIGITS,
+            "-o",
+            t / "d.onnx",
+            "--inputs",
+            (t / "e.npy", np.save(t / "e.npy", np.zeros((0, 1, 8, 8), np.float32)))[0],
+        ],
+        2,
+        "no samples",
+    ),
+    "report-folder-missing": (
+        lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--report", t / "no" / "r.json"],
+        2,
+        "--report",
+    ),
+    "verify-report-folder-missing": (
+        lambda t: ["verify", DIGITS, t / "nope.onnx", "--report", t / "no" / "r.json"],
+        2,
+        "--report",
+    ),
+    "bad-preprocess-size": (
+        lambda t: ["export", DIGITS, "-o", t / "d.onnx", "--preprocess-size", "abc"],
+        2,
+        "--preprocess-size",
+    ),
+    "verify-other-model": (
+        lambda t: ["verify", DIGITS, SAMPLES / "shapes_resnet" / "test.npz"],
+        3,
+        "cannot be loaded by ONNX Runtime",
+    ),
 }
 
 

@@ -15,10 +15,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_state_dict, run_cli, snapshot, write_malicious
+from bnfold.cli import main as cli_main
+from hostile import (
+    DIGITS,
+    DIGITS_ARCH,
+    ROOT,
+    assert_one_line_error,
+    digits_state_dict,
+    run_cli,
+    snapshot,
+    write_malicious,
+)
 
 from bnfold import errors
-from bnfold.cli import main as cli_main
 
 README = (ROOT / "README.md").read_text()
 
@@ -70,7 +79,9 @@ def test_4_internal_error(tmp_path, monkeypatch):
         raise RuntimeError("simulated bug\nsecond line")
 
     monkeypatch.setattr(cli_main, "load_model", bug)
-    line = assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 4, "internal error: RuntimeError: simulated bug")
+    line = assert_one_line_error(
+        run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 4, "internal error: RuntimeError: simulated bug"
+    )
     assert "bnfold --debug" in line and "second line" not in line
     debug = run_cli("--debug", "export", DIGITS, "-o", tmp_path / "d.onnx")
     assert isinstance(debug.exception, RuntimeError)  # the traceback, for the bug report

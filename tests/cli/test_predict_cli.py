@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bnfold.cli.main import main
 from click.testing import CliRunner
 from PIL import Image
-
-from bnfold.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "sample_models" / "shapes_resnet"
@@ -53,7 +52,9 @@ def test_predict_json_lines(shapes_onnx):
 def test_predict_a_folder_of_images(shapes_onnx, tmp_path):
     x = np.load(SHAPES / "test.npz")["x"][:5]
     for i, chw in enumerate(x):
-        Image.fromarray(np.clip((chw * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.clip((chw * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(
+            tmp_path / f"{i}.png"
+        )
     result = invoke("predict", shapes_onnx, tmp_path, "--device", "cpu", "--json")
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -64,8 +65,21 @@ def test_export_options_store_labels_and_preprocessing(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\n")
     out = tmp_path / "m.onnx"
-    result = invoke("export", SHAPES / "model.pt2", "-o", out, "--no-verify", "--labels", labels,
-                    "--preprocess-mean", "0.4,0.5,0.6", "--preprocess-std", "0.2", "--preprocess-channels", "BGR")  # fmt: skip
+    result = invoke(
+        "export",
+        SHAPES / "model.pt2",
+        "-o",
+        out,
+        "--no-verify",
+        "--labels",
+        labels,
+        "--preprocess-mean",
+        "0.4,0.5,0.6",
+        "--preprocess-std",
+        "0.2",
+        "--preprocess-channels",
+        "BGR",
+    )
     assert result.exit_code == 0, result.stderr
     import bnfold
 
@@ -77,17 +91,41 @@ def test_export_options_store_labels_and_preprocessing(tmp_path):
 
 PREDICT_ERRORS = {
     "missing-model": (lambda t, m: ["predict", t / "nope.onnx", SHAPES / "test.npz"], 3, "does not exist"),
-    "not-onnx": (lambda t, m: ["predict", SHAPES / "test.npz", SHAPES / "test.npz"], 3, "cannot be loaded by ONNX Runtime"),
-    "wrong-shape": (lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 8, 8), np.float32)))[0]], 2, "expected shape Nx3x16x16"),
-    "int-data": (lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 16, 16), np.int64)))[0]], 2, "dtype int64"),
-    "bad-npz-names": (lambda t, m: ["predict", m, (t / "x.npz", np.savez(t / "x.npz", a=np.zeros(2), b=np.zeros(2)))[0]], 2, "no array named"),
+    "not-onnx": (
+        lambda t, m: ["predict", SHAPES / "test.npz", SHAPES / "test.npz"],
+        3,
+        "cannot be loaded by ONNX Runtime",
+    ),
+    "wrong-shape": (
+        lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 8, 8), np.float32)))[0]],
+        2,
+        "expected shape Nx3x16x16",
+    ),
+    "int-data": (
+        lambda t, m: ["predict", m, (t / "x.npy", np.save(t / "x.npy", np.zeros((2, 3, 16, 16), np.int64)))[0]],
+        2,
+        "dtype int64",
+    ),
+    "bad-npz-names": (
+        lambda t, m: ["predict", m, (t / "x.npz", np.savez(t / "x.npz", a=np.zeros(2), b=np.zeros(2)))[0]],
+        2,
+        "no array named",
+    ),
     "missing-input": (lambda t, m: ["predict", m, t / "nope.npy"], 2, "does not exist"),
-    "not-an-image": (lambda t, m: ["predict", m, (t / "x.png", (t / "x.png").write_text("no"))[0]], 2, "not a readable image"),
+    "not-an-image": (
+        lambda t, m: ["predict", m, (t / "x.png", (t / "x.png").write_text("no"))[0]],
+        2,
+        "not a readable image",
+    ),
     "empty-folder": (lambda t, m: ["predict", m, (t / "d", (t / "d").mkdir())[0]], 2, "no image files"),
     "bad-device": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--device", "tpu"], 2, "tpu"),
     "bad-top-k": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--top-k", "0"], 2, "--top-k"),
     "bad-batch-size": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--batch-size", "0"], 2, "--batch-size"),
-    "missing-output-folder": (lambda t, m: ["predict", m, SHAPES / "test.npz", "-o", t / "no" / "p.npz"], 2, "does not exist"),
+    "missing-output-folder": (
+        lambda t, m: ["predict", m, SHAPES / "test.npz", "-o", t / "no" / "p.npz"],
+        2,
+        "does not exist",
+    ),
 }
 
 

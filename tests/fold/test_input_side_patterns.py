@@ -15,8 +15,6 @@ def zero_shift(bn: nn.BatchNorm2d) -> None:
     bn.bias.data.zero_()
 
 
-
-
 @pytest.mark.parametrize(
     "conv, shape",
     [

@@ -41,10 +41,18 @@ def conv_case(draw):
     cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     k = draw(st.integers(1, 3))
     return dict(
-        dims=dims, groups=groups, cin=cin, cout=cout, k=k,
-        stride=draw(st.integers(1, 2)), dilation=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
-        bias=draw(st.booleans()), affine=draw(st.booleans()), bn=None,
-    ), draw  # fmt: skip
+        dims=dims,
+        groups=groups,
+        cin=cin,
+        cout=cout,
+        k=k,
+        stride=draw(st.integers(1, 2)),
+        dilation=draw(st.integers(1, 2)),
+        padding=draw(st.integers(0, 2)),
+        bias=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        bn=None,
+    ), draw
 
 
 def layer_tensors(c: dict, gen: torch.Generator, transposed: bool, size: int):
@@ -115,7 +123,11 @@ def test_conv_input_fold(case, pad_mode):
     mean, var, gamma, beta, eps, gen = bn_params(draw, c["cin"], c["affine"])
     conv, w, b, x = layer_tensors(c, gen, transposed=False, size=7)
     p = c["padding"]
-    pad = (lambda y: y) if pad_mode == "zeros-unpadded" or p == 0 else (lambda y: F.pad(y, [p] * 2 * c["dims"], mode=pad_mode))
+    pad = (
+        (lambda y: y)
+        if pad_mode == "zeros-unpadded" or p == 0
+        else (lambda y: F.pad(y, [p] * 2 * c["dims"], mode=pad_mode))
+    )
     kw = dict(stride=c["stride"], dilation=c["dilation"], groups=c["groups"])
     s, t = fold_math.bn_scale_shift(mean, var, gamma, beta, eps)
     w2, b2 = fold_math.scale_input_channels(w, b, s, t, c["groups"])
@@ -154,7 +166,9 @@ def test_batchnorm_composition(channels, affine1, affine2, data):
     m1, v1, g1, b1, e1, gen = bn_params(data.draw, channels, affine1)
     m2, v2, g2, b2, e2, _ = bn_params(data.draw, channels, affine2)
     x = torch.randn(3, channels, 4, dtype=F64, generator=gen)
-    s, t = fold_math.compose_affine(*fold_math.bn_scale_shift(m1, v1, g1, b1, e1), *fold_math.bn_scale_shift(m2, v2, g2, b2, e2))
+    s, t = fold_math.compose_affine(
+        *fold_math.bn_scale_shift(m1, v1, g1, b1, e1), *fold_math.bn_scale_shift(m2, v2, g2, b2, e2)
+    )
     gamma, beta, mean = fold_math.batchnorm_params_for(s, t, v2, e2)
     expected = reference_bn(reference_bn(x, m1, v1, g1, b1, e1), m2, v2, g2, b2, e2)
     assert_close(reference_bn(x, mean, v2, gamma, beta, e2), expected)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import onnx_ops
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import onnx_ops
 from test_patterns import fold_and_export, kept_reason, statuses
 from torch import nn
 
@@ -24,13 +24,33 @@ class RepBlock(nn.Module):
     """RepVGG / MobileOne training-time block: kxk conv-BN + 1x1 conv-BN (+ identity BN)
     (+ avg-pool-BN), summed."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, identity: bool = True,
-                 pool: bool = False, one_by_one_padding: int = 0, dilation: int = 1, count_include_pad: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        identity: bool = True,
+        pool: bool = False,
+        one_by_one_padding: int = 0,
+        dilation: int = 1,
+        count_include_pad: bool = True,
+    ) -> None:
         super().__init__()
-        self.kxk = nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation, groups=groups, bias=False), nn.BatchNorm2d(cout))
-        self.k1 = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, one_by_one_padding, groups=groups), nn.BatchNorm2d(cout))
+        self.kxk = nn.Sequential(
+            nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation=dilation, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.k1 = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, one_by_one_padding, groups=groups), nn.BatchNorm2d(cout)
+        )
         self.identity = nn.BatchNorm2d(cout) if identity else None
-        self.pool = nn.Sequential(nn.AvgPool2d(3, stride, 1, count_include_pad=count_include_pad), nn.BatchNorm2d(cout)) if pool else None
+        self.pool = (
+            nn.Sequential(nn.AvgPool2d(3, stride, 1, count_include_pad=count_include_pad), nn.BatchNorm2d(cout))
+            if pool
+            else None
+        )
 
     def forward(self, x):
         y = self.kxk(x) + self.k1(x)
@@ -90,9 +110,14 @@ def blocks(draw):
     groups = draw(st.sampled_from([1, 2, 4]))
     k = draw(st.sampled_from([3, 5]))
     return dict(
-        groups=groups, k=k, small=draw(st.sampled_from([1, 3])), stride=draw(st.integers(1, 2)),
-        identity=draw(st.booleans()), pool=draw(st.sampled_from([0, 3])), seed=draw(st.integers(0, 10**6)),
-    )  # fmt: skip
+        groups=groups,
+        k=k,
+        small=draw(st.sampled_from([1, 3])),
+        stride=draw(st.integers(1, 2)),
+        identity=draw(st.booleans()),
+        pool=draw(st.sampled_from([0, 3])),
+        seed=draw(st.integers(0, 10**6)),
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -103,10 +128,15 @@ def test_branch_merge_math(b):
     gen = torch.Generator().manual_seed(b["seed"])
     f64 = torch.float64
     x = torch.randn(2, c, 9, 9, dtype=f64, generator=gen)
-    w_k, w_s = torch.randn(c, c // g, k, k, dtype=f64, generator=gen), torch.randn(c, c // g, b["small"], b["small"], dtype=f64, generator=gen)
+    w_k, w_s = (
+        torch.randn(c, c // g, k, k, dtype=f64, generator=gen),
+        torch.randn(c, c // g, b["small"], b["small"], dtype=f64, generator=gen),
+    )
     bias = torch.randn(c, dtype=f64, generator=gen)
     stride = 1 if b["identity"] else b["stride"]
-    expected = F.conv2d(x, w_k, bias, stride, k // 2, groups=g) + F.conv2d(x, w_s, None, stride, b["small"] // 2, groups=g)
+    expected = F.conv2d(x, w_k, bias, stride, k // 2, groups=g) + F.conv2d(
+        x, w_s, None, stride, b["small"] // 2, groups=g
+    )
     merged = fold_math.pad_kernel(w_k, (k, k)) + fold_math.pad_kernel(w_s, (k, k))
     scale = torch.rand(c, dtype=f64, generator=gen) + 0.5
     if b["identity"]:
@@ -200,8 +230,12 @@ class AfterProducer(nn.Module):
 
     def forward(self, x):
         a, b = self.a(x), self.b(x)
-        y = {"add": lambda: a + b, "cat": lambda: torch.cat([a, b], 1), "pool": lambda: F.max_pool2d(a + b, 2),
-             "activation": lambda: F.silu(a) + b}[self.producer]()  # fmt: skip
+        y = {
+            "add": lambda: a + b,
+            "cat": lambda: torch.cat([a, b], 1),
+            "pool": lambda: F.max_pool2d(a + b, 2),
+            "activation": lambda: F.silu(a) + b,
+        }[self.producer]()
         return self.conv(self.bn(y))
 
 

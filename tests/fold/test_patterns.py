@@ -18,7 +18,9 @@ from torch import nn
 import bnfold
 
 
-def fold_and_export(model: nn.Module, shape: tuple[int, ...], tmp_path, seed: int = 0, prepare=None) -> bnfold.FoldResult:
+def fold_and_export(
+    model: nn.Module, shape: tuple[int, ...], tmp_path, seed: int = 0, prepare=None
+) -> bnfold.FoldResult:
     """Fold ``model`` (after random statistics and ``prepare(model)``), check it against eval mode,
     export + verify it; return the fold result."""
     model = randomize_batchnorms(model, seed)
@@ -206,7 +208,9 @@ def _bn_model() -> nn.Module:
     return randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
 
 
-@pytest.mark.parametrize("buffer, value", [("running_mean", float("nan")), ("running_var", float("inf")), ("running_var", -0.5)])
+@pytest.mark.parametrize(
+    "buffer, value", [("running_mean", float("nan")), ("running_var", float("inf")), ("running_var", -0.5)]
+)
 def test_corrupt_statistics_are_an_error_naming_the_layer(buffer, value):
     model = _bn_model()
     getattr(model[1], buffer)[2] = value

@@ -23,17 +23,25 @@ def test_fp16_weights_are_folded_in_float64_then_cast_once(tmp_path):
     model = conv_bn()
     result = bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True)
     assert result.verify_report.passed and result.verify_report.rtol == FP16_RTOL
-    s, t = fold_math.bn_scale_shift(model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias, model[1].eps)
+    s, t = fold_math.bn_scale_shift(
+        model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias, model[1].eps
+    )
     w64, b64 = fold_math.scale_output_channels(model[0].weight, model[0].bias, s, t)
     # float64 -> float32 (the layer's dtype) -> float16: what bnfold promises, bit for bit.
     expected = {w64.float().half().numpy().tobytes(), b64.float().half().numpy().tobytes()}
-    initializers = {numpy_helper.to_array(i).tobytes() for i in onnx.load(result.path).graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    initializers = {
+        numpy_helper.to_array(i).tobytes()
+        for i in onnx.load(result.path).graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT16
+    }
     assert expected <= initializers
 
 
 @pytest.mark.parametrize("keep_io_types, dtype", [(False, np.float16), (True, np.float32)])
 def test_fp16_io_types(keep_io_types, dtype, tmp_path):
-    path = bnfold.export(conv_bn(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True, keep_io_types=keep_io_types).path
+    path = bnfold.export(
+        conv_bn(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True, keep_io_types=keep_io_types
+    ).path
     predictor = bnfold.Predictor(path, device="cpu")
     assert predictor.inputs[0].dtype == dtype and predictor.outputs[0].dtype == dtype
     assert predictor.predict(random_input(3, 3, 8, 8).numpy()).dtype == dtype
@@ -44,7 +52,9 @@ def test_fp16_overflow_names_the_layer_and_the_value(tmp_path):
     model[1].running_var.fill_(1e-6)
     model[1].eps = 1e-9
     model[1].weight.data.fill_(100.0)  # s = 1e5: fits float32, not float16
-    with pytest.raises(bnfold.FoldError, match=r"the (weight|bias) of Conv2d '0' does not fit float16: .*largest magnitude"):
+    with pytest.raises(
+        bnfold.FoldError, match=r"the (weight|bias) of Conv2d '0' does not fit float16: .*largest magnitude"
+    ):
         bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True)
     assert list(tmp_path.iterdir()) == []
 

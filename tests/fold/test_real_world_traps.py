@@ -30,7 +30,9 @@ def test_weights_computed_from_stored_tensors_are_folded(reparametrize, tmp_path
 
 
 def test_folded_entries_report_their_channel_count(tmp_path):
-    folded = fold_and_export(nn.Sequential(nn.Conv2d(3, 7, 1), nn.BatchNorm2d(7), nn.BatchNorm2d(7)), (2, 3, 4, 4), tmp_path)
+    folded = fold_and_export(
+        nn.Sequential(nn.Conv2d(3, 7, 1), nn.BatchNorm2d(7), nn.BatchNorm2d(7)), (2, 3, 4, 4), tmp_path
+    )
     assert [e.channels for e in folded.report.entries] == [7, 7]
 
 
@@ -81,7 +83,9 @@ def test_bn_before_a_cropping_conv_transpose_gets_the_right_reason(tmp_path):
 
 
 def test_half_precision_model_uses_float16_tolerances(tmp_path):
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))).half()
+    model = randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    ).half()
     result = bnfold.export(model, (random_input(1, 3, 10, 10).half(),), tmp_path / "m.onnx")
     assert result.verify_report.passed and result.verify_report.rtol == 1e-2
 
@@ -116,7 +120,9 @@ class DataDependentBranch(nn.Module):
 
 
 def test_untraceable_model_names_the_failing_construct(capfd):
-    with pytest.raises(bnfold.FoldError, match=r"non-strict and strict.*test_real_world_traps.py:\d+: if y.sum\(\) > 0:"):
+    with pytest.raises(
+        bnfold.FoldError, match=r"non-strict and strict.*test_real_world_traps.py:\d+: if y.sum\(\) > 0:"
+    ):
         bnfold.fold(DataDependentBranch().eval(), (random_input(1, 3, 6, 6),))
     out, err = capfd.readouterr()
     assert "def forward" not in out + err  # torch's graph dump stays hidden
