@@ -43,7 +43,7 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def cast_then_fold(module: nn.Module, example: torch.Tensor, path: Path) -> None:
-    unfolded = with_float32_io(to_float16(capture(module, (example,))))
+    unfolded = with_float32_io(to_float16(capture(module, (example,)).module()))
     model = to_onnx(unfolded, (example,), outputs=output_count(unfolded), dynamic_batch=True, opset=None)
     ir.save(model, path)
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 from .export import output_count, to_onnx
 from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
-from .fold.graph import batchnorm_nodes
+from .fold.sites import batchnorm_nodes
 from .modes import quiet_torch, run_eval
 from .predictor import session_options
 from .progress import Progress
@@ -79,8 +79,8 @@ class BenchReport:
 
 def bn_free_floor(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """The captured model with every batch-norm replaced by its input: what folding cannot beat."""
-    gm = capture(module, example_inputs)
-    for node in batchnorm_nodes(gm):
+    gm = capture(module, example_inputs).module()
+    for node in batchnorm_nodes(gm.graph):
         replacement = node.args[0]
         output = next(iter(node.users)) if node.target is not torch.ops.aten.batch_norm.default else node
         output.replace_all_uses_with(replacement)
@@ -128,7 +128,7 @@ def bench(
         inputs = with_batch(example_inputs, CAPTURE_BATCH)
         # torch's default export (its optimizer folds the simple Conv/Gemm + BN pairs) of the
         # unfolded captured graph: what torch.onnx.export traces itself, and TorchScript works too.
-        unfolded = capture(module, example_inputs)
+        unfolded = capture(module, example_inputs).module()
         with quiet_torch():
             torch.onnx.export(
                 unfolded,

@@ -10,13 +10,14 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 import torch
 from onnxscript import ir
 from torch import fx, nn
+from torch.export import ExportedProgram
 
 from . import __version__
 from .errors import BnfoldError, ExportError, OutputError, UsageError, VerificationError
@@ -43,37 +44,42 @@ from .verify import verify as verify_onnx
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def output_count(module: fx.GraphModule) -> int:
-    """Number of tensors a captured module returns."""
+def output_count(module: fx.GraphModule | ExportedProgram) -> int:
+    """Number of tensors a captured module or program returns."""
     return len(torch.utils._pytree.tree_leaves(module.graph.output_node().args[0]))
 
 
 def to_onnx(
-    module: fx.GraphModule,
+    model: fx.GraphModule | ExportedProgram,
     example_inputs: Sequence[torch.Tensor],
     *,
     outputs: int,
     dynamic_batch: bool,
     opset: int | None,
 ) -> ir.Model:
-    """Translate a (folded) module with ``outputs`` outputs to ONNX (dynamo exporter), as the
-    exporter's ONNX IR model: its initializers share memory with ``module``'s tensors."""
+    """Translate a (folded) program or module with ``outputs`` outputs to ONNX (dynamo exporter),
+    as the exporter's ONNX IR model: its initializers share memory with ``model``'s tensors.
+
+    A program is translated as captured, without tracing the model again (its batch axis is
+    already symbolic when captured with a dynamic batch); a module is traced by the exporter.
+    """
     inputs = with_batch(example_inputs, CAPTURE_BATCH) if dynamic_batch else tuple(example_inputs)
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]
+    traced_again = dynamic_batch and not isinstance(model, ExportedProgram)
     try:
         with quiet_torch():
             program = torch.onnx.export(
-                module,
+                model,
                 inputs,
                 dynamo=True,
-                dynamic_shapes=batch_dynamic_shapes(module, inputs) if dynamic_batch else None,
+                dynamic_shapes=batch_dynamic_shapes(model, inputs) if traced_again else None,
                 opset_version=opset,
                 output_names=names,
                 verbose=False,
                 optimize=True,
             )
     except Exception as exc:
-        hint = f" (opset {opset} may be unsupported; omit --opset)" if opset else ""
+        hint = f" (opset {opset} may be unsupported; omit `opset`)" if opset else ""
         raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first_line(exc)}") from exc
     model = program.model
     used = onnx_opset(model)
@@ -244,24 +250,32 @@ class _Staged:
             self.path.unlink(missing_ok=True)
 
 
-def collect_garbage() -> None:
-    """``gc.collect()``, with Ctrl-C held until it is done: a ``KeyboardInterrupt`` raised inside
-    a finalizer that the collector runs is printed and ignored by Python, so the interrupt would
-    be lost. Outside the main thread, or under a non-default SIGINT handler, it just collects."""
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then raise it: for steps that must not be cut in
+    two (creating a temporary file and registering its removal), and for ``gc.collect()``, where
+    a ``KeyboardInterrupt`` raised inside a finalizer is printed and ignored by Python. Outside
+    the main thread, or under a non-default SIGINT handler, the block just runs."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
-        gc.collect()
+        yield
         return
     received: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        gc.collect()
+        yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt
+
+
+def collect_garbage() -> None:
+    """``gc.collect()`` with Ctrl-C held (see :func:`interrupts_held`)."""
+    with interrupts_held():
+        gc.collect()
 
 
 def default_output_path(model_path: str | os.PathLike[str]) -> Path:
@@ -376,28 +390,31 @@ def _fold_and_write(
     progress.finish()
     _check_preprocess(preprocess, example_inputs)
     progress.start("Exporting to ONNX")
-    exported, example = folded.module, tuple(example_inputs)
-    if fp16:
-        exported = to_float16(exported)
+    exported, example = folded.program, tuple(example_inputs)
+    if fp16:  # float16 weights change the graph's dtypes: convert the module, the exporter traces it
+        exported = to_float16(folded.module)
         if keep_io_types:
             exported = with_float32_io(exported)
         else:
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
     model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
+    report = folded.report
+    del folded, exported  # the IR shares the folded weights; nothing else may keep them alive
     try:  # drop the IR's weights on every path (onnxscript keeps the graph alive, see release_weights)
         _check_labels(model, labels)
-        _add_metadata(model, folded.report, metadata_props(list(labels) if labels else None, preprocess))
+        _add_metadata(model, report, metadata_props(list(labels) if labels else None, preprocess))
         result = ExportResult(
             path=str(out),
-            fold_report=folded.report,
+            fold_report=report,
             verify_report=None,
             onnx_batchnorm_count=count_ops(model, "BatchNormalization"),
             opset=onnx_opset(model),
             input_names=[v.name for v in model.graph.inputs],
             output_names=[v.name for v in model.graph.outputs],
         )
-        staged = _Staged(out, external=tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
-        cleanup.callback(staged.cleanup)
+        with interrupts_held():  # the temporary file never exists without its removal registered
+            staged = _Staged(out, external=tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+            cleanup.callback(staged.cleanup)
         staged.save(model)
     finally:
         release_weights(model)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
-PARAMETER_FLAGS: dict[str, str] = {}
+PARAMETER_FLAGS: dict[str, str] = {
+    "dynamic_batch=False": "--static-batch",
+    "input_shapes": "--input-shape",
+    "opset": "--opset",
+}
 
 _CODE = re.compile(r"`([^`]+)`")
 

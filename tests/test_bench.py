@@ -9,7 +9,7 @@ from helpers import assert_close, random_input, randomize_batchnorms
 from torch import nn
 
 from bnfold.bench import VARIANTS, bench, bn_free_floor
-from bnfold.fold.graph import batchnorm_nodes
+from bnfold.fold.sites import batchnorm_nodes
 from bnfold.modes import run_eval
 
 
@@ -22,7 +22,7 @@ def model() -> nn.Module:
 def test_floor_is_the_model_with_batchnorms_as_identity():
     m = model()
     floor = bn_free_floor(m, (random_input(1, 3, 8, 8),))
-    assert batchnorm_nodes(floor) == []
+    assert batchnorm_nodes(floor.graph) == []
     identity = copy.deepcopy(m)
     identity[1], identity[3] = nn.Identity(), nn.Identity()
     x = random_input(4, 3, 8, 8)

@@ -48,7 +48,7 @@ class FixedBatch(nn.Module):
 
 
 def test_model_that_cannot_take_a_dynamic_batch_says_how_to_proceed(tmp_path):
-    with pytest.raises(bnfold.FoldError, match="--static-batch"):
+    with pytest.raises(bnfold.FoldError, match="`dynamic_batch=False`"):
         bnfold.export(FixedBatch(), (torch.randn(2, 3),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from ..errors import FoldError
 from ..modes import eval_mode, first_line, model_failures, quiet_torch, run_eval
@@ -75,11 +77,17 @@ def _first_lines(exc: BaseException, n: int = 3) -> str:
     return " | ".join(lines[:n]) if len(lines) > 1 and n > 1 else first_line(exc)
 
 
-def _run_once(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Run the model eagerly once, so a rejected input shape or a failing forward is named as such."""
+def _check_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run a copy of the model eagerly, so that when capture fails, a rejected input shape or a
+    failing forward is named as such. A copy: a forward may cache state on its module (a model
+    that cannot be copied is not run)."""
+    try:
+        module = copy.deepcopy(module)
+    except Exception:  # deepcopy raises whatever the model's tensors or attributes raise
+        return
     with (
         model_failures(
-            inputs, FoldError, "the model fails on input", "Check --input-shape, or fix the model's forward"
+            inputs, FoldError, "the model fails on input", "Check `input_shapes`, or fix the model's forward"
         ),
         quiet_torch(),
     ):
@@ -103,35 +111,42 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
 
 def capture(
     module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = True
-) -> torch.fx.GraphModule:
-    """Trace ``module`` in eval mode into a GraphModule whose weights are ``get_attr`` nodes.
+) -> ExportedProgram:
+    """Trace ``module`` in eval mode, once, into a ``torch.export`` program.
 
     With ``dynamic_batch`` the batch axis (dim 0 of every input) stays symbolic; a model that
-    cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch.
+    cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch. The
+    module is never run itself (its forward may cache state, e.g. an anchor grid): a failed
+    capture is explained by running a copy.
     """
     inputs = tuple(example_inputs)
     module = unwrap(module)
-    _run_once(module, inputs)
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
+    try:
+        with eval_mode(module), torch.no_grad(), quiet_torch():
+            traceable = _as_plain_module(module, inputs)
+            shapes = batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None
+            return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
+    except FoldError:  # TorchScript conversion failed: name a failing forward first
+        _check_forward(module, tuple(example_inputs))
+        raise
+    except Exception as exc:
+        error = exc
+    _check_forward(module, tuple(example_inputs))
+    if dynamic_batch and _fixes_the_batch(error):
+        raise FoldError(
+            "the model cannot take a dynamic batch size (its code, or the program it was "
+            f"saved as, fixes the batch dimension: {_first_lines(error, 2)}). Re-run with "
+            "`dynamic_batch=False` to export for the given batch size."
+        ) from error
     with eval_mode(module), torch.no_grad(), quiet_torch():
-        traceable = _as_plain_module(module, inputs)
-        shapes = batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None
-        try:
-            program = torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
-        except Exception as exc:
-            if dynamic_batch and _fixes_the_batch(exc):
-                raise FoldError(
-                    "the model cannot take a dynamic batch size (its code, or the program it was "
-                    f"saved as, fixes the batch dimension: {_first_lines(exc, 2)}). Re-run with "
-                    "--static-batch (Python: dynamic_batch=False) to export for the given batch size."
-                ) from exc
-            try:  # the other capture path: TorchDynamo bytecode tracing
-                program = torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=True)
-            except Exception:
-                raise FoldError(
-                    f"torch.export cannot trace the model (non-strict and strict): {type(exc).__name__}: "
-                    f"{first_line(exc)}{_failing_construct(exc)}. Rewrite that construct "
-                    "(e.g. data-dependent control flow) or save the model with torch.export yourself"
-                ) from exc
-    return program.module()
+        try:  # the other capture path: TorchDynamo bytecode tracing
+            return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=True)
+        except Exception:
+            pass
+    raise FoldError(
+        f"torch.export cannot trace the model (non-strict and strict): {type(error).__name__}: "
+        f"{first_line(error)}{_failing_construct(error)}. Rewrite that construct "
+        "(e.g. data-dependent control flow) or save the model with torch.export yourself"
+    ) from error

@@ -7,9 +7,26 @@ import torch
 from torch import fx, nn
 
 from ..errors import FoldError
-from .graph import describe_attribute_use, fetch_attribute
+from .ops import fetch_attribute
+from .sites import batchnorm_site, weight_layer
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def describe_attribute_use(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Name what a stored tensor is, for errors: "the weight of Conv2d 'layer1.conv'" and the like."""
+    for user in node.users:
+        layer = weight_layer(user)
+        if layer is not None:
+            role = "weight" if user.args[1] is node else "bias"
+            return f"the {role} of {layer.kind} '{layer.name}'"
+        site = batchnorm_site(user)
+        if site is not None:
+            role = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}.get(
+                list(user.args).index(node), "tensor"
+            )
+            return f"the {role} of batch-norm '{site.name}'"
+    return f"tensor '{node.target}'"
 
 
 def to_float16(gm: fx.GraphModule) -> fx.GraphModule:

@@ -102,7 +102,7 @@ def test_exported_program_saved_with_a_fixed_batch_says_static_batch(tmp_path):
     model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     torch.export.save(torch.export.export(model, (random_input(1, 3, 6, 6),)), str(tmp_path / "m.pt2"))
     loaded = bnfold.load_model(tmp_path / "m.pt2")
-    with pytest.raises(bnfold.FoldError, match="--static-batch"):
+    with pytest.raises(bnfold.FoldError, match="`dynamic_batch=False`"):
         bnfold.fold(loaded.module, loaded.example_inputs())
     assert bnfold.fold(loaded.module, loaded.example_inputs(), dynamic_batch=False).report.folded_count == 1
 

@@ -1,0 +1,114 @@
+"""The fold pass: every batch-norm of a captured program is folded by the first rule that
+matches it, or kept with the reasons of the rules that refused it; then multi-branch blocks are
+merged. The program is rewritten in place; tensors are added, never changed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from torch.export import ExportedProgram
+
+from ..report import KEPT, BatchNormEntry, FoldReport
+from .ops import aten, op_name
+from .prepare import check_statistics, drop_no_ops, store_computed_parameters
+from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn
+from .sites import BatchNormSite, GraphEdit, batchnorm_site, describe_source, kept_entry
+from .store import TensorStore
+
+# The batch-norm reads a weight layer (output side), in the order tried.
+OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn)
+# The batch-norm feeds a weight layer or another batch-norm (input side), in the order tried.
+INPUT_SIDE_RULES = (bn_bn, bn_conv)
+
+
+def _preconditions(site: BatchNormSite, store: TensorStore) -> str | None:
+    """Why no rule can fold the batch-norm, whatever its neighbours, if so."""
+    if site.uses_batch_stats:
+        if site.mean is not None and site.var is not None:
+            return "called with training=True: it normalises with batch statistics at inference"
+        return "track_running_stats=False: it normalises with batch statistics at inference"
+    if site.output is site.node and site.node.target is not aten.batch_norm.default:
+        return "its saved mean/invstd outputs are used elsewhere"
+    if not all(store.is_stored_or_absent(r) for r in site.tensors):
+        return "its parameters are computed at run time, not stored"
+    return None
+
+
+def _first_match(rules: tuple, site: BatchNormSite, edit: GraphEdit) -> tuple[object, object]:
+    """(rule, its match or refusal) of the first rule in ``rules`` that applies to ``site``."""
+    for rule in rules:
+        found = rule.match(site, edit)
+        if found is not None:
+            return rule, found
+    return None, None
+
+
+def _input_side_default(site: BatchNormSite) -> Refusal:
+    users = list(site.output.users)
+    if len(users) != 1:
+        return Refusal(f"its output feeds {len(users)} ops")
+    return Refusal(f"its output feeds '{op_name(users[0])}', not a conv/linear layer")
+
+
+def fold_site(site: BatchNormSite, edit: GraphEdit) -> BatchNormEntry:
+    """Fold one batch-norm by the first rule that matches it, or keep it with every reason."""
+    site.num_channels = site.channels(edit.store)
+    reason = _preconditions(site, edit.store)
+    if reason:
+        return kept_entry(site, reason)
+    output_rule, output_side = _first_match(OUTPUT_SIDE_RULES, site, edit)
+    if output_rule is not None and not isinstance(output_side, Refusal):
+        return output_rule.rewrite(output_side, edit)
+    input_rule, input_side = _first_match(INPUT_SIDE_RULES, site, edit)
+    if input_rule is not None and not isinstance(input_side, Refusal):
+        return input_rule.rewrite(input_side, edit)
+    refusals = [output_side or Refusal(describe_source(site.source)), input_side or _input_side_default(site)]
+    category = next((r.category for r in refusals if r.category), None)
+    return kept_entry(site, "; ".join(r.reason for r in refusals), category)
+
+
+def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = None) -> FoldReport:
+    """Fold every foldable batch-norm of ``program`` by rewriting its graph, in place.
+
+    Folded weights are new stored tensors, so a layer used at several call sites keeps its
+    original weights at the others, and the user's module (whose tensors the program shares)
+    is never modified. ``types`` (module path -> class name) names the layers when the graph
+    does not record its modules (e.g. converted TorchScript). Returns the report of every
+    batch-norm.
+    """
+    store = TensorStore(program)
+    edit = GraphEdit(store)
+    drop_no_ops(store.graph)
+    store_computed_parameters(edit)
+    sites = [s for s in (batchnorm_site(n, store) for n in list(store.graph.nodes)) if s is not None]
+    names = [s.name for s in sites]
+    for i, site in enumerate(sites):
+        if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
+            site.kind = types[site.name]
+        if names.count(site.name) > 1:
+            site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
+        if not site.uses_batch_stats:
+            check_statistics(store, site)
+    entries = [fold_site(site, edit) for site in sites]
+    kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
+    _merge_blocks(edit, entries, kept)
+    store.drop_unused()
+    store.graph.lint()
+    program.graph_module.recompile()
+    return FoldReport(entries=entries)
+
+
+def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int]) -> None:
+    """Merge every multi-branch conv block, updating the report entries of its batch-norms."""
+    for root in multibranch.roots(edit.graph):
+        if root._erased:  # an earlier merge removed it
+            continue
+        found = multibranch.match(root, edit)
+        if isinstance(found, multibranch.BlockRefusal):
+            for node in found.batchnorms:
+                if node in kept:
+                    entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
+        elif found is not None:
+            shared = multibranch.rewrite(found, edit)
+            multibranch.report_merge(found, entries, kept, shared)

@@ -1,0 +1,64 @@
+"""Before the fold rules run: take out eval-mode no-ops, store weights computed from stored
+tensors, and check every batch-norm's statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from ..errors import FoldError
+from .ops import NO_OPS, arg, aten
+from .sites import BatchNormSite, GraphEdit, batchnorm_site, weight_layer
+from .store import TensorStore, constant_tensor, evaluate
+
+
+def drop_no_ops(graph: fx.Graph) -> None:
+    """Remove ops that return their input unchanged in eval mode (dropout with train=False,
+    alias, detach), so they do not stand between a batch-norm and a weight layer."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        is_eval_dropout = node.target is aten.dropout.default and not arg(node, 2, "train", True)
+        if (is_eval_dropout or node.target in NO_OPS) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def store_computed_parameters(edit: GraphEdit) -> None:
+    """Evaluate weights computed from stored tensors only (weight_norm, pruning masks,
+    spectral_norm in eval mode) and store the results, so such layers can be folded."""
+    store = edit.store
+    memo: dict[fx.Node, bool] = {}
+    for node in list(store.graph.nodes):
+        indices = (1, 2) if weight_layer(node) is not None else (1, 2, 3, 4) if batchnorm_site(node) else ()
+        for index in indices:
+            computed = node.args[index] if index < len(node.args) else None
+            if store.is_stored(computed) or not constant_tensor(store, computed, memo):
+                continue
+            value = evaluate(store, computed)
+            if not isinstance(value, Tensor):
+                continue
+            stored = store.add(value.detach().clone(), "computed")
+            node.replace_input_with(computed, stored)
+            edit.erase_unused(computed)
+
+
+def check_statistics(store: TensorStore, site: BatchNormSite) -> None:
+    """NaN/inf anywhere, or a negative running variance, is a FoldError naming the layer."""
+    labels = ("weight", "bias", "running_mean", "running_var")
+    for label, ref in zip(labels, site.tensors):
+        if not store.is_stored(ref):
+            continue
+        value = store.value(ref).detach()
+        bad = ~torch.isfinite(value)
+        if bad.any():
+            raise FoldError(
+                f"batch-norm '{site.name}' has {int(bad.sum())} NaN/inf value(s) in its {label}: "
+                "the checkpoint is corrupt or training diverged; re-train or recalibrate it."
+            )
+        if label == "running_var" and (value < 0).any():
+            raise FoldError(
+                f"batch-norm '{site.name}' has {int((value < 0).sum())} negative running_var "
+                f"value(s) (min {float(value.min()):.3g}): a variance cannot be negative; "
+                "the checkpoint is corrupt."
+            )

@@ -1,0 +1,251 @@
+"""Multi-branch blocks summed by an Add (RepVGG, MobileOne, RepGhost): one conv.
+
+After the batch-norm rules, such a block reads ``conv_kxk(x) + conv_1x1(x) + bn(x)`` (each conv
+with its batch-norm already folded), optionally with ``bn(avg_pool(x))`` or a bare ``x``. Every
+branch is linear in ``x``, so the sum is one k×k conv with bias (structural
+re-parameterisation): ``W = Σ pad_to_k(W_b)`` with smaller kernels padded to the centre,
+identity and average-pool branches as per-channel kernels (``s[i]`` at the centre of channel
+``i``'s own kernel, or ``s[i]/|pool|`` over the pool window), and ``b = Σ b_b + Σ t_b``. Exact
+when the convs share stride, groups and channel counts, are undilated and centred on the
+largest kernel, and identity/pool branches keep the size (odd kernel, "same" padding, stride 1;
+a pool its own stride). This rule matches an Add, not a batch-norm: it runs after the others.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx
+
+from ...report import FOLDED, BatchNormEntry
+from .. import math as fold_math
+from ..ops import ADD, AVG_POOLS, arg
+from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
+from . import Refusal
+
+CATEGORY = "multi-branch block that cannot be merged"
+
+
+@dataclass
+class Branch:
+    term: fx.Node
+    source: fx.Node
+    """The tensor this branch reads (the block input)."""
+    layer: WeightLayer | None = None
+    site: BatchNormSite | None = None
+    pool: fx.Node | None = None
+
+
+@dataclass
+class Match:
+    root: fx.Node
+    adds: list[fx.Node]
+    branches: list[Branch]
+    main: WeightLayer
+    kernel: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockRefusal(Refusal):
+    """A refusal that applies to every batch-norm branch of the block."""
+
+    batchnorms: tuple[fx.Node, ...] = ()
+
+
+def roots(graph: fx.Graph) -> list[fx.Node]:
+    """The Adds that end an Add tree (their single user is not another Add)."""
+    return [
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and n.target is ADD and not (len(n.users) == 1 and next(iter(n.users)).target is ADD)
+    ]
+
+
+def _add_terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The summands of an Add tree rooted at ``root`` and the Add nodes themselves."""
+    terms: list[fx.Node] = []
+    adds: list[fx.Node] = []
+
+    def collect(node: fx.Node) -> None:
+        is_add = node.op == "call_function" and node.target is ADD and arg(node, 2, "alpha", 1) == 1
+        if is_add and all(isinstance(a, fx.Node) for a in node.args[:2]) and (node is root or len(node.users) == 1):
+            adds.append(node)
+            for a in node.args[:2]:
+                collect(a)
+        else:
+            terms.append(node)
+
+    collect(root)
+    return terms, adds
+
+
+def _classify(term: fx.Node, edit: GraphEdit) -> Branch:
+    layer = weight_layer(term, edit.store)
+    if layer is not None and layer.kind.startswith("Conv") and not layer.transposed:
+        return Branch(term, term.args[0], layer=layer)
+    bn_node = term.args[0] if term.target is operator.getitem and term.args else term
+    site = batchnorm_site(bn_node, edit.store) if isinstance(bn_node, fx.Node) else None
+    if site is not None and not site.uses_batch_stats:
+        source = site.source
+        if source.target in AVG_POOLS:
+            return Branch(term, source.args[0], site=site, pool=source)
+        return Branch(term, source, site=site)
+    if term.op == "call_function" and term.target in AVG_POOLS:
+        return Branch(term, term.args[0], pool=term)
+    return Branch(term, term)  # a bare identity term: the block input itself
+
+
+def _ints(value: object, dims: int, default: int) -> tuple[int, ...]:
+    if value is None or value == []:
+        return (default,) * dims
+    values = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return values * dims if len(values) == 1 else values
+
+
+def _conv_geometry(layer: WeightLayer, edit: GraphEdit) -> tuple[tuple[int, ...], ...]:
+    """(kernel, stride, padding, dilation) of a conv layer."""
+    kernel = tuple(edit.store.value(layer.weight).shape[2:])
+    dims = len(kernel)
+    stride = _ints(arg(layer.node, 3, "stride", 1), dims, 1)
+    padding = arg(layer.node, 4, "padding", 0)
+    if isinstance(padding, str):
+        padding = tuple((k - 1) // 2 for k in kernel) if padding == "same" else (0,) * dims
+    dilation = _ints(arg(layer.node, 5, "dilation", 1), dims, 1)
+    return kernel, stride, _ints(padding, dims, 0), dilation
+
+
+def _pool_problem(pool: fx.Node, kernel: tuple[int, ...], stride: tuple[int, ...]) -> str | None:
+    dims = len(kernel)
+    k = _ints(arg(pool, 1, "kernel_size", 1), dims, 1)
+    s = _ints(arg(pool, 2, "stride", None), dims, 0) if arg(pool, 2, "stride", None) else k
+    p = _ints(arg(pool, 3, "padding", 0), dims, 0)
+    if (
+        arg(pool, 4, "ceil_mode", False)
+        or not arg(pool, 5, "count_include_pad", True)
+        or arg(pool, 6, "divisor_override")
+    ):
+        return (
+            "the average pool branch does not divide by the full kernel (ceil_mode/count_include_pad/divisor_override)"
+        )
+    if s != stride or any(ki > kk or ki % 2 == 0 or pi != (ki - 1) // 2 for ki, kk, pi in zip(k, kernel, p)):
+        return f"the average pool branch (kernel {k}, stride {s}, padding {p}) does not line up with the convs"
+    return None
+
+
+def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: GraphEdit) -> str | None:
+    if any(len(b.term.users) != 1 for b in branches):
+        return "a branch output is also used elsewhere"
+    problem = next((p for p in (edit.stored_layer_problem(c.layer) for c in convs) if p), None)
+    if problem:
+        return problem
+    geometry = [_conv_geometry(c.layer, edit) for c in convs]
+    kernel, stride, padding, _ = geometry[main]
+    weights = [edit.store.value(c.layer.weight) for c in convs]
+    ref, groups = weights[main], convs[main].layer.groups
+    for c, (k, s, p, d), w in zip(convs, geometry, weights):
+        if c.layer.groups != groups or w.shape[:2] != ref.shape[:2]:
+            return f"{c.layer.kind} '{c.layer.name}' has other groups or channel counts than the main branch"
+        if s != stride:
+            return f"{c.layer.kind} '{c.layer.name}' has stride {s}, the main branch {stride}"
+        if any(dd != 1 for dd in d):
+            return f"{c.layer.kind} '{c.layer.name}' is dilated"
+        if any((kk - ki) % 2 or pi + (kk - ki) // 2 != pk for kk, ki, pi, pk in zip(kernel, k, p, padding)):
+            return f"{c.layer.kind} '{c.layer.name}' is not centred on the main branch's kernel (padding {p})"
+    channel_wise = [b for b in branches if b.layer is None]
+    if channel_wise:
+        out_ch, cin_per_group = ref.shape[0], ref.shape[1]
+        in_ch = cin_per_group * groups
+        if out_ch != in_ch or out_ch // groups != cin_per_group:
+            return f"an identity branch needs as many output as input channels per group ({in_ch} in, {out_ch} out)"
+        if any(kk % 2 == 0 or pk != (kk - 1) // 2 for kk, pk in zip(kernel, padding)):
+            return "an identity branch needs the main kernel to keep the size (odd kernel, 'same' padding)"
+    for b in channel_wise:
+        if b.pool is None and any(si != 1 for si in stride):
+            return f"an identity branch needs stride 1 (the convs have stride {stride})"
+        problem = _pool_problem(b.pool, kernel, stride) if b.pool is not None else None
+        if problem:
+            return problem
+    return None
+
+
+def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
+    """The block an Add tree ends, if it is one: every summand a branch over one input."""
+    terms, adds = _add_terms(root)
+    if len(terms) < 2:
+        return None
+    branches = [_classify(t, edit) for t in terms]
+    convs = [b for b in branches if b.layer is not None]
+    if not convs or any(b.source is not convs[0].source for b in branches):
+        return None  # not a block over one input (e.g. a plain residual of two paths)
+    kernels = [
+        tuple(edit.store.value(c.layer.weight).shape[2:]) if edit.store.is_stored(c.layer.weight) else () for c in convs
+    ]
+    main = max(range(len(convs)), key=lambda i: math.prod(kernels[i]))
+    problem = _problem(branches, convs, main, edit)
+    if problem:
+        sites = tuple(b.site.node for b in branches if b.site is not None)
+        return BlockRefusal(f"in a multi-branch block that cannot be merged: {problem}", CATEGORY, sites)
+    return Match(root, adds, branches, convs[main].layer, kernels[main])
+
+
+def rewrite(m: Match, edit: GraphEdit) -> bool:
+    """Merge the block into its main conv; returns whether that conv's weights were shared."""
+    main, kernel = m.main, m.kernel
+    ref = edit.store.value(main.weight)
+    weight = torch.zeros(ref.shape[0], ref.shape[1], *kernel, dtype=torch.float64)
+    bias = torch.zeros(ref.shape[0], dtype=torch.float64)
+    for b in m.branches:
+        if b.layer is not None:
+            w, b_ = edit.layer_tensors(b.layer)
+            weight += fold_math.pad_kernel(w, kernel)
+            if b_ is not None:
+                bias += b_.to(torch.float64)
+            continue
+        scale, shift = (
+            b.site.scale_shift(edit.store)
+            if b.site is not None
+            else (torch.ones(ref.shape[0], dtype=torch.float64), None)
+        )
+        values = None
+        if b.pool is not None:
+            k = _ints(arg(b.pool, 1, "kernel_size", 1), len(kernel), 1)
+            box = torch.full((1, 1, *k), 1.0 / math.prod(k), dtype=torch.float64)
+            values = fold_math.pad_kernel(box, kernel)[0, 0]
+        weight += fold_math.channel_kernel(scale, ref.shape[1], kernel, values)
+        if shift is not None:
+            bias += shift
+    shared = edit.set_weights(main, weight, bias, f"merging the branches of {main.kind} '{main.name}'")
+    m.root.replace_all_uses_with(main.node)
+    for add in m.adds:  # root first: each Add's only user is the one before it
+        edit.graph.erase_node(add)
+    for b in m.branches:
+        if b.term is not main.node:
+            edit.erase_unused(b.term)
+    return shared
+
+
+def report_merge(m: Match, entries: list[BatchNormEntry], index_of: dict[fx.Node, int], shared: bool) -> None:
+    """Update the report for a merged block: batch-norms folded into any of its convs now live
+    in the main conv, and its identity/pool batch-norm branches are folded into it."""
+    main = m.main
+    merged = {b.layer.name for b in m.branches if b.layer is not None and b.layer is not main}
+    suffix = f"; parallel branches merged into {main.kind} '{main.name}'"
+    for i, entry in enumerate(entries):
+        if entry.status == FOLDED and (entry.into in merged or entry.into == main.name):
+            entries[i] = replace(entry, into=main.name, pattern=(entry.pattern or "") + suffix)
+    for b in m.branches:
+        if b.site is not None and b.site.node in index_of:
+            what = "average pool → BN" if b.pool is not None else "identity BN"
+            pattern = f"{what} branch merged into {main.kind} (multi-branch re-parameterisation)"
+            i = index_of[b.site.node]
+            entries[i] = replace(
+                entries[i],
+                status=FOLDED,
+                into=main.name,
+                pattern=pattern + (SHARED_NOTE if shared else ""),
+                reason=None,
+                category=None,
+            )

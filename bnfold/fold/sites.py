@@ -1,0 +1,317 @@
+"""The graph model the fold rules work on: batch-norm sites, weight layers, and the edits.
+
+A :class:`BatchNormSite` is one batch-norm call; a :class:`WeightLayer` one conv/linear call.
+:class:`GraphEdit` holds every change a rule makes: store new weights (cast back to the layer's
+dtype, checked for overflow), remove a folded batch-norm, and build the report entries, so each
+rule is only its match and its algebra.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch import Tensor, fx
+
+from ..errors import FoldError
+from ..report import FOLDED, KEPT, BatchNormEntry
+from . import math as fold_math
+from .ops import (
+    BATCH_STATS_OPS,
+    BATCHNORM_OPS,
+    CONV_TRANSPOSE_OPS,
+    GENERIC_CONV_OPS,
+    LINEAR_OPS,
+    WEIGHT_OPS,
+    arg,
+    aten,
+    module_path,
+    op_name,
+    value_users,
+)
+from .store import TensorStore
+
+SHARED_NOTE = "; weights copied, other call sites keep the originals"
+
+
+@dataclass
+class BatchNormSite:
+    """One batch-norm call in the graph; its tensors are read live, since folds rewire them."""
+
+    node: fx.Node
+    output: fx.Node
+    """The node carrying the normalised tensor (the op itself, or its ``getitem(0)``)."""
+    eps: float
+    uses_batch_stats: bool
+    name: str
+    kind: str
+    num_channels: int = 0
+
+    @property
+    def source(self) -> fx.Node:
+        return self.node.args[0]
+
+    @property
+    def weight(self) -> fx.Node | None:
+        return self.node.args[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return self.node.args[2]
+
+    @property
+    def mean(self) -> fx.Node | None:
+        return None if self.node.target in BATCH_STATS_OPS else self.node.args[3]
+
+    @property
+    def var(self) -> fx.Node | None:
+        return None if self.node.target in BATCH_STATS_OPS else self.node.args[4]
+
+    @property
+    def tensors(self) -> tuple[fx.Node | None, ...]:
+        """(weight, bias, running_mean, running_var)."""
+        return self.weight, self.bias, self.mean, self.var
+
+    def channels(self, store: TensorStore) -> int:
+        """Number of channels it normalises."""
+        for ref in (self.mean, self.weight):
+            if store.is_stored(ref):
+                return int(store.value(ref).numel())
+        val = self.source.meta.get("val") if isinstance(self.source, fx.Node) else None
+        return int(val.shape[1]) if val is not None and val.dim() > 1 else 0
+
+    def scale_shift(self, store: TensorStore) -> tuple[Tensor, Tensor]:
+        """Its float64 affine map ``(s, t)``: ``bn(x) = s * x + t``."""
+        get = lambda ref: None if ref is None else store.value(ref)
+        return fold_math.bn_scale_shift(get(self.mean), get(self.var), get(self.weight), get(self.bias), self.eps)
+
+
+@dataclass
+class WeightLayer:
+    """One conv/linear call: ``node`` takes (input, weight, bias, ...)."""
+
+    node: fx.Node
+    transposed: bool
+    groups: int
+    kind: str
+    name: str
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.node.args[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return arg(self.node, 2, "bias")
+
+    def zero_pads_input(self) -> bool:
+        """Whether the layer itself pads its input with zeros (a transposed conv's padding crops
+        its output instead)."""
+        if self.kind == "Linear" or self.transposed:
+            return False
+        padding = arg(self.node, 4, "padding", 0)
+        if isinstance(padding, str):
+            kernel = self.weight.meta["val"].shape[2:] if "val" in self.weight.meta else ()
+            return padding == "same" and any(k > 1 for k in kernel)
+        return any(int(p) != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+
+    def out_channels(self, weight: Tensor) -> int:
+        return weight.shape[1] * self.groups if self.transposed else weight.shape[0]
+
+    def in_channels(self, weight: Tensor) -> int:
+        return weight.shape[0] if self.transposed else weight.shape[1] * self.groups
+
+
+def batchnorm_site(node: fx.Node, store: TensorStore | None = None) -> BatchNormSite | None:
+    """The batch-norm call ``node`` is, if it is one."""
+    if node.op != "call_function":
+        return None
+    if node.target in BATCH_STATS_OPS:
+        training_idx, eps_idx, returns_tuple, has_stats = None, 5, True, False
+    elif node.target in BATCHNORM_OPS:
+        (training_idx, eps_idx, returns_tuple), has_stats = BATCHNORM_OPS[node.target], True
+    else:
+        return None
+    output = node
+    if returns_tuple:
+        # Only the normalised tensor (item 0) may be used for the batch-norm to be foldable.
+        items = [u for u in node.users if u.target is operator.getitem]
+        firsts = [u for u in items if u.args[1] == 0]
+        output = firsts[0] if len(firsts) == 1 and len(items) == len(node.users) == 1 else node
+    training = bool(node.args[training_idx]) if training_idx is not None else False
+    mean = node.args[3] if has_stats else None
+    uses_batch_stats = not has_stats or training or mean is None or node.args[4] is None
+    located = module_path(node)
+    if located and "BatchNorm" in located[1]:
+        name, kind = located
+    elif store is not None and store.is_stored(mean):
+        name, kind = store.target(mean).rsplit(".", 1)[0], "batch_norm"
+    else:
+        name, kind = node.name, "batch_norm"
+    return BatchNormSite(node, output, float(node.args[eps_idx]), uses_batch_stats, name or node.name, kind)
+
+
+def weight_layer(node: object, store: TensorStore | None = None) -> WeightLayer | None:
+    """The conv/linear call ``node`` is, if it is one."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in WEIGHT_OPS:
+        return None
+    weight = node.args[1]
+    if node.target in GENERIC_CONV_OPS:
+        transposed, groups = bool(node.args[6]), int(node.args[8])
+    elif node.target in LINEAR_OPS:
+        transposed, groups = False, 1
+    else:
+        transposed = node.target in CONV_TRANSPOSE_OPS
+        groups = int(arg(node, 6, "groups", 1))
+    if node.target in LINEAR_OPS:
+        kind = "Linear"
+    else:
+        dims = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
+        kind = ("ConvTranspose" if transposed else "Conv") + (f"{dims - 2}d" if dims else "")
+    located = module_path(node)
+    if located and located[0]:
+        name = located[0]
+    elif store is not None and store.is_stored(weight):
+        name = store.target(weight).rsplit(".", 1)[0]
+    else:
+        name = node.name
+    return WeightLayer(node, transposed, groups, kind, name)
+
+
+def batchnorm_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """Every batch-norm op node of ``graph``."""
+    return [node for node in graph.nodes if batchnorm_site(node) is not None]
+
+
+def kept_category(site: BatchNormSite) -> str:
+    """A short reason class, without layer names, for grouping kept batch-norms in the report."""
+    if site.uses_batch_stats:
+        return "uses batch statistics at inference"
+    source = site.source
+    if source.op == "placeholder":
+        return "on a model input"
+    if source.target is aten.cat.default:
+        return "after Concat of shared features" if len(source.users) > 1 else "after Concat"
+    layer = weight_layer(source)
+    if layer is not None:
+        if len(value_users(layer.node)) > 1:
+            return f"after a {layer.kind.rstrip('123d')} whose output is also used elsewhere"
+        return f"after a {layer.kind.rstrip('123d')} it cannot fold into"
+    if batchnorm_site(source) is not None or source.target is operator.getitem:
+        return "after another kept batch-norm"
+    return f"after {op_name(source)}"
+
+
+def describe_source(node: fx.Node) -> str:
+    """Why a batch-norm reading ``node`` has no weight layer before it."""
+    if node.op == "placeholder":
+        return "it normalises a model input"
+    if node.op == "call_function":
+        if batchnorm_site(node) is not None or node.target is operator.getitem:
+            return "its input is another batch-norm that stays"
+        return f"its input comes from '{op_name(node)}', not directly from a conv/linear layer"
+    return f"its input comes from {node.op} '{node.target}', not a conv/linear layer"
+
+
+def cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
+    """``value`` (float64) cast to ``like``'s dtype; a value that overflows it is a FoldError."""
+    cast = value.to(like.dtype)
+    if not cast.isfinite().all():
+        big = float(value.abs().max())
+        raise FoldError(
+            f"{what} does not fit {like.dtype} (largest magnitude {big:.3g}): the batch-norm has a "
+            "tiny running_var with a large weight; fix the statistics or export in a wider dtype."
+        )
+    return cast
+
+
+class GraphEdit:
+    """The edits fold rules make to a captured program, and the report entries they produce."""
+
+    def __init__(self, store: TensorStore) -> None:
+        self.store = store
+        self.graph = store.graph
+
+    def layer_tensors(self, layer: WeightLayer) -> tuple[Tensor, Tensor | None]:
+        """The layer's stored weight and bias (``None`` when it has none)."""
+        bias = None if layer.bias is None else self.store.value(layer.bias)
+        return self.store.value(layer.weight), bias
+
+    def stored_layer_problem(self, layer: WeightLayer, role: str = "") -> str | None:
+        """Why ``layer``'s weights cannot be rewritten, if they cannot: computed at run time."""
+        if self.store.is_stored(layer.weight) and self.store.is_stored_or_absent(layer.bias):
+            return None
+        return f"the weight of {role}{layer.kind} '{layer.name}' is computed at run time, not stored"
+
+    def set_weights(self, layer: WeightLayer, weight: Tensor, bias: Tensor | None, what: str) -> bool:
+        """Give ``layer`` new weights, cast to its current dtype; the originals stay for any
+        other call site. Returns whether the layer is called at other sites (weights copied)."""
+        old_weight, old_bias = self.layer_tensors(layer)
+        shared = len(layer.weight.users) > 1
+        args = list(layer.node.args)
+        args[1] = self.store.add(cast_checked(weight, old_weight, f"{what}: the weight"), "weight")
+        if bias is not None:
+            like = old_weight if old_bias is None else old_bias
+            new_bias = self.store.add(cast_checked(bias, like, f"{what}: the bias"), "bias")
+            if len(args) > 2:
+                args[2] = new_bias
+            else:
+                layer.node.kwargs = {**layer.node.kwargs, "bias": new_bias}
+        layer.node.args = tuple(args)
+        return shared
+
+    def output_fold_problem(self, layer: WeightLayer, channels: int) -> str | None:
+        """Why the output of ``layer`` cannot absorb a ``channels``-wide affine map, if it cannot."""
+        readers = len(value_users(layer.node))
+        if readers > 1:
+            return f"the output of {layer.kind} '{layer.name}' is also used by {readers - 1} other op(s)"
+        problem = self.stored_layer_problem(layer)
+        if problem:
+            return problem
+        out_channels = layer.out_channels(self.store.value(layer.weight))
+        if out_channels != channels:
+            return (
+                f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {channels}"
+            )
+        return None
+
+    def scale_output(self, site: BatchNormSite, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
+        """Scale ``layer``'s output channels by ``s`` and shift them by ``t``; returns whether
+        its weights were shared with other call sites (and so were copied)."""
+        weight, bias = self.layer_tensors(layer)
+        if layer.transposed:
+            new_w, new_b = fold_math.scale_transposed_output_channels(weight, bias, s, t, layer.groups)
+        else:
+            new_w, new_b = fold_math.scale_output_channels(weight, bias, s, t)
+        return self.set_weights(
+            layer, new_w, new_b, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
+        )
+
+    def remove(self, site: BatchNormSite, replacement: fx.Node) -> None:
+        """Take the batch-norm out: its readers read ``replacement`` instead."""
+        site.output.replace_all_uses_with(replacement)
+        for node in dict.fromkeys((site.output, site.node)):
+            self.graph.erase_node(node)
+
+    def erase_unused(self, node: fx.Node) -> None:
+        """Erase ``node`` and, recursively, the inputs only it read."""
+        if node.users or node.op != "call_function" or node.is_impure():
+            return
+        inputs = node.all_input_nodes
+        self.graph.erase_node(node)
+        for n in inputs:
+            self.erase_unused(n)
+
+
+def folded_entry(site: BatchNormSite, into: str, pattern: str, shared: bool = False) -> BatchNormEntry:
+    """The report entry of a folded batch-norm."""
+    return BatchNormEntry(
+        site.name, site.kind, site.num_channels, FOLDED, into=into, pattern=pattern + (SHARED_NOTE if shared else "")
+    )
+
+
+def kept_entry(site: BatchNormSite, reason: str, category: str | None = None) -> BatchNormEntry:
+    """The report entry of a batch-norm that stays, with its reason."""
+    return BatchNormEntry(
+        site.name, site.kind, site.num_channels, KEPT, reason=reason, category=category or kept_category(site)
+    )

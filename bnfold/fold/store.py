@@ -1,0 +1,117 @@
+"""The stored tensors of a captured program: read them, add new ones, drop unused ones.
+
+A ``torch.export`` program lifts parameters, buffers and tensor constants into placeholders of its
+graph, named by its signature and held in ``state_dict``/``constants``. Folding rewrites the
+graph and adds new tensors beside the old ones; it never changes a tensor in place, since the
+program shares its tensors with the user's module. New tensors are lifted constants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+_STORED_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+PREFIX = "bnfold_"
+
+
+class TensorStore:
+    """Parameters, buffers and constants of ``program``, addressed by their graph placeholders."""
+
+    def __init__(self, program: ExportedProgram) -> None:
+        self.program = program
+        self.graph = program.graph_module.graph
+        self._counter = 0
+        self._stored = {
+            spec.arg.name: spec
+            for spec in program.graph_signature.input_specs
+            if isinstance(spec.arg, TensorArgument) and spec.kind in _STORED_KINDS
+        }
+
+    def _spec(self, node: object) -> InputSpec | None:
+        if not (isinstance(node, fx.Node) and node.op == "placeholder"):
+            return None
+        return self._stored.get(node.name)
+
+    def is_stored(self, node: object) -> bool:
+        """Whether ``node`` is a stored tensor (not computed at run time, not a model input)."""
+        return self._spec(node) is not None
+
+    def is_stored_or_absent(self, node: object) -> bool:
+        """Whether ``node`` is ``None`` (an absent bias) or a stored tensor."""
+        return node is None or self.is_stored(node)
+
+    def target(self, node: fx.Node) -> str:
+        """The state-dict name of a stored tensor (``layer1.0.conv1.weight``)."""
+        return self._spec(node).target
+
+    def value(self, node: fx.Node) -> Tensor:
+        """The tensor a stored-tensor placeholder stands for."""
+        target = self.target(node)
+        if target in self.program.state_dict:
+            return self.program.state_dict[target]
+        return self.program.constants[target]
+
+    def add(self, value: Tensor, suffix: str) -> fx.Node:
+        """A new stored tensor holding ``value``, as a placeholder before the model inputs."""
+        value = value.detach()
+        names = set(self.program.state_dict) | set(self.program.constants)
+        while f"{PREFIX}{self._counter}_{suffix}" in names:
+            self._counter += 1
+        target = f"{PREFIX}{self._counter}_{suffix}"
+        self._counter += 1
+        specs = self.program.graph_signature.input_specs
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        # Placeholders follow the signature's order: stored tensors first, then the model inputs.
+        index = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
+        anchor = placeholders[index] if index < len(placeholders) else placeholders[-1].next
+        with self.graph.inserting_before(anchor):
+            node = self.graph.placeholder(target)
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value
+        spec = InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(node.name), target)
+        specs.insert(index, spec)
+        self._stored[node.name] = spec
+        self.program.constants[target] = value
+        return node
+
+    def drop_unused(self) -> None:
+        """Remove stored tensors that no op reads any more, from the graph and the program."""
+        specs = self.program.graph_signature.input_specs
+        for node in [n for n in self.graph.nodes if n.op == "placeholder" and not n.users]:
+            spec = self._spec(node)
+            if spec is None:
+                continue
+            specs.remove(spec)
+            del self._stored[node.name]
+            self.graph.erase_node(node)
+            if not any(s.target == spec.target for s in specs):
+                self.program.state_dict.pop(spec.target, None)
+                self.program.constants.pop(spec.target, None)
+
+
+def constant_tensor(store: TensorStore, node: object, memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` is computed from stored tensors only (no model input, nothing random)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node not in memo:
+        if node.op == "placeholder":
+            memo[node] = store.is_stored(node)
+        elif node.op == "call_function" and not node.is_impure() and "rand" not in str(node.target):
+            memo[node] = all(constant_tensor(store, n, memo) for n in node.all_input_nodes)
+        else:
+            memo[node] = False
+    return memo[node]
+
+
+def evaluate(store: TensorStore, node: fx.Node) -> object:
+    """The value of a node that :func:`constant_tensor` accepted, computed eagerly."""
+    if node.op == "placeholder":
+        return store.value(node)
+    args = fx.node.map_arg(node.args, lambda n: evaluate(store, n))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: evaluate(store, n))
+    with torch.no_grad():
+        return node.target(*args, **kwargs)

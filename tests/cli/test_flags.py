@@ -1,0 +1,76 @@
+"""The CLI's one map from library parameters to flags: every entry names a real parameter and a
+real flag, and errors reach the user with the flag."""
+
+from __future__ import annotations
+
+import inspect
+
+import click
+import pytest
+import torch
+from bnfold.cli.flags import PARAMETER_FLAGS, cli_message
+from bnfold.cli.main import main
+from click.testing import CliRunner
+from torch import nn
+
+import bnfold
+from bnfold.loading import LoadedModel
+
+LIBRARY_CALLS = [
+    bnfold.export,
+    bnfold.verify,
+    bnfold.fold,
+    bnfold.load_model,
+    bnfold.recalibrate,
+    bnfold.Predictor.__init__,
+    LoadedModel.example_inputs,
+]
+
+
+def _cli_flags() -> set[str]:
+    return {
+        opt
+        for command in main.commands.values()
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in param.opts
+    }
+
+
+def test_every_mapped_parameter_is_a_library_parameter():
+    names = {name for call in LIBRARY_CALLS for name in inspect.signature(call).parameters}
+    for key in PARAMETER_FLAGS:
+        assert key.split("=")[0] in names, f"{key!r} is no parameter of bnfold's public calls"
+
+
+def test_every_mapped_flag_is_a_cli_option():
+    flags = _cli_flags()
+    for key, flag in PARAMETER_FLAGS.items():
+        assert all(f in flags for f in flag.split("/")), f"{key!r} maps to {flag!r}, which no command has"
+
+
+def test_backticked_parameters_become_flags_and_other_code_stays():
+    message = "the model fixes its batch; re-run with `dynamic_batch=False` (see `torch.export`)"
+    assert cli_message(message) == "the model fixes its batch; re-run with --static-batch (see `torch.export`)"
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).reshape(2, -1)  # only batch size 2 fits
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_library_error_reaches_the_cli_with_the_flag(tmp_path, static):
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(FixedBatch().eval(), torch.zeros(2, 3, 8, 8)), str(path))
+    args = ["export", str(path), "--input-shape", "2x3x8x8", "--no-verify"] + (["--static-batch"] if static else [])
+    result = CliRunner().invoke(main, args, obj={})
+    if static:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 3
+        assert "--static-batch" in result.output and "dynamic_batch" not in result.output
