@@ -78,12 +78,18 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (TorchScript puts it last)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if lines and "TorchScript interpreter" in lines[0]:
-        return lines[-1]
-    return lines[0] if lines else type(exc).__name__
+def first_line(exc: BaseException, *, with_type: bool = False, lines: int = 1) -> str:
+    """The first non-empty line of an exception's message (TorchScript puts it last), or its
+    first ``lines`` lines joined by `` | ``; the class name when the message is empty.
+    ``with_type``: prefixed with the class name (``ValueError: ...``) unless it already is."""
+    found = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if found and "TorchScript interpreter" in found[0]:
+        found = found[-1:]
+    name = type(exc).__name__
+    text = " | ".join(found[:lines])
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type and not text.startswith(f"{name}:") else text
 
 
 @contextlib.contextmanager
@@ -96,7 +102,4 @@ def model_failures(inputs: Sequence[torch.Tensor], error: type[Exception], what:
         raise
     except Exception as exc:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-        message = first_line(exc)
-        if not message.startswith(f"{type(exc).__name__}:"):
-            message = f"{type(exc).__name__}: {message}"
-        raise error(f"{what} shape(s) {shapes}: {message}. {hint}") from exc
+        raise error(f"{what} shape(s) {shapes}: {first_line(exc, with_type=True)}. {hint}") from exc

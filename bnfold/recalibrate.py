@@ -14,14 +14,13 @@ exact population statistics whatever the batch size.
 from __future__ import annotations
 
 import inspect
-import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import UsageError
 from .modes import eval_mode, model_failures, module_device, module_dtype
@@ -73,14 +72,6 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
     return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
 
 
-def _batches(arrays: Sequence[np.ndarray], batch_size: int) -> list[slice]:
-    n = arrays[0].shape[0]
-    bounds = [*list(range(0, n, batch_size)), n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        del bounds[-2]  # a batch of one sample has no variance: merge it into the previous one
-    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
-
-
 def recalibrate(
     module: nn.Module,
     data: ArraysArg,
@@ -98,8 +89,8 @@ def recalibrate(
     """
     if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         raise UsageError(
-            "--recalibrate needs the model's Python classes (nn.BatchNorm layers); load it as a "
-            "state_dict with --arch (or a trusted pickle) instead of TorchScript or torch.export"
+            "`recalibrate` needs the model's Python classes (nn.BatchNorm layers); load it as a "
+            "state_dict with `arch` (or a trusted pickle, `trust_pickle=True`) instead of TorchScript or torch.export"
         )
     tracked = [
         _Tracked(name, m)
@@ -107,28 +98,29 @@ def recalibrate(
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
     if not tracked:
-        raise UsageError("--recalibrate: the model has no batch-norm layer with running statistics")
+        raise UsageError("`recalibrate`: the model has no batch-norm layer with running statistics")
     if batch_size < 2:
-        raise UsageError(f"--recalibrate-batch-size {batch_size}: must be at least 2")
-    arrays = select_inputs(read_arrays(data, "--recalibrate"), _input_names(module, inputs), "--recalibrate")
+        raise UsageError(f"`recalibrate(batch_size)` must be at least 2 (got {batch_size}): one sample has no variance")
+    arrays = select_inputs(read_arrays(data, "`recalibrate`"), _input_names(module, inputs), "`recalibrate`")
     if arrays[0].shape[0] < 2:
-        raise UsageError("--recalibrate: needs at least 2 samples")
+        raise UsageError("`recalibrate`: needs at least 2 samples")
     progress = progress or Progress()
     saved = {t.name: {k: v.clone() for k, v in t.layer.state_dict().items()} for t in tracked}
     hooks = [t.layer.register_forward_pre_hook(lambda _m, args, t=t: t.moments.add(args[0])) for t in tracked]
     dtype, device = module_dtype(module), module_device(module)
-    batches = _batches(arrays, batch_size)
+    # A last batch of one sample has no variance: it joins the one before it.
+    batches = plan_batches(arrays[0].shape[0], batch_size, min_last=2)
     progress.start("Recalibrating batch-norm statistics")
     try:
         with eval_mode(module), torch.no_grad():
             for t in tracked:
                 t.layer.training = True  # normalise with batch statistics, as in training
-            for i, rows in enumerate(batches):
+            for i, batch in enumerate(batches):
                 inputs = [
-                    torch.from_numpy(np.ascontiguousarray(a[rows])).to(device=device, dtype=dtype) for a in arrays
+                    torch.from_numpy(np.ascontiguousarray(a[batch.rows])).to(device=device, dtype=dtype) for a in arrays
                 ]
                 with model_failures(
-                    inputs, UsageError, "--recalibrate: the model fails on the data's", "Give data the model takes."
+                    inputs, UsageError, "`recalibrate`: the model fails on the data's", "Give data the model takes."
                 ):
                     module(*inputs)
                 progress.advance(i + 1, len(batches))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
@@ -60,16 +61,6 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
             raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass --inputs with real data")
         out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
     return out
-
-
-def _batches(arrays: dict[str, np.ndarray], dynamic: bool, chunk: int) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
-    """(feeds, counted): the data in chunks, and with a dynamic batch axis first the first sample
-    on its own (a second batch size; not counted again in the sample and top-1 statistics)."""
-    n = next(iter(arrays.values())).shape[0]
-    if dynamic and n > 1:
-        yield {k: v[:1] for k, v in arrays.items()}, False
-    for i in range(0, n, chunk):
-        yield {k: v[i : i + chunk] for k, v in arrays.items()}, True
 
 
 @dataclass
@@ -209,7 +200,10 @@ def verify(
         source = f"random normal, seed {seed}"
     else:
         arrays = load_inputs(inputs, specs)
-        batches = list(_batches(arrays, dynamic, DATA_CHUNK if dynamic else predictor.static_batch or DATA_CHUNK))
+        chunk = DATA_CHUNK if dynamic else predictor.static_batch or DATA_CHUNK
+        # A dynamic batch axis also runs the first sample alone: a second batch size, not counted twice.
+        plan = plan_batches(len(next(iter(arrays.values()))), chunk, first_alone=dynamic)
+        batches = [(batch.take(arrays), not batch.repeated) for batch in plan]
         source = f"{inputs}" if isinstance(inputs, (str, os.PathLike)) else "given arrays"
     if module64 is not None:
         source += "; float64 reference"

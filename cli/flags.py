@@ -11,9 +11,21 @@ import re
 
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
 PARAMETER_FLAGS: dict[str, str] = {
+    # export / inspect
     "dynamic_batch=False": "--static-batch",
     "input_shapes": "--input-shape",
     "opset": "--opset",
+    # Predictor (bnfold predict)
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "device='auto'": "--device auto",
+    "device='cuda'": "--device cuda",
+    "preprocess": "--preprocess-mean/--preprocess-std",
+    # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
+    "recalibrate": "--recalibrate",
+    "recalibrate(batch_size)": "--recalibrate-batch-size",
+    "arch": "--arch",
+    "trust_pickle=True": "--trust-pickle",
 }
 
 _CODE = re.compile(r"`([^`]+)`")

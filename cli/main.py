@@ -21,14 +21,16 @@ import numpy as np
 from bnfold.cli.flags import cli_message
 
 from bnfold import __version__
+from bnfold.batching import Batch, plan_batches
 from bnfold.bench import bench
 from bnfold.data import read_arrays, select_inputs
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, UsageError, VerificationError
 from bnfold.export import atomic_write, check_output_path, default_output_path, export
 from bnfold.fold import fold
-from bnfold.images import find_images, load_images
+from bnfold.images import find_images
 from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, read_labels
+from bnfold.modes import first_line
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
 from bnfold.progress import Progress, for_stream
 from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
@@ -67,9 +69,8 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug in bnfold or a library: still one line, unless --debug
             if debug:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             _fail(
-                f"internal error: {type(exc).__name__}: {first} (re-run as `bnfold --debug ...` for the traceback)",
+                f"internal error: {first_line(exc, with_type=True)} (re-run as `bnfold --debug ...` for the traceback)",
                 EXIT_INTERNAL,
             )
 
@@ -484,14 +485,15 @@ def predict_command(
         predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
     for warning in caught:
         click.echo(f"bnfold: warning: {warning.message}", err=True)
-    names, batches, total = _prediction_batches(predictor, inputs, batch_size)
-    progress = for_stream(sys.stderr) if -(-total // batch_size) > 3 else Progress()
-    progress.start(f"Predicting {total} sample(s) on {predictor.device}")
+    names, predict_batch = _prediction_source(predictor, inputs)
+    plan = plan_batches(len(names), batch_size)
+    progress = for_stream(sys.stderr) if len(plan) > 3 else Progress()
+    progress.start(f"Predicting {len(names)} sample(s) on {predictor.device}")
     parts: list[dict[str, np.ndarray]] = []
-    for batch in batches:
-        result = predictor.predict(batch)
+    for batch in plan:
+        result = predict_batch(batch)
         parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
-        progress.advance(sum(len(next(iter(p.values()))) for p in parts), total)
+        progress.advance(batch.rows.stop, len(names))
     progress.finish()
     outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if output:
@@ -501,23 +503,15 @@ def predict_command(
         click.echo(f"Wrote {output}")
 
 
-def _prediction_batches(predictor: Predictor, inputs: tuple[str, ...], batch_size: int):
-    """(sample names, an iterator of model inputs per batch, number of samples)."""
+def _prediction_source(predictor: Predictor, inputs: tuple[str, ...]) -> tuple[list[str], Callable[[Batch], Any]]:
+    """(sample names, the predictions for a batch of them): the arrays of one .npy/.npz file, or
+    image files and folders read with the model's preprocessing."""
     if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
         arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
-        n = arrays[0].shape[0]
-        batches = (
-            {s.name: a[i : i + batch_size] for s, a in zip(predictor.inputs, arrays)} for i in range(0, n, batch_size)
-        )
-        return [str(i) for i in range(n)], batches, n
-    if predictor.preprocess is None:
-        raise UsageError(
-            f"{predictor.path} has no preprocessing metadata, so it cannot read images: export it "
-            "with --preprocess-mean/--preprocess-std (and --labels), or pass a .npy/.npz file"
-        )
+        named = {s.name: a for s, a in zip(predictor.inputs, arrays)}
+        return [str(i) for i in range(arrays[0].shape[0])], lambda batch: predictor.predict(batch.take(named))
     paths = [p for item in inputs for p in find_images(item)]
-    batches = (load_images(paths[i : i + batch_size], predictor.preprocess) for i in range(0, len(paths), batch_size))
-    return [str(p) for p in paths], batches, len(paths)
+    return [str(p) for p in paths], lambda batch: predictor.predict_images(paths[batch.rows])
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -71,6 +71,15 @@ def test_missing_pillow_is_a_clear_error(monkeypatch, tmp_path):
         load_images([tmp_path / "x.png"], Preprocess(size=(2, 2), mean=(0.0,), std=(1.0,)))
 
 
+def test_images_need_preprocessing_metadata(tmp_path):
+    loaded = bnfold.load_model(ROOT / "sample_models" / "shapes_resnet" / "model.pt2")
+    path = bnfold.export(loaded.module, loaded.example_inputs(), tmp_path / "m.onnx", verify=False).path
+    predictor = bnfold.Predictor(path, device="cpu")
+    assert predictor.preprocess is None
+    with pytest.raises(bnfold.UsageError, match=r"has no preprocessing metadata.*export it with `preprocess`"):
+        predictor.predict_images(write_pngs(np.zeros((1, 3, 16, 16), np.float32), tmp_path))
+
+
 def test_labels_must_match_the_class_count(tmp_path):
     loaded = bnfold.load_model(ROOT / "sample_models" / "shapes_resnet" / "model.pt2")
     with pytest.raises(bnfold.UsageError, match="3 label"):

@@ -63,8 +63,8 @@ def test_batching_does_not_change_the_first_layer_statistics():
     x = data(53)  # 53 = 10 * 5 + 3, and with batch 13 a last batch of 1 is merged
     a, b = randomize_batchnorms(Net()), randomize_batchnorms(Net())
     b.load_state_dict(a.state_dict())
-    bnfold.recalibrate(a, x, batch_size=53)
-    bnfold.recalibrate(b, x, batch_size=13)
+    assert bnfold.recalibrate(a, x, batch_size=53).batches == 1
+    assert bnfold.recalibrate(b, x, batch_size=13).batches == 4  # 13, 13, 13, 13 + 1
     torch.testing.assert_close(a.bn1.running_mean, b.bn1.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.bn1.running_var, b.bn1.running_var, rtol=1e-6, atol=1e-6)
 
@@ -84,8 +84,37 @@ def test_only_running_statistics_change_and_dropout_stays_in_eval():
 
 def test_torchscript_cannot_be_recalibrated():
     scripted = torch.jit.trace(randomize_batchnorms(Net()), torch.from_numpy(data(2)))
-    with pytest.raises(bnfold.UsageError, match="--recalibrate"):
+    with pytest.raises(bnfold.UsageError, match=r"`recalibrate` needs the model's Python classes.*`arch`"):
         bnfold.recalibrate(scripted, data())
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, match",
+    [
+        (Net(), dict(batch_size=1), r"`recalibrate\(batch_size\)` must be at least 2 \(got 1\)"),
+        (nn.Conv2d(3, 3, 1), {}, "`recalibrate`: the model has no batch-norm layer"),
+        (Net(), dict(data=data(1)), "`recalibrate`: needs at least 2 samples"),
+        (Net(), dict(data="missing.npy"), "`recalibrate` missing.npy: file does not exist"),
+    ],
+    ids=["batch-size", "no-batch-norm", "one-sample", "missing-file"],
+)
+def test_usage_errors_name_the_parameter(model, kwargs, match):
+    with pytest.raises(bnfold.UsageError, match=match):
+        bnfold.recalibrate(model, **{"data": data(), **kwargs})
+
+
+def test_cli_names_the_recalibration_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    model, arch = "sample_models/signal_cnn/model.pt", "sample_models/architectures.py:signal_net"
+    args = ["export", model, "--arch", arch, "-o", str(tmp_path / "s.onnx")]
+    result = CliRunner().invoke(
+        main, [*args, "--recalibrate", "sample_models/signal_cnn/test.npz", "--recalibrate-batch-size", "1"]
+    )
+    assert result.exit_code == 2
+    assert "error: --recalibrate-batch-size must be at least 2 (got 1)" in result.stderr
+    result = CliRunner().invoke(main, [*args, "--recalibrate", "missing.npz"])
+    assert result.exit_code == 2 and "error: --recalibrate missing.npz: file does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_export_with_recalibration(tmp_path, monkeypatch):

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from bnfold.cli.main import main
 from click.testing import CliRunner
 from PIL import Image
+
+import bnfold
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "sample_models" / "shapes_resnet"
@@ -61,6 +64,43 @@ def test_predict_a_folder_of_images(shapes_onnx, tmp_path):
     assert [Path(r["sample"]).name for r in rows] == [f"{i}.png" for i in range(5)]
 
 
+def test_the_input_is_run_in_batches_of_batch_size(shapes_onnx, monkeypatch):
+    seen: list[int] = []
+    real_predict = bnfold.Predictor.predict
+
+    def recording(self, x, **kwargs):
+        seen.append(len(next(iter(x.values()))))
+        return real_predict(self, x, **kwargs)
+
+    monkeypatch.setattr(bnfold.Predictor, "predict", recording)
+    result = invoke("predict", shapes_onnx, SHAPES / "test.npz", "--batch-size", "64", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert seen == [64, 64, 64, 64, 44] and len(result.stdout.splitlines()) == 300
+
+
+def test_without_cuda_auto_warns_once_and_cuda_is_an_error(shapes_onnx, monkeypatch):
+    """The CUDA fallback on any host: onnxruntime is made to offer no CUDA provider."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    reason = f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
+    result = invoke("predict", shapes_onnx, SHAPES / "test.npz", "--device", "auto", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"bnfold: warning: running on CPU: {reason}")
+    assert len(result.stderr.splitlines()) == 1 and len(result.stdout.splitlines()) == 300
+    result = invoke("predict", shapes_onnx, SHAPES / "test.npz", "--device", "cuda")
+    assert result.exit_code == 3 and result.stdout == ""
+    assert result.stderr.startswith(f"bnfold: error: --device cuda: {reason}")
+    assert "(--device auto falls back to the CPU)" in result.stderr
+
+
+def test_images_need_preprocessing_metadata(tmp_path):
+    loaded = bnfold.load_model(SHAPES / "model.pt2")
+    path = bnfold.export(loaded.module, loaded.example_inputs(), tmp_path / "m.onnx", verify=False).path
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    result = invoke("predict", path, tmp_path / "a.png", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "cannot read images: export it with --preprocess-mean/--preprocess-std, or give arrays" in result.stderr
+
+
 def test_export_options_store_labels_and_preprocessing(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\n")
@@ -81,8 +121,6 @@ def test_export_options_store_labels_and_preprocessing(tmp_path):
         "BGR",
     )
     assert result.exit_code == 0, result.stderr
-    import bnfold
-
     predictor = bnfold.Predictor(out, device="cpu")
     assert predictor.labels == ["a", "b", "c", "d"]
     assert predictor.preprocess.mean == (0.4, 0.5, 0.6) and predictor.preprocess.channel_order == "BGR"

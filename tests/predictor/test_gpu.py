@@ -1,4 +1,15 @@
-"""GPU tests (``-m gpu``): skipped, with the reason, where no CUDA provider works."""
+"""GPU tests (``python -m pytest -m gpu``): the CUDA provider and I/O binding on a real GPU.
+
+They need onnxruntime-gpu with its CUDA libraries and a CUDA build of torch (the CUDA tensor
+tests): on a Linux x86_64 machine with an NVIDIA driver, from PyPI, whose Linux torch wheel is a
+CUDA build (a ``+cpu`` wheel is not)::
+
+    .venv/bin/pip install --force-reinstall torch==2.13.0 'onnxruntime-gpu[cuda,cudnn]'
+    .venv/bin/python -c "import torch; print(torch.version.cuda)"   # a CUDA version, not None
+
+Each test skips, naming what is missing, where the CUDA provider does not work or torch has no
+CUDA. The CPU fallback branches are tested without a GPU in ``test_session.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +22,10 @@ from torch import nn
 import bnfold
 
 pytestmark = pytest.mark.gpu
+NO_TORCH_CUDA = (
+    f"torch {torch.__version__} has no CUDA, so CUDA tensors cannot be made: install a CUDA build of torch "
+    "(see this module's docstring)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +42,7 @@ def cuda_predictor(path: str, **kwargs) -> bnfold.Predictor:
     try:
         return bnfold.Predictor(path, device="cuda", **kwargs)
     except bnfold.BnfoldError as exc:
-        pytest.skip(f"no working CUDA provider: {exc}")
+        pytest.skip(f"no working CUDA provider (see this module's docstring for the install): {exc}")
 
 
 def test_cuda_provider_is_really_used(model_path):
@@ -45,7 +60,7 @@ def test_cuda_results_equal_cpu_results(model_path):
 def test_torch_cuda_tensors_in_and_out_with_io_binding(model_path):
     predictor = cuda_predictor(model_path)
     if not torch.cuda.is_available():
-        pytest.skip("this torch build has no CUDA: CUDA tensors cannot be made")
+        pytest.skip(NO_TORCH_CUDA)
     x = torch.randn(5, 3, 8, 8, device="cuda")
     out = predictor.predict(x, as_torch=True)
     assert out.is_cuda and out.shape == (5, 10)
@@ -57,7 +72,7 @@ def test_torch_cuda_tensors_in_and_out_with_io_binding(model_path):
 def test_torch_cuda_tensors_are_split_by_batch_size(model_path, as_torch):
     predictor = cuda_predictor(model_path, batch_size=4)
     if not torch.cuda.is_available():
-        pytest.skip("this torch build has no CUDA: CUDA tensors cannot be made")
+        pytest.skip(NO_TORCH_CUDA)
     x = torch.randn(11, 3, 8, 8, device="cuda")
     out = predictor.predict(x, as_torch=as_torch)
     got = out.cpu().numpy() if as_torch else out

@@ -1,18 +1,18 @@
-"""Predictor on the CPU: shapes, dtypes, splitting, dict I/O, threads, device selection."""
+"""Predictor on the CPU: shapes, dtypes, batching, dict I/O, threads, torch tensors."""
 
 from __future__ import annotations
 
 import threading
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from helpers import random_input, randomize_batchnorms
 from torch import nn
 
 import bnfold
-from bnfold.predictor import Predictor, _cuda_problem
+from bnfold.batching import run_in_batches
+from bnfold.predictor import Predictor
 
 
 class TwoHeads(nn.Module):
@@ -92,24 +92,14 @@ def test_predict_is_thread_safe(single):
         np.testing.assert_array_equal(results[i], expected[i])
 
 
-def _cuda_works() -> bool:
-    if _cuda_problem() is not None:
-        return False
-    return torch.cuda.is_available()
-
-
-@pytest.mark.skipif(_cuda_works(), reason="a working CUDA provider is present")
-def test_cuda_without_a_gpu_raises_and_auto_warns(single):
-    with pytest.raises(bnfold.BnfoldError, match="--device cuda"):
-        Predictor(single, device="cuda")
-    with pytest.warns(bnfold.CudaUnavailableWarning, match="running on CPU"):
-        p = Predictor(single, device="auto")
-    assert p.device == "cpu" and p.fallback_reason
-
-
 def test_unknown_device_is_a_usage_error(single):
-    with pytest.raises(bnfold.UsageError, match="--device"):
+    with pytest.raises(bnfold.UsageError, match="`device` must be one of 'auto', 'cuda', 'cpu' \\(got 'tpu'\\)"):
         Predictor(single, device="tpu")
+
+
+def test_batch_size_below_one_is_a_usage_error(single):
+    with pytest.raises(bnfold.UsageError, match=r"`batch_size` must be at least 1 \(got 0\)"):
+        Predictor(single, device="cpu", batch_size=0)
 
 
 def test_torch_tensors_on_the_cpu(single):
@@ -161,30 +151,7 @@ def test_torch_tensors_are_chunked_and_padded_like_arrays(tmp_path, static_batch
         rows.append(t.shape[0])
         return [torch.from_numpy(o) for o in p.run({p.inputs[0].name: t.numpy()})]
 
-    (out,) = p._chunked({p.inputs[0].name: x}, run, torch.cat)
+    (out,) = run_in_batches({p.inputs[0].name: x}, p.batch_plan(len(x)), run, torch.cat)
     assert rows == ([4, 4, 4] if static_batch else [3, 3, 3, 1])
     with torch.no_grad():
         np.testing.assert_allclose(out.numpy(), model.eval()(x).numpy(), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("spin_wait, optimize", [(True, True), (False, False)])
-def test_session_options_follow_spin_wait_and_optimize(single, monkeypatch, spin_wait, optimize):
-    created: list[ort.SessionOptions] = []
-    real_session = ort.InferenceSession
-
-    def recording(path, sess_options=None, **kwargs):
-        created.append(sess_options)
-        return real_session(path, sess_options=sess_options, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
-    p = Predictor(single, device="cpu", spin_wait=spin_wait, optimize=optimize)
-    (options,) = created
-    key = "session.intra_op.allow_spinning"
-    if spin_wait:  # ORT's default (spinning) is left as it is: the entry is not set
-        with pytest.raises(RuntimeError, match="does not have configuration"):
-            options.get_session_config_entry(key)
-    else:
-        assert options.get_session_config_entry(key) == "0"
-    disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert (options.graph_optimization_level == disabled) == (not optimize)
-    assert p.predict(np.zeros((2, 3, 6, 6), np.float32)).shape == (2, 5)
