@@ -10,7 +10,21 @@ from __future__ import annotations
 import re
 
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
-PARAMETER_FLAGS: dict[str, str] = {}
+PARAMETER_FLAGS: dict[str, str] = {
+    # loading
+    "arch": "--arch",
+    "arch_kwargs": "--arch-kwargs",
+    "trust_pickle=True": "--trust-pickle",
+    "input_shapes": "--input-shape",
+    # labels and preprocessing
+    "labels": "--labels",
+    "preprocess.size": "--preprocess-size",
+    "preprocess.mean": "--preprocess-mean",
+    "preprocess.std": "--preprocess-std",
+    "preprocess.channel_order": "--preprocess-channels",
+    # bench
+    "batch_sizes": "--batch-sizes",
+}
 
 _CODE = re.compile(r"`([^`]+)`")
 
