@@ -16,20 +16,21 @@ INPUT_KEYS = ("x", "input", "inputs", "data")
 ArraysArg = str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray]
 
 
-def read_arrays(source: ArraysArg, option: str) -> dict[str, np.ndarray]:
+def read_arrays(source: ArraysArg, label: str) -> dict[str, np.ndarray]:
     """Named arrays from a ``.npy``/``.npz`` path, an array (named ``""``) or a mapping.
 
-    ``option`` names the CLI option in errors (e.g. ``--inputs``). Pickled object arrays are
-    refused: they could run code.
+    ``label`` names the source in errors: library callers pass their parameter in backticks
+    (``"`inputs`"``), which the CLI maps to its flag. Pickled object arrays are refused: they
+    could run code.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise UsageError(f"{option} {path}: file does not exist")
+            raise UsageError(f"{label} {path}: file does not exist")
         try:
             loaded = np.load(path, allow_pickle=False)
         except Exception as exc:
-            raise UsageError(f"{option} {path}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
+            raise UsageError(f"{label} {path}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
         return dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else {"": loaded}
     if isinstance(source, np.ndarray):
         return {"": source}
@@ -37,7 +38,8 @@ def read_arrays(source: ArraysArg, option: str) -> dict[str, np.ndarray]:
 
 
 def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label: str) -> list[np.ndarray]:
-    """One float array per model input, in ``names`` order, all with the same number of samples.
+    """One float array per model input, in ``names`` order, all with the same number of samples;
+    errors start with ``label`` (see :func:`read_arrays`).
 
     A single-input model takes the array named after its input, else one named like
     :data:`INPUT_KEYS`, else the only array; several inputs need one array per input name.

@@ -35,15 +35,15 @@ class Preprocess:
         channels = 1 if self.channel_order == "L" else 3
         if self.channel_order not in CHANNEL_ORDERS:
             raise UsageError(
-                f"--preprocess-channels {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}"
+                f"`preprocess.channel_order` {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}"
             )
         if len(self.size) != 2 or min(self.size) < 1:
-            raise UsageError(f"--preprocess-size {self.size}: expected HxW, e.g. 224x224")
-        for label, values in (("--preprocess-mean", self.mean), ("--preprocess-std", self.std)):
+            raise UsageError(f"`preprocess.size` {self.size}: expected HxW, e.g. 224x224")
+        for label, values in (("`preprocess.mean`", self.mean), ("`preprocess.std`", self.std)):
             if len(values) not in (1, channels):
                 raise UsageError(f"{label}: {len(values)} values for {channels} channel(s)")
         if any(v == 0 for v in self.std):
-            raise UsageError("--preprocess-std: values must be non-zero")
+            raise UsageError("`preprocess.std`: values must be non-zero")
 
     @property
     def channels(self) -> int:
@@ -67,25 +67,27 @@ class Preprocess:
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
-    """Class labels from a text file, one per line (blank lines at the end are ignored)."""
+    """Class labels from a text file, one per line (blank lines at the end are ignored), for the
+    ``labels`` parameter of :func:`bnfold.export` (errors name it)."""
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"--labels {file}: file does not exist")
+        raise UsageError(f"`labels` {file}: file does not exist")
     try:
         labels = file.read_text(encoding="utf-8").rstrip("\n").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--labels {file}: cannot read it as UTF-8 text ({exc})") from exc
+        raise UsageError(f"`labels` {file}: cannot read it as UTF-8 text ({exc})") from exc
     if not labels or any(not label.strip() for label in labels):
-        raise UsageError(f"--labels {file}: expected one non-empty label per line")
+        raise UsageError(f"`labels` {file}: expected one non-empty label per line")
     return [label.strip() for label in labels]
 
 
-def parse_floats(text: str, option: str) -> tuple[float, ...]:
-    """``"0.485,0.456,0.406"`` -> a tuple of floats; a :class:`UsageError` naming ``option``."""
+def parse_floats(text: str, parameter: str) -> tuple[float, ...]:
+    """``"0.485,0.456,0.406"`` -> a tuple of floats; a :class:`UsageError` naming the Python
+    ``parameter`` the text is for (in backticks, e.g. ``preprocess.mean``) if malformed."""
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError as exc:
-        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from exc
+        raise UsageError(f"`{parameter}` {text!r}: expected comma-separated numbers") from exc
 
 
 def metadata_props(labels: list[str] | None, preprocess: Preprocess | None) -> dict[str, str]:

@@ -11,21 +11,31 @@ import re
 
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
 PARAMETER_FLAGS: dict[str, str] = {
-    # export / inspect
+    # export / inspect / verify
     "dynamic_batch=False": "--static-batch",
     "input_shapes": "--input-shape",
     "opset": "--opset",
+    # loading
+    "arch": "--arch",
+    "arch_kwargs": "--arch-kwargs",
+    "trust_pickle=True": "--trust-pickle",
+    # labels and preprocessing
+    "labels": "--labels",
+    "preprocess": "--preprocess-mean/--preprocess-std",
+    "preprocess.size": "--preprocess-size",
+    "preprocess.mean": "--preprocess-mean",
+    "preprocess.std": "--preprocess-std",
+    "preprocess.channel_order": "--preprocess-channels",
     # Predictor (bnfold predict)
     "batch_size": "--batch-size",
     "device": "--device",
     "device='auto'": "--device auto",
     "device='cuda'": "--device cuda",
-    "preprocess": "--preprocess-mean/--preprocess-std",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",
-    "arch": "--arch",
-    "trust_pickle=True": "--trust-pickle",
+    # bench
+    "batch_sizes": "--batch-sizes",
 }
 
 _CODE = re.compile(r"`([^`]+)`")

@@ -109,16 +109,13 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> LoadedModel:
+    """Load ``model``; ``arch_kwargs`` is JSON text here (the library checks what it holds)."""
     kwargs = None
     if arch_kwargs:
         try:
             kwargs = json.loads(arch_kwargs)
         except ValueError as exc:
             raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from exc
-        if not isinstance(kwargs, dict):
-            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-        if not arch:
-            raise UsageError("--arch-kwargs needs --arch")
     return load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
 
 
@@ -136,11 +133,11 @@ def _preprocess(
     shape = tuple(example[0].shape)
     spec: dict[str, Any] = dataclasses.asdict(loaded.preprocess) if loaded.preprocess else {}
     if size:
-        spec["size"] = parse_shape(size, option="--preprocess-size", example="224x224")
+        spec["size"] = parse_shape(size, parameter="preprocess.size", example="224x224")
     if mean:
-        spec["mean"] = parse_floats(mean, "--preprocess-mean")
+        spec["mean"] = parse_floats(mean, "preprocess.mean")
     if std:
-        spec["std"] = parse_floats(std, "--preprocess-std")
+        spec["std"] = parse_floats(std, "preprocess.std")
     if channels:
         spec["channel_order"] = channels
     spec.setdefault("channel_order", "L" if len(shape) == 4 and shape[1] == 1 else "RGB")
@@ -433,7 +430,7 @@ def bench_command(
 ) -> None:
     """Time MODEL eager (original, folded, BN-free floor) and in ONNX Runtime (plain torch.onnx.export
     vs bnfold, optimizations on and off) on the CPU; prints medians and ratios."""
-    sizes = list(parse_shape(batch_sizes, option="--batch-sizes", example="1,32"))
+    sizes = list(parse_shape(batch_sizes, parameter="batch_sizes", example="1,32"))
     if repeats < 1:
         raise UsageError(f"--repeats {repeats}: must be at least 1")
     if json_path:

@@ -59,10 +59,15 @@ class OpensFile:
         return (open, (str(self.path), "w"))
 
 
-def digits_state_dict() -> dict[str, torch.Tensor]:
+def digits_net() -> torch.nn.Module:
+    """A fresh digits CNN (the architecture of :data:`DIGITS`) in eval mode."""
     from sample_models.architectures import digits_cnn
 
-    return digits_cnn().state_dict()
+    return digits_cnn().eval()
+
+
+def digits_state_dict() -> dict[str, torch.Tensor]:
+    return digits_net().state_dict()
 
 
 def write_malicious(path: Path, marker: Path, container: str) -> Path:

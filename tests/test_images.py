@@ -91,7 +91,7 @@ def test_labels_must_match_the_class_count(tmp_path):
     "kwargs, match",
     [
         (dict(size=(0, 4), mean=(0.0,), std=(1.0,)), "HxW"),
-        (dict(size=(4, 4), mean=(0.0, 1.0), std=(1.0,)), "--preprocess-mean"),
+        (dict(size=(4, 4), mean=(0.0, 1.0), std=(1.0,)), "`preprocess.mean`"),
         (dict(size=(4, 4), mean=(0.0,), std=(0.0,)), "non-zero"),
         (dict(size=(4, 4), mean=(0.0,), std=(1.0,), channel_order="CMYK"), "RGB"),
     ],

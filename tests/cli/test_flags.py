@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import bnfold
+from bnfold.bench import bench
 from bnfold.loading import LoadedModel
 
 LIBRARY_CALLS = [
@@ -25,6 +26,7 @@ LIBRARY_CALLS = [
     bnfold.recalibrate,
     bnfold.Predictor.__init__,
     LoadedModel.example_inputs,
+    bench,
 ]
 
 

@@ -134,7 +134,23 @@ CASES: dict[str, tuple[Case, int, tuple[str, ...]]] = {
         3,
         ("missing keys (1): head.0.bias", "unexpected keys (1): extra.weight", "head.3.weight (3, 64) vs (10, 64)"),
     ),
+    # --arch-kwargs: the library checks what the JSON holds, and the CLI names the flags
+    "arch-kwargs-not-an-object": (
+        lambda t: ["inspect", _save(t, "sd.pt", digits_state_dict()), "--arch", DIGITS_ARCH, "--arch-kwargs", "[10]"],
+        2,
+        ("--arch-kwargs must be a mapping", "(got a list)"),
+    ),
+    "arch-kwargs-without-arch": (
+        lambda t: ["inspect", DIGITS, "--arch-kwargs", '{"num_classes": 10}'],
+        2,
+        ("--arch-kwargs", "need --arch"),
+    ),
     # --input-shape
+    "no-input-shape": (
+        lambda t: ["inspect", _save(t, "sd.pt", digits_state_dict()), "--arch", DIGITS_ARCH],
+        2,
+        ("does not record the model's input shape", "pass --input-shape"),
+    ),
     "malformed-shape": (
         lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--input-shape", "1x1x8xfoo"],
         2,
@@ -151,6 +167,11 @@ CASES: dict[str, tuple[Case, int, tuple[str, ...]]] = {
         ("1x3x8x8", "3 channels", "--input-shape"),
     ),
     "shape-for-verify": (lambda t: ["verify", DIGITS, t / "x.onnx", "--input-shape", "1x1x8x8"], 2, ("--input-shape",)),
+    "malformed-preprocess-mean": (
+        lambda t: ["export", DIGITS, OUT, t / "d.onnx", "--preprocess-mean", "0.5,a"],
+        2,
+        ("--preprocess-mean '0.5,a'", "comma-separated numbers"),
+    ),
     # corrupt weights and statistics
     "nan-weight": (
         lambda t: [
