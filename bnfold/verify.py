@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
-from .onnx_scan import initializer_data_types
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
@@ -25,21 +25,25 @@ from .report import OutputCheck, VerifyReport
 # is far above 1e-4.
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
-# float16 models (--fp16): a float16 ulp is 1e-3 relative, and activations are rounded at every
+# float16 models (exported with `fp16=True`, or float16 weights): a float16 ulp is 1e-3 relative, and activations are rounded at every
 # layer; the sample models measure 0.4e-3 to 0.8e-3 normwise (README, "float16").
 FP16_RTOL = 1e-2
 FP16_ATOL = 1e-3
 RANDOM_BATCH_SIZES = (1, 8)
 REFERENCES = ("float32", "float64")
 DATA_CHUNK = 64
+# ONNX metadata key under which bnfold's export records its weights' dtype (see
+# :func:`bnfold.onnx_ir.weight_dtype`), so verification need not read the weights to find it.
+WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
+LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 InputsArg = ArraysArg | None
 
 
 def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Arrays for every model input (see :func:`bnfold.data.select_inputs`), shape-checked."""
-    label = f"--inputs {source}" if isinstance(source, (str, os.PathLike)) else "--inputs"
-    arrays = select_inputs(read_arrays(source, "--inputs"), [s.name for s in specs], label)
+    label = f"`inputs` {source}" if isinstance(source, (str, os.PathLike)) else "`inputs`"
+    arrays = select_inputs(read_arrays(source, "`inputs`"), [s.name for s in specs], label)
     for spec, arr in zip(specs, arrays):
         if arr.ndim != len(spec.shape) or any(
             isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
@@ -57,7 +61,7 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
     for spec in specs:
         free = [d for d in spec.shape[1:] if not isinstance(d, int)]
         if free:
-            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass --inputs with real data")
+            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass `inputs` with real data")
         out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
     return out
 
@@ -148,11 +152,19 @@ def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tens
         return run_eval(module, inputs)
 
 
-def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:
+def is_low_precision_onnx(predictor: Predictor) -> bool:
+    """Whether the model that ``predictor`` runs has float16 or bfloat16 weights: as bnfold's
+    export records in the metadata, else (a file from elsewhere) as its initializers say, read
+    with ``onnx`` without external data. A file ``onnx`` cannot parse counts as float32 (the
+    stricter tolerances)."""
+    recorded = predictor.metadata.get(WEIGHT_DTYPE_KEY)
+    if recorded is not None:
+        return recorded in LOW_PRECISION_ONNX
     try:
-        return onnx.TensorProto.FLOAT16 in initializer_data_types(path)
-    except (OSError, ValueError):
-        return False  # the Predictor reports unreadable files
+        graph = onnx.load(predictor.path, load_external_data=False).graph
+    except (OSError, DecodeError):
+        return False
+    return any(t.data_type in LOW_PRECISION_ONNX.values() for t in graph.initializer)
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
@@ -162,7 +174,7 @@ def float64_copy(module: nn.Module) -> nn.Module:
             return copy.deepcopy(module).double()
     except Exception as exc:
         raise BnfoldError(
-            f"the model cannot be copied to float64 for --reference float64: {type(exc).__name__}: {exc}"
+            f'the model cannot be copied to float64 for `reference="float64"`: {type(exc).__name__}: {exc}'
         ) from exc
 
 
@@ -189,18 +201,18 @@ def verify(
     normwise error of the float32 original and of the ONNX model against it (what folding adds),
     and allows the original's own error on top of the tolerance.
     """
-    ref_dtype = module_dtype(module)
-    if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
-        low_precision = ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path)
-        rtol, atol = default_tolerances(low_precision, rtol, atol)
-    if rtol < 0 or atol < 0:
-        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
+    if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
+        raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
-        raise UsageError(f"--reference {reference!r}: expected one of {', '.join(REFERENCES)}")
+        raise UsageError(f"`reference` {reference!r}: expected one of {', '.join(REFERENCES)}")
     module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
     predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
+    ref_dtype = module_dtype(module)
+    if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
+        low_precision = ref_dtype in (torch.float16, torch.bfloat16) or is_low_precision_onnx(predictor)
+        rtol, atol = default_tolerances(low_precision, rtol, atol)
     specs = predictor.inputs
     dynamic = all(s.batch_is_dynamic for s in specs)
     if inputs is None:

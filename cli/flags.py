@@ -10,7 +10,21 @@ from __future__ import annotations
 import re
 
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
-PARAMETER_FLAGS: dict[str, str] = {}
+PARAMETER_FLAGS: dict[str, str] = {
+    # export and verify
+    "path": "-o",
+    "rtol": "--rtol",
+    "atol": "--atol",
+    "inputs": "--inputs",
+    "reference": "--reference",
+    'reference="float64"': "--reference float64",
+    "opset": "--opset",
+    "fp16=True": "--fp16",
+    "keep_io_types=True": "--keep-io-types",
+    "verify=False": "--no-verify",
+    "labels": "--labels",
+    "preprocess.channel_order": "--preprocess-channels",
+}
 
 _CODE = re.compile(r"`([^`]+)`")
 

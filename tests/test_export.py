@@ -121,6 +121,6 @@ def test_the_exporters_graph_lets_go_of_the_weights_when_export_fails(tmp_path, 
     export_module = importlib.import_module("bnfold.export")
     released = []
     monkeypatch.setattr(export_module, "release_weights", lambda m: released.append(len(m.graph.initializers)))
-    with pytest.raises(bnfold.errors.UsageError, match="--labels"):
+    with pytest.raises(bnfold.errors.UsageError, match="`labels`"):
         bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", labels=["only one"])
     assert released and released[0] > 0 and list(tmp_path.iterdir()) == []
