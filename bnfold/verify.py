@@ -86,6 +86,8 @@ class _Accumulator:
     mismatches: int = 0
     agree: int = 0
     shape_problem: str | None = None
+    nonfinite: bool = False
+    """NaN or inf in the ONNX output."""
     original_error: float | None = None
     """With a float64 reference: max error of the float32 original against it (an allowance)."""
 
@@ -100,15 +102,17 @@ class _Accumulator:
             return
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         diff = np.abs(got64 - ref64)
+        finite = bool(np.isfinite(got64).all())
+        self.nonfinite |= not finite
         if ref.size:
-            self.max_abs = max(self.max_abs, float(diff.max()) if np.isfinite(got64).all() else float("inf"))
+            self.max_abs = max(self.max_abs, float(diff.max()) if finite else float("inf"))
             self.ref_max = max(self.ref_max, float(np.abs(ref64).max()))
         if counted and ref.ndim == 2 and ref.shape[1] >= 2:
             top2 = np.sort(ref64, axis=1)[:, -2:]
             margin = top2[:, 1] - top2[:, 0]
             same = ref64.argmax(axis=1) == got64.argmax(axis=1)
             # Top-1 must agree wherever the reference margin exceeds this batch's max error.
-            decidable = margin > (float(diff.max()) if np.isfinite(got64).all() else np.inf)
+            decidable = margin > (float(diff.max()) if finite else np.inf)
             self.rows += ref.shape[0]
             self.agree += int(same.sum())
             self.decidable += int(decidable.sum())
@@ -255,6 +259,13 @@ def verify(
         progress.advance(step + 1, len(batches))
     progress.finish()
     checks.update({f"shape:{a.name}": a.shape_problem for a in accs if a.shape_problem})
+    checks.update(
+        {
+            f"nonfinite:{a.name}": f"output '{a.name}' has NaN/inf in ONNX but not in PyTorch"
+            for a in accs
+            if a.nonfinite
+        }
+    )
     samples = sum(next(iter(b.values())).shape[0] for b, counted in batches if counted)
     return VerifyReport(
         onnx_path=str(onnx_path),

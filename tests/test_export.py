@@ -31,8 +31,19 @@ def test_dynamic_batch_by_default_and_metadata(tmp_path):
     assert meta["bnfold_version"] == bnfold.__version__
     assert json.loads(meta["bnfold_fold_report"])["folded"] == 1
     assert json.loads(meta["bnfold_output_names"]) == ["output"]
+    assert meta["bnfold_weight_dtype"] == "float32"
     out = Predictor(result.path, device="cpu").predict(random_input(5, 3, 8, 8).numpy())
     assert out.shape == (5, 4, 6, 6)
+
+
+@pytest.mark.parametrize("keep_io_types", [False, True])
+def test_a_float16_export_records_its_weight_dtype(tmp_path, keep_io_types):
+    path = bnfold.export(
+        model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True, keep_io_types=keep_io_types, verify=False
+    ).path
+    proto = onnx.load(path)
+    assert {p.key: p.value for p in proto.metadata_props}["bnfold_weight_dtype"] == "float16"
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in proto.graph.initializer}
 
 
 def test_static_batch(tmp_path):
