@@ -266,3 +266,24 @@ def test_structural_mismatches_and_nan_fail_with_their_message(tmp_path, onnx_mo
     report = bnfold.verify(reference_module(model), path)
     assert not report.passed
     assert any(message in failure for failure in report.failures()), report.failures()
+
+
+@pytest.mark.parametrize(
+    ("options", "parameter"),
+    [({"rtol": -1.0}, "`rtol`"), ({"atol": -1.0}, "`atol`"), ({"reference": "float16"}, "`reference`")],
+)
+def test_bad_options_name_the_python_parameter_not_a_flag(tmp_path, options, parameter):
+    with pytest.raises(bnfold.UsageError) as info:
+        bnfold.verify(small_model(), tmp_path / "not-read.onnx", **options)
+    assert parameter in str(info.value) and "--" not in str(info.value)
+
+
+def test_bad_inputs_name_the_parameter_in_python_and_the_flag_on_the_command_line(tmp_path):
+    loaded = bnfold.load_model(DIGITS)
+    path = bnfold.export(loaded.module, loaded.example_inputs(), tmp_path / "d.onnx", verify=False).path
+    np.save(tmp_path / "bad.npy", np.zeros((4, 1, 7, 7), dtype=np.float32))
+    with pytest.raises(bnfold.UsageError, match="`inputs`") as info:
+        bnfold.verify(loaded.module, path, tmp_path / "bad.npy")
+    assert "--" not in str(info.value)
+    result = run_cli("verify", DIGITS, path, "--inputs", tmp_path / "bad.npy")
+    assert result.exit_code == 2 and "--inputs" in result.stderr and "`" not in result.stderr
