@@ -26,17 +26,11 @@ from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
 from .modes import first_line, module_dtype, quiet_torch
-from .onnx_writer import (
-    count_ops,
-    onnx_opset,
-    release_weights,
-    save_with_external_data,
-    tensor_bytes,
-    write_model,
-)
+from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
+from .onnx_writer import release_weights, save_with_external_data, write_model
 from .progress import Progress
 from .report import ExportResult, FoldReport
-from .verify import InputsArg, default_tolerances
+from .verify import WEIGHT_DTYPE_KEY, InputsArg, default_tolerances
 from .verify import verify as verify_onnx
 
 # Protobuf cannot serialize a message of 2 GiB or more: models whose tensors exceed this many bytes
@@ -79,14 +73,14 @@ def to_onnx(
                 optimize=True,
             )
     except Exception as exc:
-        hint = f" (opset {opset} may be unsupported; omit `opset`)" if opset else ""
+        hint = f" (opset {opset} may be unsupported; leave `opset` unset)" if opset else ""
         raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first_line(exc)}") from exc
     model = program.model
     used = onnx_opset(model)
     if opset is not None and used != opset:
         raise UsageError(
-            f"--opset {opset}: torch's exporter produced opset {used} instead (it could not convert this "
-            f"model to opset {opset}); choose opset {used} or newer, or omit --opset"
+            f"`opset` {opset}: torch's exporter produced opset {used} instead (it could not convert this "
+            f"model to opset {opset}); choose opset {used} or newer, or leave `opset` unset"
         )
     return model
 
@@ -97,7 +91,7 @@ def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[to
     shape = tuple(example_inputs[0].shape)
     if len(shape) != 4 or shape[1] != preprocess.channels:
         raise UsageError(
-            f"--preprocess-*: images give {preprocess.channels}-channel NxCxHxW input, "
+            f"`preprocess.channel_order`: images give {preprocess.channels}-channel NxCxHxW input, "
             f"the model takes {'x'.join(map(str, shape))}"
         )
 
@@ -108,7 +102,7 @@ def _check_labels(model: ir.Model, labels: Sequence[str] | None) -> None:
     shape = model.graph.outputs[0].shape
     classes = shape[1] if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) else None
     if classes is not None and classes != len(labels):
-        raise UsageError(f"--labels: {len(labels)} label(s), but the model's first output has {classes} classes")
+        raise UsageError(f"`labels`: {len(labels)} label(s), but the model's first output has {classes} classes")
 
 
 def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) -> None:
@@ -121,6 +115,7 @@ def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) ->
             ),
             "bnfold_input_names": json.dumps([v.name for v in model.graph.inputs]),
             "bnfold_output_names": json.dumps([v.name for v in model.graph.outputs]),
+            WEIGHT_DTYPE_KEY: weight_dtype(model),
         }
     )
 
@@ -129,11 +124,11 @@ def _dtype_hint(module: nn.Module) -> str:
     dtype = module_dtype(module)
     if dtype in (torch.float32, torch.float16):
         return ""
-    return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass --no-verify)"
+    return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass `verify=False`)"
 
 
 def check_output_path(
-    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "-o"
+    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "`path`"
 ) -> Path:
     """The output path, checked: its folder exists and is writable, it is not the input, and it
     is a regular file if it exists (writing "onto" a device such as /dev/full would replace it)."""
@@ -229,7 +224,7 @@ class _Staged:
             and Path(source).exists()
             and os.path.samefile(data, source)
         ):
-            raise UsageError(f"the external data file {data} would overwrite the input model; choose another -o")
+            raise UsageError(f"the external data file {data} would overwrite the input model; choose another `path`")
         try:
             if self.external:
                 os.replace(self.path.with_name(data.name), data)
@@ -319,11 +314,11 @@ def export(
     ``preprocess`` are stored in the ONNX metadata for :class:`bnfold.Predictor`.
     """
     if keep_io_types and not fp16:
-        raise UsageError("--keep-io-types only applies with --fp16")
+        raise UsageError("`keep_io_types=True` only applies with `fp16=True`")
     low_precision = fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
     rtol, atol = default_tolerances(low_precision, rtol, atol)
     if rtol < 0 or atol < 0:
-        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
+        raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
     progress = progress or Progress()
     out = check_output_path(path, source)
     with contextlib.ExitStack() as cleanup:  # the temporary file goes, whatever happens

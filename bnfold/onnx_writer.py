@@ -13,38 +13,6 @@ from onnxscript import ir
 from .protobuf_wire import GRAPH_FIELD, INITIALIZER_FIELD, field_header
 
 
-def tensor_bytes(model: ir.Model) -> int:
-    """Bytes of the model's tensors: initializers of every graph and tensors stored in node
-    attributes (``Constant`` values), which decide whether it needs external data."""
-    total = sum(
-        v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
-    )
-    for graph in [model.graph, *model.functions.values()]:
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            total += sum(
-                a.value.nbytes
-                for a in node.attributes.values()
-                if a.type == ir.AttributeType.TENSOR and getattr(a, "value", None) is not None
-            )
-    return total
-
-
-def count_ops(model: ir.Model, op_type: str) -> int:
-    """Number of ``op_type`` nodes (default ONNX domain) in the graph, its subgraphs and its functions."""
-    graphs = [model.graph, *model.functions.values()]
-    return sum(
-        node.op_type == op_type and node.domain in ("", "ai.onnx")
-        for graph in graphs
-        for node in ir.traversal.RecursiveGraphIterator(graph)
-    )
-
-
-def onnx_opset(model: ir.Model) -> int:
-    """The model's opset version for the default ONNX domain."""
-    imports = model.opset_imports
-    return imports[""] if "" in imports else imports["ai.onnx"]
-
-
 def _model_and_graph_without_tensors(model: ir.Model) -> tuple[bytes, bytes]:
     """The serialized model minus its graph, and its main graph minus the initializers' tensors
     (their names, types and value_info stay), leaving the model as it was."""

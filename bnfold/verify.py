@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .errors import BnfoldError, UsageError
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
-from .onnx_scan import initializer_data_types
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
@@ -26,21 +26,25 @@ from .report import OutputCheck, VerifyReport
 # is far above 1e-4.
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
-# float16 models (--fp16): a float16 ulp is 1e-3 relative, and activations are rounded at every
+# float16 models (exported with `fp16=True`, or float16 weights): a float16 ulp is 1e-3 relative, and activations are rounded at every
 # layer; the sample models measure 0.4e-3 to 0.8e-3 normwise (README, "float16").
 FP16_RTOL = 1e-2
 FP16_ATOL = 1e-3
 RANDOM_BATCH_SIZES = (1, 8)
 REFERENCES = ("float32", "float64")
 DATA_CHUNK = 64
+# ONNX metadata key under which bnfold's export records its weights' dtype (see
+# :func:`bnfold.onnx_ir.weight_dtype`), so verification need not read the weights to find it.
+WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
+LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 InputsArg = ArraysArg | None
 
 
 def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Arrays for every model input (see :func:`bnfold.data.select_inputs`), shape-checked."""
-    label = f"--inputs {source}" if isinstance(source, (str, os.PathLike)) else "--inputs"
-    arrays = select_inputs(read_arrays(source, "--inputs"), [s.name for s in specs], label)
+    label = f"`inputs` {source}" if isinstance(source, (str, os.PathLike)) else "`inputs`"
+    arrays = select_inputs(read_arrays(source, "`inputs`"), [s.name for s in specs], label)
     for spec, arr in zip(specs, arrays):
         if arr.ndim != len(spec.shape) or any(
             isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
@@ -58,7 +62,7 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
     for spec in specs:
         free = [d for d in spec.shape[1:] if not isinstance(d, int)]
         if free:
-            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass --inputs with real data")
+            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass `inputs` with real data")
         out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
     return out
 
@@ -73,6 +77,8 @@ class _Accumulator:
     mismatches: int = 0
     agree: int = 0
     shape_problem: str | None = None
+    nonfinite: bool = False
+    """NaN or inf in the ONNX output."""
     original_error: float | None = None
     """With a float64 reference: max error of the float32 original against it (an allowance)."""
 
@@ -87,15 +93,17 @@ class _Accumulator:
             return
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         diff = np.abs(got64 - ref64)
+        finite = bool(np.isfinite(got64).all())
+        self.nonfinite |= not finite
         if ref.size:
-            self.max_abs = max(self.max_abs, float(diff.max()) if np.isfinite(got64).all() else float("inf"))
+            self.max_abs = max(self.max_abs, float(diff.max()) if finite else float("inf"))
             self.ref_max = max(self.ref_max, float(np.abs(ref64).max()))
         if counted and ref.ndim == 2 and ref.shape[1] >= 2:
             top2 = np.sort(ref64, axis=1)[:, -2:]
             margin = top2[:, 1] - top2[:, 0]
             same = ref64.argmax(axis=1) == got64.argmax(axis=1)
             # Top-1 must agree wherever the reference margin exceeds this batch's max error.
-            decidable = margin > (float(diff.max()) if np.isfinite(got64).all() else np.inf)
+            decidable = margin > (float(diff.max()) if finite else np.inf)
             self.rows += ref.shape[0]
             self.agree += int(same.sum())
             self.decidable += int(decidable.sum())
@@ -139,11 +147,19 @@ def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tens
         return run_eval(module, inputs)
 
 
-def _is_float16_onnx(path: str | os.PathLike[str]) -> bool:
+def is_low_precision_onnx(predictor: Predictor) -> bool:
+    """Whether the model that ``predictor`` runs has float16 or bfloat16 weights: as bnfold's
+    export records in the metadata, else (a file from elsewhere) as its initializers say, read
+    with ``onnx`` without external data. A file ``onnx`` cannot parse counts as float32 (the
+    stricter tolerances)."""
+    recorded = predictor.metadata.get(WEIGHT_DTYPE_KEY)
+    if recorded is not None:
+        return recorded in LOW_PRECISION_ONNX
     try:
-        return onnx.TensorProto.FLOAT16 in initializer_data_types(path)
-    except (OSError, ValueError):
-        return False  # the Predictor reports unreadable files
+        graph = onnx.load(predictor.path, load_external_data=False).graph
+    except (OSError, DecodeError):
+        return False
+    return any(t.data_type in LOW_PRECISION_ONNX.values() for t in graph.initializer)
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
@@ -153,7 +169,7 @@ def float64_copy(module: nn.Module) -> nn.Module:
             return copy.deepcopy(module).double()
     except Exception as exc:
         raise BnfoldError(
-            f"the model cannot be copied to float64 for --reference float64: {type(exc).__name__}: {exc}"
+            f'the model cannot be copied to float64 for `reference="float64"`: {type(exc).__name__}: {exc}'
         ) from exc
 
 
@@ -180,18 +196,18 @@ def verify(
     normwise error of the float32 original and of the ONNX model against it (what folding adds),
     and allows the original's own error on top of the tolerance.
     """
-    ref_dtype = module_dtype(module)
-    if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
-        low_precision = ref_dtype in (torch.float16, torch.bfloat16) or _is_float16_onnx(onnx_path)
-        rtol, atol = default_tolerances(low_precision, rtol, atol)
-    if rtol < 0 or atol < 0:
-        raise UsageError(f"--rtol/--atol must be non-negative (got rtol={rtol}, atol={atol})")
+    if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
+        raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
-        raise UsageError(f"--reference {reference!r}: expected one of {', '.join(REFERENCES)}")
+        raise UsageError(f"`reference` {reference!r}: expected one of {', '.join(REFERENCES)}")
     module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
     predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
+    ref_dtype = module_dtype(module)
+    if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
+        low_precision = ref_dtype in (torch.float16, torch.bfloat16) or is_low_precision_onnx(predictor)
+        rtol, atol = default_tolerances(low_precision, rtol, atol)
     specs = predictor.inputs
     dynamic = all(s.batch_is_dynamic for s in specs)
     if inputs is None:
@@ -237,6 +253,13 @@ def verify(
         progress.advance(step + 1, len(batches))
     progress.finish()
     checks.update({f"shape:{a.name}": a.shape_problem for a in accs if a.shape_problem})
+    checks.update(
+        {
+            f"nonfinite:{a.name}": f"output '{a.name}' has NaN/inf in ONNX but not in PyTorch"
+            for a in accs
+            if a.nonfinite
+        }
+    )
     samples = sum(next(iter(b.values())).shape[0] for b, counted in batches if counted)
     return VerifyReport(
         onnx_path=str(onnx_path),

@@ -12,6 +12,15 @@ import re
 # Library parameter (or `name=value` suggestion) -> the flag that sets it.
 PARAMETER_FLAGS: dict[str, str] = {
     # export / inspect / verify
+    "path": "-o",
+    "rtol": "--rtol",
+    "atol": "--atol",
+    "inputs": "--inputs",
+    "reference": "--reference",
+    'reference="float64"': "--reference float64",
+    "fp16=True": "--fp16",
+    "keep_io_types=True": "--keep-io-types",
+    "verify=False": "--no-verify",
     "dynamic_batch=False": "--static-batch",
     "input_shapes": "--input-shape",
     "opset": "--opset",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import json
 import os
 import signal
+from pathlib import Path
 
 import onnx
 import pytest
@@ -15,7 +17,10 @@ from helpers import random_input, randomize_batchnorms
 from torch import nn
 
 import bnfold
+from bnfold.export import atomic_write
 from bnfold.predictor import Predictor
+
+export_module = importlib.import_module("bnfold.export")
 
 
 def model() -> nn.Module:
@@ -31,8 +36,19 @@ def test_dynamic_batch_by_default_and_metadata(tmp_path):
     assert meta["bnfold_version"] == bnfold.__version__
     assert json.loads(meta["bnfold_fold_report"])["folded"] == 1
     assert json.loads(meta["bnfold_output_names"]) == ["output"]
+    assert meta["bnfold_weight_dtype"] == "float32"
     out = Predictor(result.path, device="cpu").predict(random_input(5, 3, 8, 8).numpy())
     assert out.shape == (5, 4, 6, 6)
+
+
+@pytest.mark.parametrize("keep_io_types", [False, True])
+def test_a_float16_export_records_its_weight_dtype(tmp_path, keep_io_types):
+    path = bnfold.export(
+        model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True, keep_io_types=keep_io_types, verify=False
+    ).path
+    proto = onnx.load(path)
+    assert {p.key: p.value for p in proto.metadata_props}["bnfold_weight_dtype"] == "float16"
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in proto.graph.initializer}
 
 
 def test_static_batch(tmp_path):
@@ -121,6 +137,56 @@ def test_the_exporters_graph_lets_go_of_the_weights_when_export_fails(tmp_path, 
     export_module = importlib.import_module("bnfold.export")
     released = []
     monkeypatch.setattr(export_module, "release_weights", lambda m: released.append(len(m.graph.initializers)))
-    with pytest.raises(bnfold.errors.UsageError, match="--labels"):
+    with pytest.raises(bnfold.errors.UsageError, match="`labels`"):
         bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", labels=["only one"])
     assert released and released[0] > 0 and list(tmp_path.iterdir()) == []
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_atomic_write_without_a_temporary_file_is_an_output_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module.tempfile, "mkstemp", no_space)
+    written = []
+    with pytest.raises(bnfold.errors.OutputError, match=r"r\.json: No space left on device; nothing was written"):
+        atomic_write(tmp_path / "r.json", written.append)
+    assert written == [] and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_whose_rename_fails_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    monkeypatch.setattr(export_module.os, "replace", no_space)
+    with pytest.raises(bnfold.errors.OutputError, match="No space left on device"):
+        atomic_write(target, lambda fh: fh.write(b"new"))
+    assert list(tmp_path.iterdir()) == [target] and target.read_text() == "old"
+
+
+def test_export_whose_final_rename_fails_leaves_nothing(tmp_path, monkeypatch):
+    real_replace = os.replace
+    renamed_onto_target = []
+
+    def fails_onto_the_target(src, dst):
+        if Path(dst) == tmp_path / "m.onnx":
+            renamed_onto_target.append(src)
+            no_space()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", fails_onto_the_target)
+    with pytest.raises(bnfold.errors.OutputError, match=r"m\.onnx: No space left on device"):
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    assert renamed_onto_target and list(tmp_path.iterdir()) == []
+
+
+def test_a_batchnorm_count_that_differs_from_the_fold_report_writes_nothing(tmp_path, monkeypatch):
+    """The ONNX graph's BatchNormalization count must equal the fold report's kept count, even
+    when verification passes (here: one more node than the report keeps)."""
+    count_ops = export_module.count_ops
+    monkeypatch.setattr(export_module, "count_ops", lambda m, op: count_ops(m, op) + (op == "BatchNormalization"))
+    with pytest.raises(
+        bnfold.VerificationError, match=r"1 BatchNormalization node\(s\) but the fold report keeps 0"
+    ) as info:
+        bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    assert info.value.report is not None and info.value.report.passed
+    assert list(tmp_path.iterdir()) == []

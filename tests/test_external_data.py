@@ -4,9 +4,11 @@ slow one exports a real > 2 GiB model."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -90,7 +92,33 @@ def test_failure_moving_the_onnx_file_removes_the_moved_data_file(tmp_path, exte
     monkeypatch.setattr(export_module.os, "replace", fails_on_onnx)
     with pytest.raises(bnfold.errors.OutputError, match="No space left"):
         bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
-    assert snapshot(tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []  # no data file, no temporary folder
+
+
+def test_failure_moving_the_data_file_leaves_nothing(tmp_path, external, monkeypatch):
+    real_replace = os.replace
+    attempts = []
+
+    def fails_on_data(src, dst):
+        if Path(dst) == tmp_path / "m.onnx.data":
+            attempts.append(dst)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", fails_on_data)
+    with pytest.raises(bnfold.errors.OutputError, match="Input/output error"):
+        bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    assert attempts and list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_folder_that_cannot_be_created_is_an_output_error(tmp_path, external, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(export_module.tempfile, "mkdtemp", read_only)
+    with pytest.raises(bnfold.errors.OutputError, match=r"m\.onnx: Read-only file system; nothing was written"):
+        bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_data_file_never_overwrites_the_input(tmp_path, external):

@@ -97,6 +97,20 @@ def test_5_output_not_written(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == {}
 
 
+def test_5_output_not_renamed_into_place(tmp_path, monkeypatch):
+    """The verified temporary file cannot be renamed onto the target: exit 5, no file left."""
+    real_replace = os.replace
+
+    def fails_onto_the_target(src, dst):
+        if str(dst) == str(tmp_path / "d.onnx"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(importlib.import_module("bnfold.export").os, "replace", fails_onto_the_target)
+    assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 5, "d.onnx", "Input/output error")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_130_interrupted_in_process(tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

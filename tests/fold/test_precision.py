@@ -66,7 +66,7 @@ def test_fp16_conversion_leaves_the_users_model_untouched(tmp_path):
 
 
 def test_keep_io_types_needs_fp16(tmp_path):
-    with pytest.raises(bnfold.UsageError, match="--keep-io-types"):
+    with pytest.raises(bnfold.UsageError, match="`keep_io_types=True`"):
         bnfold.export(conv_bn(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", keep_io_types=True)
 
 
