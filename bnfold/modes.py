@@ -56,9 +56,31 @@ def module_types(module: nn.Module) -> dict[str, str]:
     return {path: getattr(m, "original_name", None) or type(m).__name__ for path, m in module.named_modules()}
 
 
+@contextlib.contextmanager
+def attributes_restored(module: nn.Module) -> Iterator[nn.Module]:
+    """Put back, after the block, every attribute, parameter and buffer entry of each submodule
+    of ``module``: a forward that caches state on its module (an anchor grid, the last input
+    shape) leaves it as it was. Tensors changed in place are not restored (an eval-mode forward
+    has no reason to); TorchScript modules are left alone (their attributes are typed slots)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        yield module
+        return
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, attributes, parameters, buffers, children in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for live, old in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
+                live.clear()
+                live.update(old)
+
+
 def run_eval(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Outputs of ``module(*inputs)`` in eval mode under ``no_grad``, flattened in pytree order."""
-    with eval_mode(module), torch.no_grad():
+    """Outputs of ``module(*inputs)`` in eval mode under ``no_grad``, flattened in pytree order;
+    the module keeps its attributes (see :func:`attributes_restored`)."""
+    with attributes_restored(module), eval_mode(module), torch.no_grad():
         out = module(*inputs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 

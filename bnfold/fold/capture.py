@@ -14,6 +14,7 @@ from torch.export import ExportedProgram
 
 from ..errors import FoldError
 from ..modes import eval_mode, first_line, model_failures, quiet_torch, run_eval
+from .batch_guard import batch_fixing_line
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -70,11 +71,6 @@ def _failing_construct(exc: BaseException) -> str:
         return ""
     path, line, code = user[-1]
     return f" at {path}:{line}: {code.strip()}"
-
-
-def _first_lines(exc: BaseException, n: int = 3) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " | ".join(lines[:n]) if len(lines) > 1 and n > 1 else first_line(exc)
 
 
 def _check_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -135,9 +131,14 @@ def capture(
         error = exc
     _check_forward(module, tuple(example_inputs))
     if dynamic_batch and _fixes_the_batch(error):
+        with eval_mode(module), torch.no_grad(), quiet_torch():
+            line = batch_fixing_line(
+                lambda: torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
+            )
+        where = f" at {line}" if line else f" ({first_line(error, lines=2)})"
         raise FoldError(
-            "the model cannot take a dynamic batch size (its code, or the program it was "
-            f"saved as, fixes the batch dimension: {_first_lines(error, 2)}). Re-run with "
+            "the model cannot take a dynamic batch size: its code, or the program it was saved as, "
+            f"fixes the batch dimension{where}. Change that code, or re-run with "
             "`dynamic_batch=False` to export for the given batch size."
         ) from error
     with eval_mode(module), torch.no_grad(), quiet_torch():
