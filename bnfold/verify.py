@@ -30,7 +30,9 @@ DEFAULT_ATOL = 1e-5
 # layer; the sample models measure 0.4e-3 to 0.8e-3 normwise (README, "float16").
 FP16_RTOL = 1e-2
 FP16_ATOL = 1e-3
-RANDOM_BATCH_SIZES = (1, 8)
+# Two batch sizes, neither the capture's example batch of 2 (a size baked into the graph by
+# mistake would pass there); small, since each sample already covers every channel.
+RANDOM_BATCH_SIZES = (1, 3)
 REFERENCES = ("float32", "float64")
 DATA_CHUNK = 64
 # ONNX metadata key under which bnfold's export records its weights' dtype (see
@@ -189,7 +191,7 @@ def verify(
 
     ``rtol``/``atol`` default to 1e-4/1e-5, or 1e-2/1e-3 for a float16 ONNX model or a
     float16/bfloat16 module. ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
-    random-normal inputs of the model's input shapes at batch sizes 1 and 8 (only the fixed
+    random-normal inputs of the model's input shapes at batch sizes 1 and 3 (only the fixed
     batch when the batch axis is static). Returns the report; it does not raise on failure.
 
     ``reference="float64"`` compares with a float64 copy of ``module`` instead, reports the
