@@ -2,8 +2,8 @@
 
 Three layers, strictest first:
 
-1. ``assert_fold_exact``: a float64 copy of the model is folded (its weights stay float64) and the
-   folded graph must equal the original element-wise, within ``EXACT_RTOL`` of each output
+1. ``assert_fold_exact``: the model in float64 (a copy) is folded, its weights staying float64,
+   and the folded graph must equal it element-wise, within ``EXACT_RTOL`` of each output
    channel's own magnitude, so one mis-scaled channel or a slightly wrong eps shows.
 2. ``assert_fold_float32``: the model as given, folded in its own dtype, against eval mode (normwise).
 3. ``assert_onnx_matches``: ONNX export + ONNX Runtime verification, once per fold rule.
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from helpers import onnx_batchnorms, random_input
+from helpers import graph_batchnorm_ops, onnx_batchnorms, random_input
 from torch import Tensor, nn
 
 from bnfold import export
@@ -122,11 +122,6 @@ def assert_normwise_close(ref: Tensor, got: Tensor, rtol: float, atol: float) ->
     err = float((got.double() - ref.double()).abs().max())
     bound = atol + rtol * float(ref.double().abs().max())
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
-
-
-def graph_batchnorm_ops(result: FoldResult) -> int:
-    """Batch-norm ops left in the folded graph."""
-    return sum(n.op == "call_function" and "batch_norm" in str(n.target) for n in result.module.graph.nodes)
 
 
 def graph_ops(result: FoldResult, name: str) -> int:
