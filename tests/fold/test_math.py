@@ -1,4 +1,5 @@
-"""Property-based tests of the fold math against float64 conv/linear + batch-norm references."""
+"""Property-based tests of the fold math against float64 conv/linear + batch-norm references, and of
+the kernel arithmetic that merges multi-branch blocks."""
 
 from __future__ import annotations
 
@@ -172,3 +173,49 @@ def test_batchnorm_composition(channels, affine1, affine2, data):
     gamma, beta, mean = fold_math.batchnorm_params_for(s, t, v2, e2)
     expected = reference_bn(reference_bn(x, m1, v1, g1, b1, e1), m2, v2, g2, b2, e2)
     assert_close(reference_bn(x, mean, v2, gamma, beta, e2), expected)
+
+
+@st.composite
+def blocks(draw):
+    groups = draw(st.sampled_from([1, 2, 4]))
+    k = draw(st.sampled_from([3, 5]))
+    return dict(
+        groups=groups,
+        k=k,
+        small=draw(st.sampled_from([1, 3])),
+        stride=draw(st.integers(1, 2)),
+        identity=draw(st.booleans()),
+        pool=draw(st.sampled_from([0, 3])),
+        seed=draw(st.integers(0, 10**6)),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(blocks())
+def test_branch_merge_math(b):
+    """sum of conv_k, conv_small, identity*s and avgpool*s branches == one conv_k, in float64."""
+    c, g, k = 4, b["groups"], b["k"]
+    gen = torch.Generator().manual_seed(b["seed"])
+    f64 = torch.float64
+    x = torch.randn(2, c, 9, 9, dtype=f64, generator=gen)
+    w_k, w_s = (
+        torch.randn(c, c // g, k, k, dtype=f64, generator=gen),
+        torch.randn(c, c // g, b["small"], b["small"], dtype=f64, generator=gen),
+    )
+    bias = torch.randn(c, dtype=f64, generator=gen)
+    stride = 1 if b["identity"] else b["stride"]
+    expected = F.conv2d(x, w_k, bias, stride, k // 2, groups=g) + F.conv2d(
+        x, w_s, None, stride, b["small"] // 2, groups=g
+    )
+    merged = fold_math.pad_kernel(w_k, (k, k)) + fold_math.pad_kernel(w_s, (k, k))
+    scale = torch.rand(c, dtype=f64, generator=gen) + 0.5
+    if b["identity"]:
+        expected = expected + x * scale[None, :, None, None]
+        merged = merged + fold_math.channel_kernel(scale, c // g, (k, k))
+    if b["pool"] and b["pool"] <= k:
+        p = b["pool"]
+        expected = expected + F.avg_pool2d(x, p, stride, p // 2) * scale[None, :, None, None]
+        box = fold_math.pad_kernel(torch.full((1, 1, p, p), 1 / p**2, dtype=f64), (k, k))[0, 0]
+        merged = merged + fold_math.channel_kernel(scale, c // g, (k, k), box)
+    got = F.conv2d(x, merged, bias, stride, k // 2, groups=g)
+    assert (got - expected).abs().max() <= RTOL * expected.abs().max()

@@ -12,7 +12,6 @@ from torch import nn
 
 import bnfold
 from bnfold.fold import math as fold_math
-from bnfold.verify import FP16_RTOL
 
 
 def conv_bn() -> nn.Sequential:
@@ -22,7 +21,7 @@ def conv_bn() -> nn.Sequential:
 def test_fp16_weights_are_folded_in_float64_then_cast_once(tmp_path):
     model = conv_bn()
     result = bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True)
-    assert result.verify_report.passed and result.verify_report.rtol == FP16_RTOL
+    assert result.verify_report.passed and result.verify_report.rtol == 1e-2  # the documented float16 default
     s, t = fold_math.bn_scale_shift(
         model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias, model[1].eps
     )

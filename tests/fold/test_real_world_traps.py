@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fold_checks import (
+    assert_fold_exact,
+    assert_fold_float32,
+    assert_onnx_matches,
+    fold_checked,
+    kept_reason,
+    with_statistics,
+)
 from helpers import random_input, randomize_batchnorms
-from test_patterns import fold_and_export, kept_reason, statuses
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
@@ -22,17 +28,16 @@ import bnfold
     ],
     ids=["pruned", "weight_norm", "spectral_norm"],
 )
-def test_weights_computed_from_stored_tensors_are_folded(reparametrize, tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
-    reparametrize(model[0])
-    folded = fold_and_export(model, (2, 3, 8, 8), tmp_path)
-    assert statuses(folded) == ["folded"]
+def test_weights_computed_from_stored_tensors_are_folded(reparametrize):
+    for dtype, check in ((torch.float64, assert_fold_exact), (torch.float32, assert_fold_float32)):
+        model = with_statistics(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()).to(dtype))
+        reparametrize(model[0])  # after the dtype: a pruned model cannot be copied to float64
+        check(model, random_input(2, 3, 8, 8), ["folded"])
 
 
-def test_folded_entries_report_their_channel_count(tmp_path):
-    folded = fold_and_export(
-        nn.Sequential(nn.Conv2d(3, 7, 1), nn.BatchNorm2d(7), nn.BatchNorm2d(7)), (2, 3, 4, 4), tmp_path
-    )
+def test_folded_entries_report_their_channel_count():
+    model = with_statistics(nn.Sequential(nn.Conv2d(3, 7, 1), nn.BatchNorm2d(7), nn.BatchNorm2d(7)))
+    folded = fold_checked(model, random_input(2, 3, 4, 4))
     assert [e.channels for e in folded.report.entries] == [7, 7]
 
 
@@ -56,30 +61,14 @@ def test_dataparallel_wrapper_is_unwrapped(tmp_path):
     assert bnfold.export(model, (random_input(1, 3, 6, 6),), tmp_path / "m.onnx").fold_report.folded_count == 1
 
 
-def test_eval_mode_dropout_does_not_block_folding(tmp_path):
+def test_eval_mode_dropout_does_not_block_folding():
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
-    assert statuses(fold_and_export(model, (4, 6), tmp_path)) == ["folded"]
+    fold_checked(with_statistics(model), random_input(4, 6), ["folded"])
 
 
-class TrainingFunctionalBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.register_buffer("mean", torch.zeros(4))
-        self.register_buffer("var", torch.ones(4))
-
-    def forward(self, x):
-        return F.batch_norm(self.conv(x), self.mean.clone(), self.var.clone(), training=True)
-
-
-def test_functional_bn_in_training_mode_gets_the_right_reason():
-    report = bnfold.fold(TrainingFunctionalBN().eval(), (random_input(2, 3, 6, 6),)).report
-    assert "training=True" in report.entries[0].reason
-
-
-def test_bn_before_a_cropping_conv_transpose_gets_the_right_reason(tmp_path):
-    model = nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1))
-    assert "non-zero shift" in kept_reason(fold_and_export(model, (2, 4, 5, 5), tmp_path))
+def test_bn_before_a_cropping_conv_transpose_gets_the_right_reason():
+    model = with_statistics(nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)))
+    assert "non-zero shift" in kept_reason(assert_fold_exact(model, random_input(2, 4, 5, 5), ["kept"]))
 
 
 def test_half_precision_model_uses_float16_tolerances(tmp_path):
@@ -142,4 +131,6 @@ class ChannelShuffle(nn.Module):
 
 
 def test_channel_shuffle_keeps_its_contiguous_copy(tmp_path):
-    assert statuses(fold_and_export(ChannelShuffle(), (2, 4, 5, 5), tmp_path)) == ["folded"]
+    model = with_statistics(ChannelShuffle())
+    fold_checked(model, random_input(2, 4, 5, 5), ["folded"])
+    assert_onnx_matches(model, random_input(2, 4, 5, 5), tmp_path / "model.onnx")

@@ -1,0 +1,108 @@
+"""Linear -> reshape/flatten/permute -> BatchNorm1d (LeViT's Linear_BN) folds into the Linear when
+the reshapes carry its features to the batch-norm's channel axis, exactly (float64, per channel);
+each guard of the rule keeps a batch-norm that folding would get wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch.nn.functional as F
+from fold_checks import (
+    assert_fold_exact,
+    assert_onnx_matches,
+    assert_wrong,
+    bn_affine,
+    float64_copy,
+    fold_checked,
+    kept_entry,
+    run,
+    with_statistics,
+)
+from helpers import random_input
+from torch import nn
+
+from bnfold.fold import math as fold_math
+
+
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: Linear on [B, N, C], flattened to [B*N, C] for BatchNorm1d, reshaped back."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5 * 4 if how == "merge" else 5)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.how == "flatten":
+            return self.bn(y.flatten(0, 1)).reshape_as(y)
+        if self.how == "permute":
+            return self.bn(y.permute(0, 2, 1))
+        return self.bn(y.reshape(y.shape[0], -1))  # "merge": BN channels are (token, feature) pairs
+
+
+@pytest.mark.parametrize("how, channel_dim", [("flatten", -1), ("permute", 1)])
+def test_linear_reshape_batchnorm1d_is_folded(how, channel_dim):
+    result = fold_checked(with_statistics(LinearBN(how)), random_input(2, 4, 6), ["folded"], channel_dim=channel_dim)
+    assert result.report.entries[0].into == "fc"
+
+
+# ------------------------------------------------------------- kept, and why folding would be wrong
+def test_kept_reshape_that_merges_the_feature_axis():
+    model = with_statistics(LinearBN("merge"))
+    result = assert_fold_exact(model, random_input(2, 4, 6), ["kept"])
+    assert "does not put the Linear's features" in kept_entry(result).reason
+    # Folded anyway, the rewrite cannot even be formed: 20 (token, feature) scales for 5 features.
+    m = float64_copy(model)
+    with pytest.raises(RuntimeError):
+        fold_math.scale_output_channels(m.fc.weight, m.fc.bias, *bn_affine(m.bn))
+
+
+class SwappedTokens(nn.Module):
+    """Linear(4 -> 4) on [B, T, U, 4], then the T and U axes swapped, BatchNorm2d(4) over U:
+    the features stay on the last axis, and U happens to be as wide as them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).permute(0, 2, 1, 3))
+
+
+def test_kept_reshape_that_leaves_the_features_off_the_channel_axis():
+    model = with_statistics(SwappedTokens())
+    x = random_input(2, 3, 4, 4).double()
+    assert "does not put the Linear's features" in kept_entry(assert_fold_exact(model, x, ["kept"])).reason
+    m = float64_copy(model)
+    w, b = fold_math.scale_output_channels(m.fc.weight, m.fc.bias, *bn_affine(m.bn))
+    assert_wrong(run(m, x)[0], F.linear(x, w, b).permute(0, 2, 1, 3))
+
+
+class FlatAlsoReturned(nn.Module):
+    """The flattened Linear output goes to the batch-norm and is also returned as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        flat = self.fc(x).flatten(0, 1)
+        return self.bn(flat), flat
+
+
+def test_kept_reshaped_linear_output_used_elsewhere():
+    model = with_statistics(FlatAlsoReturned())
+    x = random_input(2, 4, 6).double()
+    assert "also used elsewhere" in kept_entry(assert_fold_exact(model, x, ["kept"])).reason
+    # Folded anyway, the second output would be normalised too.
+    m = float64_copy(model)
+    w, b = fold_math.scale_output_channels(m.fc.weight, m.fc.bias, *bn_affine(m.bn))
+    assert_wrong(run(m, x)[1], F.linear(x, w, b).flatten(0, 1))
+
+
+# ------------------------------------------------------------------------------ ONNX layer
+def test_onnx_export_of_a_reshape_fold(tmp_path):
+    assert_onnx_matches(with_statistics(LinearBN("flatten")), random_input(2, 4, 6), tmp_path / "model.onnx")

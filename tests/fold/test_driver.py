@@ -1,0 +1,172 @@
+"""The fold driver: every batch-norm gets an entry (folded into which layer, or kept and why, with
+a category), batch statistics are never folded, statistics are checked, chains of folds compose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fold_checks import (
+    assert_fold_exact,
+    assert_wrong,
+    float64_copy,
+    fold_checked,
+    kept_reason,
+    run,
+    with_statistics,
+)
+from helpers import random_input
+from torch import nn
+
+from bnfold import FoldError
+from bnfold.fold import fold
+from bnfold.fold import math as fold_math
+
+
+# ------------------------------------------------------------------------- batch statistics
+def test_track_running_stats_false_is_kept():
+    model = with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
+    result = fold_checked(model, random_input(4, 3, 6, 6), ["kept"])
+    assert "batch statistics" in kept_reason(result)
+    assert result.report.kept_by_reason() == {"uses batch statistics at inference": 1}
+
+
+class TrainingFunctionalBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean.clone(), self.var.clone(), training=True)
+
+
+def test_kept_functional_bn_called_with_training_true():
+    model = TrainingFunctionalBN().eval()
+    x = random_input(2, 3, 6, 6).double()
+    assert "training=True" in kept_reason(assert_fold_exact(model, x, ["kept"]))
+    # Folded anyway with its running statistics, it would not normalise by the batch's.
+    m = float64_copy(model)
+    s, t = fold_math.bn_scale_shift(m.mean, m.var, None, None, 1e-5)
+    w, b = fold_math.scale_output_channels(m.conv.weight, m.conv.bias, s, t)
+    assert_wrong(run(m, x)[0], F.conv2d(x, w, b))
+
+
+# ------------------------------------------------------------------------------ kept reasons
+def test_activation_between_conv_and_bn_is_kept():
+    model = with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
+    assert "'relu'" in kept_reason(fold_checked(model, random_input(2, 3, 6, 6), ["kept"]))
+
+
+def test_batchnorm_on_model_input_is_kept():
+    model = with_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 2)))
+    assert "model input" in kept_reason(fold_checked(model, random_input(2, 3, 3, 3), ["kept"]))
+
+
+def test_kept_batchnorms_are_grouped_by_reason():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU())
+    result = fold_checked(with_statistics(model), random_input(2, 3, 4, 4), ["kept", "kept"])
+    assert result.report.kept_by_reason() == {"after relu": 2}
+    assert "kept, by reason: after relu: 2" in str(result.report)
+
+
+class KeptForFourReasons(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_input = nn.BatchNorm2d(3)  # then a zero-padded conv: on a model input
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_shared = nn.BatchNorm2d(4)  # the conv output is also added: used elsewhere
+        self.bn_stats = nn.BatchNorm2d(4, track_running_stats=False)
+        self.bn_relu = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(self.bn_input(x))
+        return self.bn_relu(torch.relu(self.bn_stats(self.bn_shared(y) + y)))
+
+
+def test_every_kept_batchnorm_gets_a_category_without_layer_names():
+    result = assert_fold_exact(with_statistics(KeptForFourReasons()), random_input(4, 3, 5, 5), ["kept"] * 4)
+    assert result.report.kept_by_reason() == {
+        "on a model input": 1,
+        "after a Conv whose output is also used elsewhere": 1,
+        "uses batch statistics at inference": 1,
+        "after relu": 1,
+    }
+
+
+# ------------------------------------------------------------------------------------ chains
+def test_chain_conv_bn_bn():
+    model = with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)))
+    result = fold_checked(model, random_input(2, 3, 7, 7), ["folded", "folded"])
+    assert {e.into for e in result.report.entries} == {"0"}
+
+
+def test_a_stack_of_conv_bn_pairs_with_different_eps():
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, groups=3, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+        nn.BatchNorm1d(5),
+    )
+    result = fold_checked(with_statistics(model), random_input(2, 3, 6, 6), ["folded"] * 3)
+    assert [e.into for e in result.report.entries] == ["0", "3", "7"]
+
+
+class AfterProducer(nn.Module):
+    def __init__(self, producer: str) -> None:
+        super().__init__()
+        self.producer = producer
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8 if producer == "cat" else 4)
+        self.conv = nn.Conv2d(self.bn.num_features, 2, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        y = {
+            "add": lambda: a + b,
+            "cat": lambda: torch.cat([a, b], 1),
+            "pool": lambda: F.max_pool2d(a + b, 2),
+            "activation": lambda: F.silu(a) + b,
+        }[self.producer]()
+        return self.conv(self.bn(y))
+
+
+@pytest.mark.parametrize("producer", ["add", "cat", "pool", "activation"])
+def test_bn_after_add_concat_pool_activation_folds_into_the_following_conv(producer):
+    result = fold_checked(with_statistics(AfterProducer(producer)), random_input(2, 3, 6, 6), ["folded"])
+    (entry,) = result.report.entries
+    if producer == "cat":  # folded on the output side, one slice into each conv
+        assert entry.into == "a, b"
+    else:
+        assert entry.into == "conv" and "input side" in entry.pattern
+
+
+# ---------------------------------------------------------------------------------- errors
+def _bn_model() -> nn.Module:
+    return with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+@pytest.mark.parametrize(
+    "buffer, value", [("running_mean", float("nan")), ("running_var", float("inf")), ("running_var", -0.5)]
+)
+def test_corrupt_statistics_are_an_error_naming_the_layer(buffer, value):
+    model = _bn_model()
+    getattr(model[1], buffer)[2] = value
+    with pytest.raises(FoldError, match=r"batch-norm '1'.*" + buffer):
+        fold(model, (random_input(2, 3, 6, 6),))
+
+
+def test_fp16_overflow_is_an_error_naming_the_layers():
+    model = _bn_model()
+    model[1].running_var.fill_(1e-9)
+    model[1].eps = 1e-12
+    model[1].weight.data.fill_(1e3)
+    model = model.half()
+    with pytest.raises(FoldError, match=r"batch-norm '1' into Conv2d '0'.*float16"):
+        fold(model, (random_input(2, 3, 6, 6).half(),))
