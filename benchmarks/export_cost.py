@@ -14,6 +14,7 @@ bnfold's whole load + fold + export + verify.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys

@@ -10,8 +10,6 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.modes import run_eval
-from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 def randomize_batchnorms(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -29,23 +27,20 @@ def randomize_batchnorms(module: nn.Module, seed: int = 0) -> nn.Module:
     return module.eval()
 
 
+# The tests' own float32 tolerances (never the product's): float32 re-association error of a small
+# folded network is ~1e-6 of the output scale.
+FLOAT32_RTOL = 1e-4
+FLOAT32_ATOL = 1e-5
+
+
 def assert_close(
-    reference: torch.Tensor, candidate: torch.Tensor, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
+    reference: torch.Tensor, candidate: torch.Tensor, rtol: float = FLOAT32_RTOL, atol: float = FLOAT32_ATOL
 ) -> None:
-    """The verifier's own criterion: max|c - r| <= atol + rtol * max|r| (normwise)."""
+    """max|c - r| <= atol + rtol * max|r| (normwise)."""
     ref = reference.detach().double()
     err = float((candidate.detach().double() - ref).abs().max())
     bound = atol + rtol * float(ref.abs().max())
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
-
-
-def assert_same_function(original: nn.Module, folded: nn.Module, *inputs: torch.Tensor) -> None:
-    """Folded module == original in eval mode on ``inputs``, output by output."""
-    ref, got = run_eval(original, inputs), run_eval(folded, inputs)
-    assert len(ref) == len(got)
-    for r, g in zip(ref, got):
-        assert r.shape == g.shape
-        assert_close(r, g)
 
 
 def graph_batchnorm_ops(folded: bnfold.FoldResult) -> int:

@@ -152,6 +152,8 @@ def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: Graph
             return f"{c.layer.kind} '{c.layer.name}' has stride {s}, the main branch {stride}"
         if any(dd != 1 for dd in d):
             return f"{c.layer.kind} '{c.layer.name}' is dilated"
+        if any(ki > kk for kk, ki in zip(kernel, k)):
+            return f"{c.layer.kind} '{c.layer.name}' has kernel {k}, not inside the main branch's {kernel}"
         if any((kk - ki) % 2 or pi + (kk - ki) // 2 != pk for kk, ki, pi, pk in zip(kernel, k, p, padding)):
             return f"{c.layer.kind} '{c.layer.name}' is not centred on the main branch's kernel (padding {p})"
     channel_wise = [b for b in branches if b.layer is None]
