@@ -70,9 +70,9 @@ def child(mode: str, folder: str) -> None:
         if mode == "bnfold-plain-writer":  # the alternative to the streaming writer: onnxscript's ir.save
             from onnxscript import ir
 
-            from bnfold import export as export_module
+            from bnfold import staging
 
-            export_module.write_model = lambda model, fh: fh.write(ir.serde.serialize_model(model).SerializeToString())
+            staging.write_model = lambda model, fh: fh.write(ir.serde.serialize_model(model).SerializeToString())
         loaded = bnfold.load_model(checkpoint, arch=ARCH)
         bnfold.export(
             loaded.module, loaded.example_inputs(), Path(folder) / "bnfold.onnx", verify=mode != "bnfold-no-verify"

@@ -264,5 +264,5 @@ class ExportResult:
             f"{'dynamic' if self.fold_report.dynamic_batch else 'static'} batch, "
             f"{self.onnx_batchnorm_count} BatchNormalization node(s))"
         )
-        parts.append("Verification skipped (--no-verify)" if self.verify_report is None else str(self.verify_report))
+        parts.append("Verification skipped" if self.verify_report is None else str(self.verify_report))
         return "\n".join(parts)

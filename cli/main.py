@@ -25,7 +25,7 @@ from bnfold.batching import Batch, plan_batches
 from bnfold.bench import bench
 from bnfold.data import read_arrays, select_inputs
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, UsageError, VerificationError
-from bnfold.export import atomic_write, check_output_path, default_output_path, export
+from bnfold.export import default_output_path, export
 from bnfold.fold import fold
 from bnfold.images import find_images
 from bnfold.loading import LoadedModel, load_model, parse_shape
@@ -34,6 +34,7 @@ from bnfold.modes import first_line
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
 from bnfold.progress import Progress, for_stream
 from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
+from bnfold.staging import atomic_write, check_output_path
 from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES, verify
 
 DEFAULT_PREDICT_BATCH = 32

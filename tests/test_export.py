@@ -17,8 +17,9 @@ from helpers import random_input, randomize_batchnorms
 from torch import nn
 
 import bnfold
-from bnfold.export import atomic_write
+from bnfold import staging
 from bnfold.predictor import Predictor
+from bnfold.staging import atomic_write
 
 export_module = importlib.import_module("bnfold.export")
 
@@ -147,7 +148,7 @@ def no_space(*args, **kwargs):
 
 
 def test_atomic_write_without_a_temporary_file_is_an_output_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(staging.tempfile, "mkstemp", no_space)
     written = []
     with pytest.raises(bnfold.errors.OutputError, match=r"r\.json: No space left on device; nothing was written"):
         atomic_write(tmp_path / "r.json", written.append)
@@ -157,7 +158,7 @@ def test_atomic_write_without_a_temporary_file_is_an_output_error(tmp_path, monk
 def test_atomic_write_whose_rename_fails_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "r.json"
     target.write_text("old")
-    monkeypatch.setattr(export_module.os, "replace", no_space)
+    monkeypatch.setattr(staging.os, "replace", no_space)
     with pytest.raises(bnfold.errors.OutputError, match="No space left on device"):
         atomic_write(target, lambda fh: fh.write(b"new"))
     assert list(tmp_path.iterdir()) == [target] and target.read_text() == "old"
@@ -173,7 +174,7 @@ def test_export_whose_final_rename_fails_leaves_nothing(tmp_path, monkeypatch):
             no_space()
         real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", fails_onto_the_target)
+    monkeypatch.setattr(staging.os, "replace", fails_onto_the_target)
     with pytest.raises(bnfold.errors.OutputError, match=r"m\.onnx: No space left on device"):
         bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert renamed_onto_target and list(tmp_path.iterdir()) == []

@@ -19,8 +19,9 @@ from hostile import ROOT, run_cli, snapshot
 from torch import nn
 
 import bnfold
-from bnfold.export import external_data_path
+from bnfold import staging
 from bnfold.predictor import Predictor
+from bnfold.staging import external_data_path
 
 export_module = importlib.import_module("bnfold.export")
 
@@ -70,7 +71,7 @@ def test_the_data_file_moves_first_and_the_onnx_file_last(tmp_path, external, mo
             moves.append((os.path.basename(src), os.path.basename(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", recording)
+    monkeypatch.setattr(staging.os, "replace", recording)
     bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert moves == [("m.onnx.data", "m.onnx.data"), ("m.onnx", "m.onnx")]
 
@@ -89,7 +90,7 @@ def test_failure_moving_the_onnx_file_removes_the_moved_data_file(tmp_path, exte
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", fails_on_onnx)
+    monkeypatch.setattr(staging.os, "replace", fails_on_onnx)
     with pytest.raises(bnfold.errors.OutputError, match="No space left"):
         bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # no data file, no temporary folder
@@ -105,7 +106,7 @@ def test_failure_moving_the_data_file_leaves_nothing(tmp_path, external, monkeyp
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", fails_on_data)
+    monkeypatch.setattr(staging.os, "replace", fails_on_data)
     with pytest.raises(bnfold.errors.OutputError, match="Input/output error"):
         bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert attempts and list(tmp_path.iterdir()) == []
@@ -115,7 +116,7 @@ def test_a_temporary_folder_that_cannot_be_created_is_an_output_error(tmp_path, 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(export_module.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(staging.tempfile, "mkdtemp", read_only)
     with pytest.raises(bnfold.errors.OutputError, match=r"m\.onnx: Read-only file system; nothing was written"):
         bnfold.export(small(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []

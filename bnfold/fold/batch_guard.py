@@ -81,4 +81,5 @@ def batch_fixing_line(capture: Callable[[], object]) -> str | None:
     if not recorder.sites:
         return None
     frame = recorder.sites[0]
-    return f"{frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)"
+    code = (frame.line or "").strip()
+    return f"{frame.filename}:{frame.lineno}" + (f" (`{code}`)" if code else "")

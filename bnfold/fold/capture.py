@@ -101,7 +101,7 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
     except Exception as exc:  # the converter raises many types
         raise FoldError(
             f"cannot convert the TorchScript model to a traceable graph: {first_line(exc)}. "
-            "Save the model as a state_dict (with --arch) or with torch.export.save instead."
+            "Save the model as a state_dict (with `arch`) or with torch.export.save instead."
         ) from exc
 
 

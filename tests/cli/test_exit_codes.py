@@ -92,7 +92,7 @@ def test_5_output_not_written(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(importlib.import_module("bnfold.export"), "write_model", disk_full)
+    monkeypatch.setattr(importlib.import_module("bnfold.staging"), "write_model", disk_full)
     assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 5, "No space left on device")
     assert snapshot(tmp_path) == {}
 

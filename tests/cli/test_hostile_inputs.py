@@ -4,7 +4,6 @@ documented exit code, no traceback, and nothing written (not even a temporary fi
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import shutil
 import stat
@@ -18,7 +17,8 @@ import torch
 from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_state_dict, run_cli, snapshot
 
 import bnfold
-from bnfold.export import atomic_write
+from bnfold import staging
+from bnfold.staging import atomic_write
 
 ARCH_FILE = """
 import torch
@@ -394,7 +394,6 @@ def test_disk_full_on_a_tiny_tmpfs(tiny_disk):
 
 def test_disk_full_simulated(tmp_path, monkeypatch):
     """ENOSPC halfway through writing: a partial temporary file exists, then is removed."""
-    export_module = importlib.import_module("bnfold.export")
     partial: list[Path] = []
 
     def fills_the_disk(model, fh):
@@ -402,7 +401,7 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
         partial.append(Path(fh.name))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(export_module, "write_model", fills_the_disk)
+    monkeypatch.setattr(staging, "write_model", fills_the_disk)
     result = run_cli("export", DIGITS, OUT, tmp_path / "d.onnx")
     assert_one_line_error(result, 5, "d.onnx", "No space left on device", "nothing was written")
     assert partial and not partial[0].exists()
@@ -425,11 +424,10 @@ def test_atomic_write_keeps_the_old_content_on_failure(tmp_path):
 
 
 def test_temporary_file_that_cannot_be_created_is_an_output_error(tmp_path, monkeypatch):
-    export_module = importlib.import_module("bnfold.export")
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(export_module.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(staging.tempfile, "mkstemp", read_only)
     assert_one_line_error(run_cli("export", DIGITS, OUT, tmp_path / "d.onnx"), 5, "Read-only file system")
     assert snapshot(tmp_path) == {}
