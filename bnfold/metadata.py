@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,34 @@ class Preprocess:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"preprocessing metadata {data!r} is incomplete: needs size, mean and std") from exc
+
+
+def preprocess_for(
+    input_shape: Sequence[int],
+    carried: Preprocess | None = None,
+    *,
+    size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channel_order: str | None = None,
+) -> Preprocess | None:
+    """The preprocessing to store for a model whose first input has ``input_shape``: ``carried``
+    (what the model file says) with each given field replacing its value. Fields neither gives
+    default to the input's: its ``HxW``, ``"L"`` for one channel else ``"RGB"``, mean 0, std 1.
+    ``None`` when there is nothing to store (no ``carried`` and no field given)."""
+    given = {"size": size, "mean": mean, "std": std, "channel_order": channel_order}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given and carried is None:
+        return None
+    shape = tuple(input_shape)
+    image = len(shape) == 4
+    defaults = {
+        "size": shape[2:4] if image else (),
+        "mean": (0.0,),
+        "std": (1.0,),
+        "channel_order": "L" if image and shape[1] == 1 else "RGB",
+    }
+    return Preprocess.from_dict({**defaults, **(asdict(carried) if carried else {}), **given})
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:

@@ -45,6 +45,7 @@ PARAMETER_FLAGS: dict[str, str] = {
     "recalibrate(batch_size)": "--recalibrate-batch-size",
     # bench
     "batch_sizes": "--batch-sizes",
+    "repeats": "--repeats",
 }
 
 _CODE = re.compile(r"`([^`]+)`")

@@ -25,8 +25,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_documented_exit_codes_match_the_code():
-    from bnfold.cli import main
-
     from bnfold import errors
 
     for code in (
@@ -34,8 +32,9 @@ def test_documented_exit_codes_match_the_code():
         errors.EXIT_VERIFICATION_FAILED,
         errors.EXIT_USAGE,
         errors.EXIT_BAD_INPUT,
-        main.EXIT_INTERNAL,
-        main.EXIT_INTERRUPTED,
+        errors.EXIT_INTERNAL,
+        errors.EXIT_OUTPUT,
+        errors.EXIT_INTERRUPTED,
     ):
         assert re.search(rf"^\| {code} \|", README, re.M), f"exit code {code} not documented"
 

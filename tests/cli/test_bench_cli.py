@@ -40,3 +40,9 @@ def test_bench_prints_medians_and_ratios_and_writes_json(tmp_path):
 def test_bench_rejects_bad_batch_sizes(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(SIGNAL / "model.pt"), "--arch", ARCH, "--batch-sizes", "0,4"])
     assert result.exit_code == 2 and "--batch-sizes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_rejects_zero_repeats(tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(SIGNAL / "model.pt"), "--arch", ARCH, "--repeats", "0"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--repeats must be at least 1 (got 0)" in result.stderr

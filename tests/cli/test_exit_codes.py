@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from bnfold.cli import main as cli_main
+from bnfold.cli import options as cli_options
+from bnfold.cli.commands import verify as verify_command
 from hostile import (
     DIGITS,
     DIGITS_ARCH,
@@ -78,7 +79,7 @@ def test_4_internal_error(tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("simulated bug\nsecond line")
 
-    monkeypatch.setattr(cli_main, "load_model", bug)
+    monkeypatch.setattr(cli_options, "load_model", bug)
     line = assert_one_line_error(
         run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 4, "internal error: RuntimeError: simulated bug"
     )
@@ -115,7 +116,7 @@ def test_130_interrupted_in_process(tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_main, "verify", ctrl_c)
+    monkeypatch.setattr(verify_command, "verify", ctrl_c)
     assert run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--no-verify").exit_code == 0
     assert_one_line_error(run_cli("verify", DIGITS, tmp_path / "d.onnx"), 130, "interrupted")
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from bnfold.cli.main import main
 from click.testing import CliRunner
 from PIL import Image
+from torch import nn
 
 import bnfold
 
@@ -125,6 +127,37 @@ def test_export_options_store_labels_and_preprocessing(tmp_path):
     assert predictor.labels == ["a", "b", "c", "d"]
     assert predictor.preprocess.mean == (0.4, 0.5, 0.6) and predictor.preprocess.channel_order == "BGR"
     assert predictor.preprocess.size == (16, 16)  # the file's
+
+
+# (channels, --preprocess-* options) -> what export stores for a model file that carries no preprocessing
+PREPROCESS_DEFAULTS = {
+    "nothing-given": (3, [], None),
+    "grayscale-from-one-channel": (1, ["--preprocess-mean", "0.5"], ((6, 6), (0.5,), (1.0,), "L")),
+    "rgb-from-three-channels": (3, ["--preprocess-size", "4x5"], ((4, 5), (0.0,), (1.0,), "RGB")),
+    "given-channel-order-wins": (
+        3,
+        ["--preprocess-channels", "BGR", "--preprocess-std", "2"],
+        ((6, 6), (0.0,), (2.0,), "BGR"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PREPROCESS_DEFAULTS), ids=list(PREPROCESS_DEFAULTS))
+def test_export_fills_unset_preprocessing_from_the_input(case, tmp_path):
+    channels, options, expected = PREPROCESS_DEFAULTS[case]
+    model = tmp_path / "m.pt"
+    net = nn.Sequential(nn.Conv2d(channels, 2, 3), nn.Flatten(), nn.Linear(32, 4)).eval()
+    example = torch.zeros(1, channels, 6, 6)
+    torch.jit.save(torch.jit.trace(net, example), str(model))
+    result = invoke(
+        "export", model, "-o", tmp_path / "m.onnx", "--no-verify", "--input-shape", f"1x{channels}x6x6", *options
+    )
+    assert result.exit_code == 0, result.stderr
+    stored = bnfold.Predictor(tmp_path / "m.onnx", device="cpu").preprocess
+    if expected is None:
+        assert stored is None
+    else:
+        assert (stored.size, stored.mean, stored.std, stored.channel_order) == expected
 
 
 PREDICT_ERRORS = {

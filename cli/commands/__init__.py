@@ -1,0 +1,1 @@
+"""The ``bnfold`` commands, one module each; ``bnfold.cli.main`` registers them."""

@@ -1,0 +1,38 @@
+"""``bnfold inspect``: what export would do with each batch-norm, without exporting."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_options, model_options
+
+from bnfold.fold import fold
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=True))
+@model_options
+@input_shape_options
+@click.option("--static-batch", is_flag=True, help="Trace with a fixed batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fold report as JSON.")
+def inspect_command(
+    model: str, static_batch: bool, as_json: bool, *, loading: ModelOptions, input_shape: InputShapeOptions
+) -> None:
+    """List every batch-norm of MODEL and what export would do with it, without exporting."""
+    shapes = input_shape.shapes()
+    loaded = loading.load(model)
+    inputs = loaded.example_inputs(shapes)
+    report = fold(loaded.module, inputs, dynamic_batch=not static_batch).report
+    if as_json:
+        shapes_seen = [list(t.shape) for t in inputs]
+        click.echo(
+            json.dumps(
+                {"model": model, "format": loaded.format, "input_shapes": shapes_seen, **report.to_dict()}, indent=2
+            )
+        )
+        return
+    click.echo(
+        f"Model: {model} ({loaded.format}); input shape(s): {', '.join('x'.join(map(str, t.shape)) for t in inputs)}"
+    )
+    click.echo(str(report))

@@ -1,0 +1,116 @@
+"""``bnfold predict``: run an exported ONNX model on arrays or images and print its predictions."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bnfold.batching import Batch, plan_batches
+from bnfold.data import read_arrays, select_inputs
+from bnfold.errors import UsageError
+from bnfold.images import find_images
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
+from bnfold.progress import Progress, for_stream
+from bnfold.staging import atomic_write, check_output_path
+
+DEFAULT_PREDICT_BATCH = 32
+
+
+@click.command("predict")
+@click.argument("onnx_model", type=click.Path(dir_okay=True))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(), help="Write all outputs to this .npz (one array per model output).")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="cuda, cpu, or auto (CUDA when it works, else CPU with a warning).",
+)
+@click.option(
+    "--batch-size", type=int, default=DEFAULT_PREDICT_BATCH, show_default=True, help="Samples per ONNX Runtime call."
+)
+@click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
+def predict_command(
+    onnx_model: str,
+    inputs: tuple[str, ...],
+    output: str | None,
+    device: str,
+    batch_size: int,
+    top_k: int,
+    as_json: bool,
+) -> None:
+    """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
+    the preprocessing the model was exported with)."""
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    if output:
+        check_output_path(output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CudaUnavailableWarning)
+        predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
+    for warning in caught:
+        click.echo(f"bnfold: warning: {warning.message}", err=True)
+    names, predict_batch = _prediction_source(predictor, inputs)
+    plan = plan_batches(len(names), batch_size)
+    progress = for_stream(sys.stderr) if len(plan) > 3 else Progress()
+    progress.start(f"Predicting {len(names)} sample(s) on {predictor.device}")
+    parts: list[dict[str, np.ndarray]] = []
+    for batch in plan:
+        result = predict_batch(batch)
+        parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
+        progress.advance(batch.rows.stop, len(names))
+    progress.finish()
+    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if output:
+        _write_npz(output, outputs)
+    _print_predictions(next(iter(outputs.values())), names, predictor.labels, top_k, as_json)
+    if output and not as_json:
+        click.echo(f"Wrote {output}")
+
+
+def _prediction_source(predictor: Predictor, inputs: tuple[str, ...]) -> tuple[list[str], Callable[[Batch], Any]]:
+    """(sample names, the predictions for a batch of them): the arrays of one .npy/.npz file, or
+    image files and folders read with the model's preprocessing."""
+    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
+        arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
+        named = {s.name: a for s, a in zip(predictor.inputs, arrays)}
+        return [str(i) for i in range(arrays[0].shape[0])], lambda batch: predictor.predict(batch.take(named))
+    paths = [p for item in inputs for p in find_images(item)]
+    return [str(p) for p in paths], lambda batch: predictor.predict_images(paths[batch.rows])
+
+
+def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file beside it, then rename)."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _print_predictions(
+    scores: np.ndarray, names: list[str], labels: list[str] | None, top_k: int, as_json: bool
+) -> None:
+    if scores.ndim != 2:
+        if as_json:
+            for name, row in zip(names, scores):
+                click.echo(json.dumps({"sample": name, "shape": list(row.shape)}))
+        else:
+            click.echo(f"{len(names)} sample(s): output shape {'x'.join(map(str, scores.shape))}")
+        return
+    k = min(top_k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    for name, row, idx in zip(names, scores, top):
+        best = [
+            {"class": int(j), "label": labels[j] if labels and j < len(labels) else str(int(j)), "score": float(row[j])}
+            for j in idx
+        ]
+        if as_json:
+            click.echo(json.dumps({"sample": name, "top_k": best}))
+        else:
+            click.echo(f"{name}\t" + ", ".join(f"{b['label']} ({b['score']:.4g})" for b in best))

@@ -1,0 +1,217 @@
+"""Option groups shared by several commands, each a decorator, and what their values mean to
+the library.
+
+A group adds its click options to a command and hands the command one frozen dataclass of their
+values (e.g. ``model: ModelOptions``) instead of one argument per option; the dataclass turns the
+values into library arguments. The library checks the values and names its parameters, which
+``bnfold.cli.flags`` maps back to these flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import torch
+
+from bnfold.errors import UsageError
+from bnfold.loading import LoadedModel, load_model, parse_shape
+from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, preprocess_for, read_labels
+from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def option_group(keyword: str, values: type, options: Sequence[Decorator]) -> Decorator:
+    """A decorator that adds ``options`` to a click command and passes their values to it as
+    one ``values`` dataclass (whose fields are the options' parameter names) named ``keyword``."""
+    fields = [field.name for field in dataclasses.fields(values)]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def grouped(*args: Any, **kwargs: Any) -> Any:
+            group = values(**{name: kwargs.pop(name) for name in fields})
+            return command(*args, **{keyword: group}, **kwargs)
+
+        for option in reversed(options):
+            grouped = option(grouped)
+        return grouped
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to read a PyTorch model file: ``--arch``, ``--arch-kwargs``, ``--trust-pickle``."""
+
+    arch: str | None
+    arch_kwargs: str | None
+    """JSON text; :func:`bnfold.load_model` checks what it holds."""
+    trust_pickle: bool
+
+    def load(self, model: str) -> LoadedModel:
+        """The model at ``model``, loaded as these options say."""
+        kwargs = None
+        if self.arch_kwargs:
+            try:
+                kwargs = json.loads(self.arch_kwargs)
+            except ValueError as exc:
+                raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+        return load_model(model, arch=self.arch, arch_kwargs=kwargs, trust_pickle=self.trust_pickle)
+
+
+model_options = option_group(
+    "loading",
+    ModelOptions,
+    [
+        click.option(
+            "--arch",
+            metavar="MODULE:FACTORY",
+            help="Architecture for a state_dict file: package.module:factory or file.py:factory. Its code is imported and run.",
+        ),
+        click.option(
+            "--arch-kwargs",
+            metavar="JSON",
+            help="Keyword arguments for the --arch factory, as a JSON object, e.g. '{\"num_classes\": 10}'.",
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow unpickling a whole nn.Module. Unpickling runs code from the file: only for files you trust.",
+        ),
+    ],
+)
+
+
+@dataclass(frozen=True)
+class InputShapeOptions:
+    """The model's input shapes (``--input-shape``, repeated), for files that do not record them."""
+
+    input_shapes: tuple[str, ...]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The parsed shapes (call it before any slow step: a malformed one is a usage error)."""
+        return [parse_shape(text) for text in self.input_shapes]
+
+
+input_shape_options = option_group(
+    "input_shape",
+    InputShapeOptions,
+    [
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            multiple=True,
+            metavar="NxCxHxW",
+            help="Input shape, batch first (repeat for several inputs). Needed when the file does not record it.",
+        )
+    ],
+)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How to verify an ONNX model: ``--rtol``, ``--atol``, ``--inputs``, ``--reference``."""
+
+    rtol: float | None
+    atol: float | None
+    inputs: str | None
+    reference: str
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bnfold.verify` and :func:`bnfold.export` they set."""
+        return dataclasses.asdict(self)
+
+
+def verify_options(float16_when: str) -> Decorator:
+    """The verification options; the float16 tolerances apply ``float16_when`` (for the help)."""
+    return option_group(
+        "verification",
+        VerifyOptions,
+        [
+            click.option(
+                "--rtol",
+                type=float,
+                help=f"Relative tolerance, against max|y_ref| [default: {DEFAULT_RTOL:g}; {FP16_RTOL:g} {float16_when}].",
+            ),
+            click.option(
+                "--atol",
+                type=float,
+                help=f"Absolute tolerance [default: {DEFAULT_ATOL:g}; {FP16_ATOL:g} {float16_when}].",
+            ),
+            click.option(
+                "--inputs", type=click.Path(), help="Verification data: .npy, or .npz with one array per model input."
+            ),
+            click.option(
+                "--reference",
+                type=click.Choice(REFERENCES),
+                default="float32",
+                show_default=True,
+                help="float64 also reports the error of the original and the ONNX model against a float64 run.",
+            ),
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class MetadataOptions:
+    """Class labels and image preprocessing to store in the ONNX metadata (``--labels``,
+    ``--preprocess-*``); each overrides what the model file carries."""
+
+    labels_path: str | None
+    preprocess_size: str | None
+    preprocess_mean: str | None
+    preprocess_std: str | None
+    preprocess_channels: str | None
+
+    def labels(self, loaded: LoadedModel) -> list[str] | None:
+        """The labels of ``--labels``, else those the model file carries."""
+        return read_labels(self.labels_path) if self.labels_path else loaded.labels
+
+    def preprocess(self, loaded: LoadedModel, example: Sequence[torch.Tensor]) -> Preprocess | None:
+        """The model file's preprocessing with each given ``--preprocess-*`` option replacing its
+        field (see :func:`bnfold.metadata.preprocess_for` for the defaults)."""
+        size, mean, std = self.preprocess_size, self.preprocess_mean, self.preprocess_std
+        return preprocess_for(
+            example[0].shape,
+            loaded.preprocess,
+            size=parse_shape(size, parameter="preprocess.size", example="224x224") if size else None,
+            mean=parse_floats(mean, "preprocess.mean") if mean else None,
+            std=parse_floats(std, "preprocess.std") if std else None,
+            channel_order=self.preprocess_channels,
+        )
+
+
+metadata_options = option_group(
+    "metadata",
+    MetadataOptions,
+    [
+        click.option(
+            "--labels",
+            "labels_path",
+            type=click.Path(),
+            help="Class labels, one per line, stored in the ONNX metadata.",
+        ),
+        click.option(
+            "--preprocess-size",
+            metavar="HxW",
+            help="Image preprocessing stored in the ONNX metadata: resize to HxW (default: the input's).",
+        ),
+        click.option(
+            "--preprocess-mean",
+            metavar="M[,M,M]",
+            help="Per-channel mean subtracted after scaling pixels to [0, 1] (default 0).",
+        ),
+        click.option("--preprocess-std", metavar="S[,S,S]", help="Per-channel std divided by (default 1)."),
+        click.option(
+            "--preprocess-channels",
+            type=click.Choice(CHANNEL_ORDERS),
+            help="Channel order: RGB, BGR or L (grayscale); default from the channel count.",
+        ),
+    ],
+)
