@@ -34,6 +34,11 @@ FP16_ATOL = 1e-3
 # mistake would pass there); small, since each sample already covers every channel.
 RANDOM_BATCH_SIZES = (1, 3)
 REFERENCES = ("float32", "float64")
+# Against a float64 run, the ONNX model may be this many times as far as the float32 original:
+# two float32 evaluations of the same network, summing in different orders (ONNX Runtime's MLAS
+# and PyTorch's kernels), round differently. Measured on ill-conditioned correct exports: 0.97 to
+# 2.2 times (tests/test_verify.py); a fold with one channel 0.1% off is 280 to 680 times as far.
+FLOAT32_ERROR_FACTOR = 4.0
 DATA_CHUNK = 64
 # ONNX metadata key under which bnfold's export records its weights' dtype (see
 # :func:`bnfold.onnx_ir.weight_dtype`), so verification need not read the weights to find it.
@@ -112,7 +117,7 @@ class _Accumulator:
             self.mismatches += int((decidable & ~same).sum())
 
     def check(self, rtol: float, atol: float) -> OutputCheck:
-        tolerance = atol + rtol * self.ref_max + (self.original_error or 0.0)
+        tolerance = atol + rtol * self.ref_max + FLOAT32_ERROR_FACTOR * (self.original_error or 0.0)
         scale = self.ref_max or 1.0
         return OutputCheck(
             name=self.name,
@@ -196,7 +201,9 @@ def verify(
 
     ``reference="float64"`` compares with a float64 copy of ``module`` instead, reports the
     normwise error of the float32 original and of the ONNX model against it (what folding adds),
-    and allows the original's own error on top of the tolerance.
+    and allows :data:`FLOAT32_ERROR_FACTOR` times the original's own error on top of the tolerance. With the float32 reference, a
+    comparison that fails on the numbers alone is arbitrated that way before it fails (see
+    :func:`_arbitrate`); the report says so (``float64_arbitration``).
     """
     if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
         raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
@@ -225,10 +232,39 @@ def verify(
         source = f"{inputs}" if isinstance(inputs, (str, os.PathLike)) else "given arrays"
     if module64 is not None:
         source += "; float64 reference"
+    progress.start("Verifying in ONNX Runtime")
+    accs, checks = _compare(module, module64, predictor, batches, progress)
+    progress.finish()
+    arbitration = None
+    if module64 is None and not checks and any(not a.check(rtol, atol).passed for a in accs):
+        arbitration, accs, checks, source = _arbitrate(module, predictor, batches, accs, rtol, atol, source, progress)
+    samples = sum(next(iter(b.values())).shape[0] for b, counted in batches if counted)
+    return VerifyReport(
+        onnx_path=str(onnx_path),
+        rtol=rtol,
+        atol=atol,
+        input_source=source,
+        batch_sizes=sorted({next(iter(b.values())).shape[0] for b, _ in batches}),
+        samples=samples,
+        outputs=[a.check(rtol, atol) for a in accs],
+        checks=checks,
+        float64_arbitration=arbitration,
+    )
+
+
+def _compare(
+    module: nn.Module,
+    module64: nn.Module | None,
+    predictor: Predictor,
+    batches: list[tuple[dict[str, np.ndarray], bool]],
+    progress: Progress,
+) -> tuple[list[_Accumulator], dict[str, str]]:
+    """Run ``module`` (and ``module64``, the float64 reference, if given) and the ONNX model on
+    every batch: the per-output accumulators and the structural failures."""
+    specs = predictor.inputs
     accs = [_Accumulator(s.name) for s in predictor.outputs]
     checks: dict[str, str] = {}
-    progress.start("Verifying in ONNX Runtime")
-    device = module_device(module)
+    device, ref_dtype = module_device(module), module_dtype(module)
     for step, (feeds, counted) in enumerate(batches):
         # PyTorch first, then ONNX Runtime: PyTorch's activations are freed before ORT runs, so
         # ORT reuses that memory instead of adding to the peak.
@@ -253,7 +289,6 @@ def verify(
             else:
                 acc.add(ref64[i].cpu().numpy(), g, original=r_np, counted=counted)
         progress.advance(step + 1, len(batches))
-    progress.finish()
     checks.update({f"shape:{a.name}": a.shape_problem for a in accs if a.shape_problem})
     checks.update(
         {
@@ -262,14 +297,41 @@ def verify(
             if a.nonfinite
         }
     )
-    samples = sum(next(iter(b.values())).shape[0] for b, counted in batches if counted)
-    return VerifyReport(
-        onnx_path=str(onnx_path),
-        rtol=rtol,
-        atol=atol,
-        input_source=source,
-        batch_sizes=sorted({next(iter(b.values())).shape[0] for b, _ in batches}),
-        samples=samples,
-        outputs=[a.check(rtol, atol) for a in accs],
-        checks=checks,
+    return accs, checks
+
+
+def _arbitrate(
+    module: nn.Module,
+    predictor: Predictor,
+    batches: list[tuple[dict[str, np.ndarray], bool]],
+    accs: list[_Accumulator],
+    rtol: float,
+    atol: float,
+    source: str,
+    progress: Progress,
+) -> tuple[str | None, list[_Accumulator], dict[str, str], str]:
+    """The float32 comparison failed on the numbers alone: an ill-conditioned model can amplify
+    float32 rounding until the original and a correct ONNX model differ by more than the
+    tolerance. Judge the ONNX model against a float64 run instead: it passes when it is no
+    farther from the float64 truth than the float32 original's own rounding (up to
+    :data:`FLOAT32_ERROR_FACTOR` times it) plus the tolerance; a wrong fold is hundreds of times
+    farther. Returns the sentence for the report and the float64 comparison; a model that
+    cannot be copied to float64 keeps the float32 verdict."""
+    try:
+        module64 = float64_copy(module)
+    except BnfoldError:
+        return None, accs, {}, source
+    failed = "; ".join(
+        f"'{a.name}' max abs error {a.max_abs:.3g} > {a.check(rtol, atol).tolerance:.3g}"
+        for a in accs
+        if not a.check(rtol, atol).passed
     )
+    progress.start("Float64 arbitration")
+    accs64, checks64 = _compare(module, module64, predictor, batches, progress)
+    progress.finish()
+    verdict = "passes" if all(a.check(rtol, atol).passed for a in accs64) and not checks64 else "fails"
+    sentence = (
+        f"the float32 comparison failed ({failed}); float64 arbitration decided: the ONNX model {verdict} "
+        "against a float64 run, allowing the float32 original's own error"
+    )
+    return sentence, accs64, checks64, source + "; float64 arbitration"
