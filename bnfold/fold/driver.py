@@ -91,16 +91,23 @@ def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = Non
         if not site.uses_batch_stats:
             check_statistics(store, site)
     entries = [fold_site(site, edit) for site in sites]
-    kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
-    _merge_blocks(edit, entries, kept)
+    while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)
+        kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
+        if not _merge_blocks(edit, entries, kept):
+            break
+        for i, site in enumerate(sites):
+            if site.node in kept and entries[i].status == KEPT and not site.node._erased:
+                entries[i] = fold_site(site, edit)
     store.drop_unused()
     store.graph.lint()
     program.graph_module.recompile()
     return FoldReport(entries=entries)
 
 
-def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int]) -> None:
-    """Merge every multi-branch conv block, updating the report entries of its batch-norms."""
+def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int]) -> bool:
+    """Merge every multi-branch conv block, updating the report entries of its batch-norms;
+    returns whether any block was merged."""
+    merged = False
     for root in multibranch.roots(edit.graph):
         if root._erased:  # an earlier merge removed it
             continue
@@ -112,3 +119,5 @@ def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[obj
         elif found is not None:
             shared = multibranch.rewrite(found, edit)
             multibranch.report_merge(found, entries, kept, shared)
+            merged = True
+    return merged

@@ -55,7 +55,8 @@ SHAPE_ONLY = {
 NO_OPS = {aten.alias.default, aten.detach.default}
 
 AVG_POOLS = {aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default}
-ADD = aten.add.Tensor
+# Tensor sums, in place too (``out += branch(x)``): a summand's value is read once, by the sum.
+ADDS = {aten.add.Tensor, aten.add_.Tensor}
 
 
 def arg(node: fx.Node, index: int, name: str, default: object = None) -> object:

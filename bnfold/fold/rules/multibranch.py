@@ -22,7 +22,7 @@ from torch import fx
 
 from ...report import FOLDED, BatchNormEntry
 from .. import math as fold_math
-from ..ops import ADD, AVG_POOLS, arg
+from ..ops import ADDS, AVG_POOLS, arg
 from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
 from . import Refusal
 
@@ -55,26 +55,29 @@ class BlockRefusal(Refusal):
     batchnorms: tuple[fx.Node, ...] = ()
 
 
+def _is_sum(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in ADDS
+
+
 def roots(graph: fx.Graph) -> list[fx.Node]:
     """The Adds that end an Add tree (their single user is not another Add)."""
-    return [
-        n
-        for n in graph.nodes
-        if n.op == "call_function" and n.target is ADD and not (len(n.users) == 1 and next(iter(n.users)).target is ADD)
-    ]
+    return [n for n in graph.nodes if _is_sum(n) and not (len(n.users) == 1 and _is_sum(next(iter(n.users))))]
 
 
 def _add_terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The summands of an Add tree rooted at ``root`` and the Add nodes themselves."""
+    """The summands of an Add tree rooted at ``root`` (plain or in-place adds, in any order, a
+    scalar 0 being no summand: ``out = 0; out += branch(x)``) and the Add nodes themselves."""
     terms: list[fx.Node] = []
     adds: list[fx.Node] = []
 
     def collect(node: fx.Node) -> None:
-        is_add = node.op == "call_function" and node.target is ADD and arg(node, 2, "alpha", 1) == 1
-        if is_add and all(isinstance(a, fx.Node) for a in node.args[:2]) and (node is root or len(node.users) == 1):
+        operands = node.args[:2] if _is_sum(node) and arg(node, 2, "alpha", 1) == 1 else ()
+        plain = all(isinstance(a, fx.Node) or (isinstance(a, (int, float)) and a == 0) for a in operands)
+        if operands and plain and (node is root or len(node.users) == 1):
             adds.append(node)
-            for a in node.args[:2]:
-                collect(a)
+            for a in operands:
+                if isinstance(a, fx.Node):
+                    collect(a)
         else:
             terms.append(node)
 
@@ -136,7 +139,7 @@ def _pool_problem(pool: fx.Node, kernel: tuple[int, ...], stride: tuple[int, ...
 
 
 def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: GraphEdit) -> str | None:
-    if any(len(b.term.users) != 1 for b in branches):
+    if any(len(b.term.users) != 1 for b in branches if b.term is not b.source):  # a bare identity is the input
         return "a branch output is also used elsewhere"
     problem = next((p for p in (edit.stored_layer_problem(c.layer) for c in convs) if p), None)
     if problem:
