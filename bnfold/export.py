@@ -196,7 +196,7 @@ def export(
                 raise VerificationError(
                     f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
                 )
-        kept = result.fold_report.kept_count
+        kept = result.fold_report.kept_batchnorm_ops
         if result.onnx_batchnorm_count != kept:
             raise VerificationError(
                 f"the ONNX graph has {result.onnx_batchnorm_count} BatchNormalization node(s) but the fold "

@@ -9,6 +9,8 @@ from typing import Any
 
 FOLDED = "folded"
 KEPT = "kept"
+BATCH_NORM_OP = "batch_norm"
+AFFINE_OP = "affine"
 
 
 def _json_safe(value: Any) -> Any:
@@ -47,6 +49,9 @@ class BatchNormEntry:
     """Why it was kept (exported as an exact BatchNormalization op)."""
     category: str | None = None
     """The reason's class, without layer names (e.g. ``after Concat of shared features``)."""
+    op: str = BATCH_NORM_OP
+    """``"batch_norm"`` for a batch-norm op, ``"affine"`` for a constant per-channel affine map
+    built from element-wise ops (``FrozenBatchNorm2d``, a layer scale, input normalisation)."""
 
     @property
     def detail(self) -> str:
@@ -71,16 +76,26 @@ class FoldReport:
     def kept_count(self) -> int:
         return sum(e.status == KEPT for e in self.entries)
 
+    @property
+    def kept_batchnorm_ops(self) -> int:
+        """Kept entries that are batch-norm ops: the BatchNormalization nodes the ONNX graph keeps."""
+        return sum(e.status == KEPT and e.op == BATCH_NORM_OP for e in self.entries)
+
     def kept_by_reason(self) -> dict[str, int]:
         """Number of kept batch-norms per reason class, most frequent first."""
         return dict(Counter(e.category or e.reason or "" for e in self.entries if e.status == KEPT).most_common())
 
     def summary(self) -> str:
-        return f"{len(self.entries)} batch-norm(s): {self.folded_count} folded, {self.kept_count} kept"
+        affines = sum(e.op == AFFINE_OP for e in self.entries)
+        counted = f"{len(self.entries) - affines} batch-norm(s)" + (
+            f" and {affines} per-channel affine(s)" if affines else ""
+        )
+        return f"{counted}: {self.folded_count} folded, {self.kept_count} kept"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "batch_norms": len(self.entries),
+            "batch_norms": sum(e.op == BATCH_NORM_OP for e in self.entries),
+            "affines": sum(e.op == AFFINE_OP for e in self.entries),
             "folded": self.folded_count,
             "kept": self.kept_count,
             "kept_by_reason": self.kept_by_reason(),

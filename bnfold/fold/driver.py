@@ -10,10 +10,11 @@ from dataclasses import replace
 from torch.export import ExportedProgram
 
 from ..report import KEPT, BatchNormEntry, FoldReport
+from .affine import affine_sites
 from .ops import aten, op_name
 from .prepare import check_statistics, drop_no_ops, store_computed_parameters
 from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn
-from .sites import BatchNormSite, GraphEdit, batchnorm_site, describe_source, kept_entry
+from .sites import BatchNormSite, GraphEdit, Site, batchnorm_site, describe_source, kept_entry
 from .store import TensorStore
 
 # The batch-norm reads a weight layer (output side), in the order tried.
@@ -22,8 +23,10 @@ OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn)
 INPUT_SIDE_RULES = (bn_bn, bn_conv)
 
 
-def _preconditions(site: BatchNormSite, store: TensorStore) -> str | None:
+def _preconditions(site: Site, store: TensorStore) -> str | None:
     """Why no rule can fold the batch-norm, whatever its neighbours, if so."""
+    if not isinstance(site, BatchNormSite):
+        return None  # an affine map's constants are stored by construction
     if site.uses_batch_stats:
         if site.mean is not None and site.var is not None:
             return "called with training=True: it normalises with batch statistics at inference"
@@ -35,7 +38,7 @@ def _preconditions(site: BatchNormSite, store: TensorStore) -> str | None:
     return None
 
 
-def _first_match(rules: tuple, site: BatchNormSite, edit: GraphEdit) -> tuple[object, object]:
+def _first_match(rules: tuple, site: Site, edit: GraphEdit) -> tuple[object, object]:
     """(rule, its match or refusal) of the first rule in ``rules`` that applies to ``site``."""
     for rule in rules:
         found = rule.match(site, edit)
@@ -44,14 +47,14 @@ def _first_match(rules: tuple, site: BatchNormSite, edit: GraphEdit) -> tuple[ob
     return None, None
 
 
-def _input_side_default(site: BatchNormSite) -> Refusal:
+def _input_side_default(site: Site) -> Refusal:
     users = list(site.output.users)
     if len(users) != 1:
         return Refusal(f"its output feeds {len(users)} ops")
     return Refusal(f"its output feeds '{op_name(users[0])}', not a conv/linear layer")
 
 
-def fold_site(site: BatchNormSite, edit: GraphEdit) -> BatchNormEntry:
+def fold_site(site: Site, edit: GraphEdit) -> BatchNormEntry:
     """Fold one batch-norm by the first rule that matches it, or keep it with every reason."""
     site.num_channels = site.channels(edit.store)
     reason = _preconditions(site, edit.store)
@@ -81,14 +84,16 @@ def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = Non
     edit = GraphEdit(store)
     drop_no_ops(store.graph)
     store_computed_parameters(edit)
-    sites = [s for s in (batchnorm_site(n, store) for n in list(store.graph.nodes)) if s is not None]
+    order = {node: i for i, node in enumerate(store.graph.nodes)}
+    batchnorms = [s for s in (batchnorm_site(n, store) for n in list(store.graph.nodes)) if s is not None]
+    sites: list[Site] = sorted([*batchnorms, *affine_sites(store.graph, store)], key=lambda s: order[s.node])
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
             site.kind = types[site.name]
         if names.count(site.name) > 1:
             site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
-        if not site.uses_batch_stats:
+        if isinstance(site, BatchNormSite) and not site.uses_batch_stats:
             check_statistics(store, site)
     entries = [fold_site(site, edit) for site in sites]
     while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)

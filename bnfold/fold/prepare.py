@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, fx
 
 from ..errors import FoldError
+from .affine import activation_operand
 from .ops import NO_OPS, arg, aten
 from .sites import BatchNormSite, GraphEdit, batchnorm_site, weight_layer
 from .store import TensorStore, constant_tensor, evaluate
@@ -24,14 +25,28 @@ def drop_no_ops(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def _computed_operands(node: fx.Node, store: TensorStore, memo: dict[fx.Node, bool]) -> tuple[int, ...]:
+    """Which arguments of ``node`` may hold weights computed from stored tensors: a weight
+    layer's weight and bias, a batch-norm's parameters, the constant side of an element-wise
+    affine op (a frozen batch-norm's ``scale``/``shift``)."""
+    if weight_layer(node) is not None:
+        return (1, 2)
+    if batchnorm_site(node) is not None:
+        return (1, 2, 3, 4)
+    index = activation_operand(node, lambda v: isinstance(v, fx.Node) and constant_tensor(store, v, memo))
+    return () if index is None else (1 - index,)
+
+
 def store_computed_parameters(edit: GraphEdit) -> None:
     """Evaluate weights computed from stored tensors only (weight_norm, pruning masks,
-    spectral_norm in eval mode) and store the results, so such layers can be folded."""
+    spectral_norm in eval mode, a frozen batch-norm's scale and shift) and store the results, so
+    such layers and maps can be folded."""
     store = edit.store
     memo: dict[fx.Node, bool] = {}
     for node in list(store.graph.nodes):
-        indices = (1, 2) if weight_layer(node) is not None else (1, 2, 3, 4) if batchnorm_site(node) else ()
-        for index in indices:
+        if node._erased:  # an input of an earlier computed weight
+            continue
+        for index in _computed_operands(node, store, memo):
             computed = node.args[index] if index < len(node.args) else None
             if store.is_stored(computed) or not constant_tensor(store, computed, memo):
                 continue

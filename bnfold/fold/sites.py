@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from torch import Tensor, fx
 
 from ..errors import FoldError
-from ..report import FOLDED, KEPT, BatchNormEntry
+from ..report import AFFINE_OP, BATCH_NORM_OP, FOLDED, KEPT, BatchNormEntry
 from . import math as fold_math
+from .affine import AffineSite
 from .ops import (
     BATCH_STATS_OPS,
     BATCHNORM_OPS,
@@ -68,6 +69,11 @@ class BatchNormSite:
         return None if self.node.target in BATCH_STATS_OPS else self.node.args[4]
 
     @property
+    def nodes(self) -> list[fx.Node]:
+        """The op, and the ``getitem`` that reads its result if there is one."""
+        return [self.node] if self.output is self.node else [self.node, self.output]
+
+    @property
     def tensors(self) -> tuple[fx.Node | None, ...]:
         """(weight, bias, running_mean, running_var)."""
         return self.weight, self.bias, self.mean, self.var
@@ -84,6 +90,10 @@ class BatchNormSite:
         """Its float64 affine map ``(s, t)``: ``bn(x) = s * x + t``."""
         get = lambda ref: None if ref is None else store.value(ref)
         return fold_math.bn_scale_shift(get(self.mean), get(self.var), get(self.weight), get(self.bias), self.eps)
+
+
+Site = BatchNormSite | AffineSite
+"""What the fold rules fold: a batch-norm op, or a constant per-channel affine map."""
 
 
 @dataclass
@@ -183,7 +193,7 @@ def batchnorm_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [node for node in graph.nodes if batchnorm_site(node) is not None]
 
 
-def kept_category(site: BatchNormSite) -> str:
+def kept_category(site: Site) -> str:
     """A short reason class, without layer names, for grouping kept batch-norms in the report."""
     if site.uses_batch_stats:
         return "uses batch statistics at inference"
@@ -275,7 +285,7 @@ class GraphEdit:
             )
         return None
 
-    def scale_output(self, site: BatchNormSite, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
+    def scale_output(self, site: Site, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
         """Scale ``layer``'s output channels by ``s`` and shift them by ``t``; returns whether
         its weights were shared with other call sites (and so were copied)."""
         weight, bias = self.layer_tensors(layer)
@@ -287,10 +297,10 @@ class GraphEdit:
             layer, new_w, new_b, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
         )
 
-    def remove(self, site: BatchNormSite, replacement: fx.Node) -> None:
-        """Take the batch-norm out: its readers read ``replacement`` instead."""
+    def remove(self, site: Site, replacement: fx.Node) -> None:
+        """Take the batch-norm or affine map out: its readers read ``replacement`` instead."""
         site.output.replace_all_uses_with(replacement)
-        for node in dict.fromkeys((site.output, site.node)):
+        for node in reversed(site.nodes):
             self.graph.erase_node(node)
 
     def erase_unused(self, node: fx.Node) -> None:
@@ -303,15 +313,17 @@ class GraphEdit:
             self.erase_unused(n)
 
 
-def folded_entry(site: BatchNormSite, into: str, pattern: str, shared: bool = False) -> BatchNormEntry:
-    """The report entry of a folded batch-norm."""
-    return BatchNormEntry(
-        site.name, site.kind, site.num_channels, FOLDED, into=into, pattern=pattern + (SHARED_NOTE if shared else "")
-    )
+def _op(site: Site) -> str:
+    return AFFINE_OP if isinstance(site, AffineSite) else BATCH_NORM_OP
 
 
-def kept_entry(site: BatchNormSite, reason: str, category: str | None = None) -> BatchNormEntry:
-    """The report entry of a batch-norm that stays, with its reason."""
-    return BatchNormEntry(
-        site.name, site.kind, site.num_channels, KEPT, reason=reason, category=category or kept_category(site)
-    )
+def folded_entry(site: Site, into: str, pattern: str, shared: bool = False) -> BatchNormEntry:
+    """The report entry of a folded batch-norm or affine map."""
+    pattern += SHARED_NOTE if shared else ""
+    return BatchNormEntry(site.name, site.kind, site.num_channels, FOLDED, into=into, pattern=pattern, op=_op(site))
+
+
+def kept_entry(site: Site, reason: str, category: str | None = None) -> BatchNormEntry:
+    """The report entry of a batch-norm or affine map that stays, with its reason."""
+    category = category or kept_category(site)
+    return BatchNormEntry(site.name, site.kind, site.num_channels, KEPT, reason=reason, category=category, op=_op(site))

@@ -44,6 +44,11 @@ class TensorStore:
         """Whether ``node`` is ``None`` (an absent bias) or a stored tensor."""
         return node is None or self.is_stored(node)
 
+    def is_parameter(self, node: object) -> bool:
+        """Whether ``node`` is a stored trainable parameter (not a buffer or a constant)."""
+        spec = self._spec(node)
+        return spec is not None and spec.kind == InputKind.PARAMETER
+
     def target(self, node: fx.Node) -> str:
         """The state-dict name of a stored tensor (``layer1.0.conv1.weight``)."""
         return self._spec(node).target

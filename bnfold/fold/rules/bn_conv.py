@@ -59,7 +59,7 @@ def match(site: BatchNormSite, edit: GraphEdit) -> Match | Refusal | None:
     zero_shift = bool((t == 0).all())
     if layer.zero_pads_input() and not zero_shift:
         return Refusal(
-            f"the following {layer.kind} '{layer.name}' zero-pads its input and the batch-norm's "
+            f"the following {layer.kind} '{layer.name}' zero-pads its input and the {site.kind}'s "
             "shift is non-zero, so folding would change the borders"
         )
     if layer.transposed and not zero_shift:
