@@ -40,8 +40,9 @@ def activation_operand(node: fx.Node, constant: object) -> int | None:
     return None
 
 
-def _per_channel(value: object, channels: int, dims: int) -> Tensor | None:
-    """``value`` as a float64 vector over ``channels``, if it broadcasts along dim 1 only."""
+def per_channel(value: object, channels: int, dims: int) -> Tensor | None:
+    """``value`` (a number or a tensor) as a float64 vector over ``channels``, if it broadcasts
+    against a ``dims``-D activation along dim 1 only."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((channels,), float(value), dtype=F64)
     if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() > dims:
@@ -93,7 +94,7 @@ class AffineSite:
             t = torch.zeros(self.num_channels, dtype=F64)
             dims = rank(self.source) or 2
             for node, index, other in zip(self.nodes, self.operands, self.tensors):
-                c = _per_channel(store.value(other) if isinstance(other, fx.Node) else other, self.num_channels, dims)
+                c = per_channel(store.value(other) if isinstance(other, fx.Node) else other, self.num_channels, dims)
                 if node.target is aten.mul.Tensor:
                     s, t = s * c, t * c
                 elif node.target is aten.div.Tensor:
@@ -143,7 +144,7 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
             i = activation_operand(current, constant)
             other = None if i is None else current.args[1 - i]
             value = store.value(other) if isinstance(other, fx.Node) else other
-            if i is None or module_path(current) != module or _per_channel(value, channels, dims) is None:
+            if i is None or module_path(current) != module or per_channel(value, channels, dims) is None:
                 break
             chain.append(current)
             operands.append(i)

@@ -22,7 +22,8 @@ from torch import fx
 
 from ...report import FOLDED, BatchNormEntry
 from .. import math as fold_math
-from ..ops import ADDS, AVG_POOLS, arg
+from ..affine import activation_operand, per_channel
+from ..ops import ADDS, AVG_POOLS, arg, aten, channels_of, rank
 from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
 from . import Refusal
 
@@ -37,12 +38,18 @@ class Branch:
     layer: WeightLayer | None = None
     site: BatchNormSite | None = None
     pool: fx.Node | None = None
+    coeff: torch.Tensor | None = None
+    """Per-channel float64 factor of the branch in the sum (``None``: 1): a subtracted branch
+    has −1, a branch under a layer scale ``c·(...)`` has ``c``."""
 
 
 @dataclass
 class Match:
     root: fx.Node
-    adds: list[fx.Node]
+    inner: list[fx.Node]
+    """The sum's own ops (adds, subs, per-channel scales), root first."""
+    scales: list[fx.Node]
+    """The per-channel scale ops among them (layer scales, reported as merged)."""
     branches: list[Branch]
     main: WeightLayer
     kernel: tuple[int, ...]
@@ -64,28 +71,56 @@ def roots(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if _is_sum(n) and not (len(n.users) == 1 and _is_sum(next(iter(n.users))))]
 
 
-def _add_terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The summands of an Add tree rooted at ``root`` (plain or in-place adds, in any order, a
-    scalar 0 being no summand: ``out = 0; out += branch(x)``) and the Add nodes themselves."""
-    terms: list[fx.Node] = []
-    adds: list[fx.Node] = []
+def _linear_terms(
+    root: fx.Node, edit: GraphEdit
+) -> tuple[list[tuple[fx.Node, torch.Tensor | None]], list[fx.Node], list[fx.Node]]:
+    """The summands of the linear combination ``root`` ends, each with its per-channel factor:
+    plain or in-place adds in any order (a scalar 0 is no summand: ``out = 0; out += b(x)``),
+    subtractions, and multiplications by a stored per-channel tensor (a layer scale:
+    ``x + gamma * (mixer(x) - norm(x))``). Also the sum's own ops, root first, and its scales."""
+    terms: list[tuple[fx.Node, torch.Tensor | None]] = []
+    inner: list[fx.Node] = []
+    scales: list[fx.Node] = []
+    dims = rank(root) or 0
+    channels = channels_of(root)
 
-    def collect(node: fx.Node) -> None:
-        operands = node.args[:2] if _is_sum(node) and arg(node, 2, "alpha", 1) == 1 else ()
-        plain = all(isinstance(a, fx.Node) or (isinstance(a, (int, float)) and a == 0) for a in operands)
-        if operands and plain and (node is root or len(node.users) == 1):
-            adds.append(node)
+    def times(coeff: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+        return factor if coeff is None else coeff * factor
+
+    def collect(node: fx.Node, coeff: torch.Tensor | None) -> None:
+        operands = node.args[:2] if node.op == "call_function" and arg(node, 2, "alpha", 1) == 1 else ()
+        own = node is root or len(node.users) == 1
+        scale = activation_operand(node, edit.store.is_stored) if node.target is aten.mul.Tensor else None
+        factor = None
+        if scale is not None and channels is not None:
+            factor = per_channel(edit.store.value(node.args[1 - scale]), channels, dims)
+        if own and _is_sum(node) and all(isinstance(a, fx.Node) or a == 0 for a in operands) and operands:
+            inner.append(node)
             for a in operands:
                 if isinstance(a, fx.Node):
-                    collect(a)
+                    collect(a, coeff)
+        elif own and node.target is aten.sub.Tensor and all(isinstance(a, fx.Node) for a in operands) and operands:
+            inner.append(node)
+            collect(operands[0], coeff)
+            collect(operands[1], times(coeff, -torch.ones(channels or 1, dtype=torch.float64)))
+        elif own and node is not root and factor is not None:
+            inner.append(node)
+            scales.append(node)
+            collect(node.args[scale], times(coeff, factor))
         else:
-            terms.append(node)
+            terms.append((node, coeff))
 
-    collect(root)
-    return terms, adds
+    collect(root, None)
+    return terms, inner, scales
 
 
-def _classify(term: fx.Node, edit: GraphEdit) -> Branch:
+def _classify(term: fx.Node, coeff: torch.Tensor | None, edit: GraphEdit) -> Branch:
+    branch = _branch(term, edit)
+    branch.coeff = coeff
+    return branch
+
+
+def _branch(term: fx.Node, edit: GraphEdit) -> Branch:
     layer = weight_layer(term, edit.store)
     if layer is not None and layer.kind.startswith("Conv") and not layer.transposed:
         return Branch(term, term.args[0], layer=layer)
@@ -178,10 +213,10 @@ def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: Graph
 
 def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
     """The block an Add tree ends, if it is one: every summand a branch over one input."""
-    terms, adds = _add_terms(root)
+    terms, inner, scales = _linear_terms(root, edit)
     if len(terms) < 2:
         return None
-    branches = [_classify(t, edit) for t in terms]
+    branches = [_classify(t, coeff, edit) for t, coeff in terms]
     convs = [b for b in branches if b.layer is not None]
     if not convs or any(b.source is not convs[0].source for b in branches):
         return None  # not a block over one input (e.g. a plain residual of two paths)
@@ -193,39 +228,37 @@ def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
     if problem:
         sites = tuple(b.site.node for b in branches if b.site is not None)
         return BlockRefusal(f"in a multi-branch block that cannot be merged: {problem}", CATEGORY, sites)
-    return Match(root, adds, branches, convs[main].layer, kernels[main])
+    return Match(root, inner, scales, branches, convs[main].layer, kernels[main])
 
 
 def rewrite(m: Match, edit: GraphEdit) -> bool:
     """Merge the block into its main conv; returns whether that conv's weights were shared."""
     main, kernel = m.main, m.kernel
     ref = edit.store.value(main.weight)
-    weight = torch.zeros(ref.shape[0], ref.shape[1], *kernel, dtype=torch.float64)
-    bias = torch.zeros(ref.shape[0], dtype=torch.float64)
+    out_channels = ref.shape[0]
+    weight = torch.zeros(out_channels, ref.shape[1], *kernel, dtype=torch.float64)
+    bias = torch.zeros(out_channels, dtype=torch.float64)
     for b in m.branches:
+        coeff = torch.ones(out_channels, dtype=torch.float64) if b.coeff is None else b.coeff
         if b.layer is not None:
             w, b_ = edit.layer_tensors(b.layer)
-            weight += fold_math.pad_kernel(w, kernel)
+            weight += coeff.reshape(-1, *[1] * (weight.dim() - 1)) * fold_math.pad_kernel(w, kernel)
             if b_ is not None:
-                bias += b_.to(torch.float64)
+                bias += coeff * b_.to(torch.float64)
             continue
-        scale, shift = (
-            b.site.scale_shift(edit.store)
-            if b.site is not None
-            else (torch.ones(ref.shape[0], dtype=torch.float64), None)
-        )
+        scale, shift = b.site.scale_shift(edit.store) if b.site is not None else (1.0, None)
         values = None
         if b.pool is not None:
             k = _ints(arg(b.pool, 1, "kernel_size", 1), len(kernel), 1)
             box = torch.full((1, 1, *k), 1.0 / math.prod(k), dtype=torch.float64)
             values = fold_math.pad_kernel(box, kernel)[0, 0]
-        weight += fold_math.channel_kernel(scale, ref.shape[1], kernel, values)
+        weight += fold_math.channel_kernel(coeff * scale, ref.shape[1], kernel, values)
         if shift is not None:
-            bias += shift
+            bias += coeff * shift
     shared = edit.set_weights(main, weight, bias, f"merging the branches of {main.kind} '{main.name}'")
     m.root.replace_all_uses_with(main.node)
-    for add in m.adds:  # root first: each Add's only user is the one before it
-        edit.graph.erase_node(add)
+    for node in m.inner:  # root first: each op's only user is the one before it
+        edit.graph.erase_node(node)
     for b in m.branches:
         if b.term is not main.node:
             edit.erase_unused(b.term)
@@ -240,12 +273,17 @@ def report_merge(m: Match, entries: list[BatchNormEntry], index_of: dict[fx.Node
     suffix = f"; parallel branches merged into {main.kind} '{main.name}'"
     for i, entry in enumerate(entries):
         if entry.status == FOLDED and (entry.into in merged or entry.into == main.name):
-            entries[i] = replace(entry, into=main.name, pattern=(entry.pattern or "") + suffix)
-    for b in m.branches:
-        if b.site is not None and b.site.node in index_of:
-            what = "average pool → BN" if b.pool is not None else "identity BN"
+            pattern = entry.pattern or ""
+            entries[i] = replace(
+                entry, into=main.name, pattern=pattern if pattern.endswith(suffix) else pattern + suffix
+            )
+    merged_sites = [
+        (b.site.node, "average pool → BN" if b.pool is not None else "identity BN") for b in m.branches if b.site
+    ]
+    for node, what in [*merged_sites, *((scale, "layer scale") for scale in m.scales)]:
+        if node in index_of:
             pattern = f"{what} branch merged into {main.kind} (multi-branch re-parameterisation)"
-            i = index_of[b.site.node]
+            i = index_of[node]
             entries[i] = replace(
                 entries[i],
                 status=FOLDED,

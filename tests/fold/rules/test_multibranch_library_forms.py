@@ -103,3 +103,46 @@ def test_a_batchnorm_after_the_sum_folds_into_the_merged_conv():
     result = assert_fold_exact(with_statistics(BatchNormAfterSum()), random_input(2, C, 8, 8), ["folded"])
     assert graph_ops(result, "conv") == 1 and graph_ops(result, "add") == 0
     assert result.report.entries[0].into == "conv_a"
+
+
+class MobileOneBlock(nn.Module):
+    """FastViT's MobileOne block without activation: an identity BN, an optional 1x1 "scale"
+    conv-BN and ``branches`` depthwise kxk conv-BN branches, summed from the scale branch."""
+
+    def __init__(self, branches: int, scale: bool) -> None:
+        super().__init__()
+        self.rbr_skip = nn.BatchNorm2d(C)
+        self.rbr_scale = nn.Sequential(nn.Conv2d(C, C, 1, groups=C, bias=False), nn.BatchNorm2d(C)) if scale else None
+        self.rbr_conv = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False), nn.BatchNorm2d(C))
+            for _ in range(branches)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity_out = self.rbr_skip(x)
+        scale_out = self.rbr_scale(x) if self.rbr_scale is not None else 0
+        out = scale_out + identity_out
+        for conv in self.rbr_conv:
+            out += conv(x)
+        return out
+
+
+class RepMixer(nn.Module):
+    """FastViT: ``x + layer_scale * (mixer(x) - norm(x))``, one depthwise conv once merged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = MobileOneBlock(branches=0, scale=False)
+        self.mixer = MobileOneBlock(branches=1, scale=True)
+        self.layer_scale = nn.Parameter(torch.rand(C, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+
+def test_subtraction_and_a_layer_scale_merge_into_one_depthwise_conv():
+    result = assert_fold_exact(with_statistics(RepMixer()), random_input(2, C, 8, 8), ["folded"] * 5)
+    assert graph_ops(result, "conv") == 1
+    assert graph_ops(result, "add") == graph_ops(result, "sub") == graph_ops(result, "mul") == 0
+    assert [e.kind for e in result.report.entries].count("layer scale") == 1
+    assert {e.into for e in result.report.entries} == {"mixer.rbr_conv.0.0"}
