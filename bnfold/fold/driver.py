@@ -13,14 +13,14 @@ from ..report import KEPT, BatchNormEntry, FoldReport
 from .affine import affine_sites
 from .ops import aten, op_name
 from .prepare import check_statistics, drop_no_ops, store_computed_parameters
-from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn
+from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn, through_in, through_out
 from .sites import BatchNormSite, GraphEdit, Site, batchnorm_site, describe_source, kept_entry
 from .store import TensorStore
 
 # The batch-norm reads a weight layer (output side), in the order tried.
-OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn)
+OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn, through_out)
 # The batch-norm feeds a weight layer or another batch-norm (input side), in the order tried.
-INPUT_SIDE_RULES = (bn_bn, bn_conv)
+INPUT_SIDE_RULES = (bn_bn, bn_conv, through_in)
 
 
 def _preconditions(site: Site, store: TensorStore) -> str | None:

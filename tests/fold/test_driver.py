@@ -59,8 +59,9 @@ def test_activation_between_conv_and_bn_is_kept():
     assert "'relu'" in kept_reason(fold_checked(model, random_input(2, 3, 6, 6), ["kept"]))
 
 
-def test_batchnorm_on_model_input_is_kept():
-    model = with_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 2)))
+def test_batchnorm_on_model_input_feeding_no_weight_layer_is_kept():
+    """(Before a flatten and a Linear it folds: tests/fold/rules/test_through_ops.py.)"""
+    model = with_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)))
     assert "model input" in kept_reason(fold_checked(model, random_input(2, 3, 3, 3), ["kept"]))
 
 
