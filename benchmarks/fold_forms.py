@@ -20,28 +20,41 @@ for folder in ("", "tests", "tests/fold", "tests/fold/rules"):
 
 import test_affine as affine
 import test_multibranch_library_forms as forms
+import test_through_ops as through
 from fold_checks import with_statistics
 
 import bnfold
 from bnfold.modes import quiet_torch
 
-COUNTED = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Conv")
+COUNTED = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Conv", "Gemm")
 C = forms.C
 FORMS = {
-    "in-place RepVGG after relu_, drop_path": (lambda: forms.InPlaceRepVGG(), (2, C, 8, 8)),
-    "MobileOne branches summed from 0": (lambda: forms.MobileOneStyle(), (2, C, 8, 8)),
-    "BN after the sum of branches": (lambda: forms.BatchNormAfterSum(), (2, C, 8, 8)),
-    "FastViT RepMixer (sub + layer scale)": (lambda: forms.RepMixer(), (2, C, 8, 8)),
+    "in-place RepVGG after relu_, drop_path": (lambda: with_statistics(forms.InPlaceRepVGG()), (2, C, 8, 8)),
+    "MobileOne branches summed from 0": (lambda: with_statistics(forms.MobileOneStyle()), (2, C, 8, 8)),
+    "BN after the sum of branches": (lambda: with_statistics(forms.BatchNormAfterSum()), (2, C, 8, 8)),
+    "FastViT RepMixer (sub + layer scale)": (lambda: with_statistics(forms.RepMixer()), (2, C, 8, 8)),
     "conv -> FrozenBatchNorm2d": (
-        lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), affine.FrozenBatchNorm2d(4)),
+        lambda: with_statistics(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), affine.FrozenBatchNorm2d(4))),
         (2, 3, 6, 6),
     ),
-    "ResNet block with FrozenBatchNorm2d": (lambda: affine.FrozenResNetBlock(), (2, 4, 6, 6)),
+    "ResNet block with FrozenBatchNorm2d": (lambda: with_statistics(affine.FrozenResNetBlock()), (2, 4, 6, 6)),
     "conv -> FrozenBN -> layer scale": (
-        lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), affine.FrozenBatchNorm2d(4), affine.LayerScale(4)),
+        lambda: with_statistics(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), affine.FrozenBatchNorm2d(4), affine.LayerScale(4))
+        ),
         (2, 3, 6, 6),
     ),
-    "input normalisation -> unpadded conv": (lambda: affine.Normalised(padding=0), (2, 3, 6, 6)),
+    "input normalisation -> unpadded conv": (lambda: with_statistics(affine.Normalised(padding=0)), (2, 3, 6, 6)),
+    "BN -> global pool -> Linear head": (
+        lambda: with_statistics(
+            through.Head(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 4)
+        ),
+        (2, 4, 5, 5),
+    ),
+    "conv -> max-pool -> BN stem (positive scales)": (
+        lambda: through.with_scale_signs(with_statistics(through.Stem()), negative=False),
+        (2, 3, 6, 6),
+    ),
 }
 
 
@@ -55,7 +68,7 @@ def main() -> None:
     print("|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name, (make, shape) in FORMS.items():
-            model = with_statistics(make())
+            model = make()
             x = torch.randn(*shape)
             plain, ours = Path(folder) / "plain.onnx", Path(folder) / "bnfold.onnx"
             with quiet_torch():

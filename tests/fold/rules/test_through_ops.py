@@ -90,7 +90,7 @@ def test_without_a_shift_a_padded_average_pool_lets_the_scale_through():
     assert_fold_exact(model, random_input(2, 4, 6, 6), ["folded"])
 
 
-def _with_scale_signs(model: nn.Module, negative: bool) -> nn.Module:
+def with_scale_signs(model: nn.Module, negative: bool) -> nn.Module:
     with torch.no_grad():
         model.bn.weight.abs_()
         if negative:
@@ -99,9 +99,9 @@ def _with_scale_signs(model: nn.Module, negative: bool) -> nn.Module:
 
 
 def test_max_pool_with_positive_scales_folds_and_with_a_negative_one_is_kept_as_it_would_be_wrong():
-    positive = _with_scale_signs(with_statistics(PoolThenConv(nn.MaxPool2d(2))), negative=False)
+    positive = with_scale_signs(with_statistics(PoolThenConv(nn.MaxPool2d(2))), negative=False)
     assert_fold_exact(positive, random_input(2, 4, 6, 6), ["folded"])
-    negative = _with_scale_signs(with_statistics(PoolThenConv(nn.MaxPool2d(2))), negative=True)
+    negative = with_scale_signs(with_statistics(PoolThenConv(nn.MaxPool2d(2))), negative=True)
     x = random_input(2, 4, 6, 6).double()
     result = assert_fold_exact(negative, x, ["kept"])
     assert "scale is not positive" in kept_reason(result)
@@ -122,13 +122,13 @@ class Stem(nn.Module):
 
 
 def test_conv_max_pool_batchnorm_stem_folds_into_the_conv_with_positive_scales():
-    stem = _with_scale_signs(with_statistics(Stem()), negative=False)
+    stem = with_scale_signs(with_statistics(Stem()), negative=False)
     result = assert_fold_exact(stem, random_input(2, 3, 6, 6), ["folded"])
     assert result.report.entries[0].into == "conv"
 
 
 def test_conv_max_pool_batchnorm_with_a_negative_scale_is_kept_as_folding_would_be_wrong():
-    stem = _with_scale_signs(with_statistics(Stem()), negative=True)
+    stem = with_scale_signs(with_statistics(Stem()), negative=True)
     x = random_input(2, 3, 6, 6).double()
     result = assert_fold_exact(stem, x, ["kept"])
     assert "scale is not positive" in kept_reason(result)
