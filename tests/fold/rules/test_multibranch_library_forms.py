@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fold_checks import assert_fold_exact, graph_ops, with_statistics
-from helpers import random_input
+from fold_checks import assert_fold_exact, assert_onnx_matches, graph_ops, with_statistics
+from helpers import onnx_batchnorms, random_input
 from torch import nn
 
 C = 4
@@ -146,3 +146,9 @@ def test_subtraction_and_a_layer_scale_merge_into_one_depthwise_conv():
     assert graph_ops(result, "add") == graph_ops(result, "sub") == graph_ops(result, "mul") == 0
     assert [e.kind for e in result.report.entries].count("layer scale") == 1
     assert {e.into for e in result.report.entries} == {"mixer.rbr_conv.0.0"}
+
+
+def test_library_forms_export_with_no_batchnormalization_left_in_onnx(tmp_path):
+    for i, block in enumerate((InPlaceRepVGG(), RepMixer(), BatchNormAfterSum())):
+        assert_onnx_matches(with_statistics(block), random_input(2, C, 8, 8), tmp_path / f"m{i}.onnx")
+        assert onnx_batchnorms(tmp_path / f"m{i}.onnx") == 0

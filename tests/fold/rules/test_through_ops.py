@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from fold_checks import (
     assert_fold_exact,
+    assert_onnx_matches,
     assert_wrong,
     bn_affine,
     float64_copy,
@@ -18,7 +19,7 @@ from fold_checks import (
     with_statistics,
     zero_shift,
 )
-from helpers import random_input
+from helpers import onnx_batchnorms, random_input
 from torch import nn
 
 from bnfold.fold import math as fold_math
@@ -137,3 +138,11 @@ def test_conv_max_pool_batchnorm_with_a_negative_scale_is_kept_as_folding_would_
     w, b = fold_math.scale_output_channels(m.conv.weight, m.conv.bias, s, t)
     naive = torch.relu(m.pool(F.conv2d(x, w, b, padding=1)))
     assert_wrong(run(m, x)[0], naive)
+
+
+def test_through_ops_forms_export_with_no_batchnormalization_left_in_onnx(tmp_path):
+    head = with_statistics(Head(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4))
+    stem = with_scale_signs(with_statistics(Stem()), negative=False)
+    for i, (model, x) in enumerate(((head, random_input(2, 4, 5, 5)), (stem, random_input(2, 3, 6, 6)))):
+        assert_onnx_matches(model, x, tmp_path / f"m{i}.onnx")
+        assert onnx_batchnorms(tmp_path / f"m{i}.onnx") == 0
