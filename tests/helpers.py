@@ -70,3 +70,18 @@ def onnx_batchnorms(path: str | Path) -> int:
 
 def random_input(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def corrupt_output_folds(monkeypatch) -> None:
+    """Make every output-side fold scale one channel 1% wrong: an export that must fail
+    verification, whatever the tolerances and float64 arbitration allow."""
+    from bnfold.fold import math as fold_math
+
+    real = fold_math.scale_output_channels
+
+    def wrong(*args, **kwargs):
+        weight, bias = real(*args, **kwargs)
+        weight[0] *= 1.01
+        return weight, bias
+
+    monkeypatch.setattr(fold_math, "scale_output_channels", wrong)
