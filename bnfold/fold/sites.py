@@ -297,6 +297,31 @@ class GraphEdit:
             layer, new_w, new_b, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
         )
 
+    def input_fold_problem(self, layer: WeightLayer, t: Tensor, kind: str) -> str | None:
+        """Why ``layer`` cannot absorb an affine map on its input with shift ``t``, if it cannot:
+        zero padding would see 0 where the map gives ``t``, and a transposed conv spreads a
+        shift unevenly over its output."""
+        if bool((t == 0).all()):
+            return None
+        if layer.zero_pads_input():
+            return (
+                f"the following {layer.kind} '{layer.name}' zero-pads its input and the {kind}'s "
+                "shift is non-zero, so folding would change the borders"
+            )
+        if layer.transposed:
+            return f"the following {layer.kind} '{layer.name}' would spread a non-zero shift unevenly over its output"
+        return None
+
+    def scale_input(self, site: Site, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
+        """Fold ``s·x + t`` on ``layer``'s input channels into it; returns whether its weights
+        were shared with other call sites (and so were copied)."""
+        weight, bias = self.layer_tensors(layer)
+        if layer.transposed:
+            new_w, new_b = fold_math.scale_transposed_input_channels(weight, bias, s)
+        else:
+            new_w, new_b = fold_math.scale_input_channels(weight, bias, s, t, layer.groups)
+        return self.set_weights(layer, new_w, new_b, f"folding '{site.name}' into {layer.kind} '{layer.name}'")
+
     def remove(self, site: Site, replacement: fx.Node) -> None:
         """Take the batch-norm or affine map out: its readers read ``replacement`` instead."""
         site.output.replace_all_uses_with(replacement)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from torch import fx
 
 from ...report import BatchNormEntry
-from .. import math as fold_math
 from ..ops import arg, aten, rank
 from ..sites import BatchNormSite, GraphEdit, WeightLayer, folded_entry, weight_layer
 from . import Refusal
@@ -56,28 +55,16 @@ def match(site: BatchNormSite, edit: GraphEdit) -> Match | Refusal | None:
             f"it normalises dim 1 of a {source_rank}-D tensor but the following Linear '{layer.name}' acts on the last dim"
         )
     _, t = site.scale_shift(edit.store)
-    zero_shift = bool((t == 0).all())
-    if layer.zero_pads_input() and not zero_shift:
-        return Refusal(
-            f"the following {layer.kind} '{layer.name}' zero-pads its input and the {site.kind}'s "
-            "shift is non-zero, so folding would change the borders"
-        )
-    if layer.transposed and not zero_shift:
-        return Refusal(
-            f"the following {layer.kind} '{layer.name}' would spread a non-zero shift unevenly over its output"
-        )
+    problem = edit.input_fold_problem(layer, t, site.kind)
+    if problem:
+        return Refusal(problem)
     return Match(site, layer, pad)
 
 
 def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     site, layer = m.site, m.layer
     s, t = site.scale_shift(edit.store)
-    weight, bias = edit.layer_tensors(layer)
-    if layer.transposed:
-        new_w, new_b = fold_math.scale_transposed_input_channels(weight, bias, s)
-    else:
-        new_w, new_b = fold_math.scale_input_channels(weight, bias, s, t, layer.groups)
-    shared = edit.set_weights(layer, new_w, new_b, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'")
+    shared = edit.scale_input(site, layer, s, t)
     edit.remove(site, site.source)
     through = f", through {arg(m.pad, 2, 'mode')} padding" if m.pad is not None else ""
     return folded_entry(site, layer.name, f"{site.kind} → {layer.kind}, input side{through}", shared)

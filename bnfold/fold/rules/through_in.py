@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from torch import fx
 
 from ...report import BatchNormEntry
-from .. import math as fold_math
 from ..commuting import CHANNEL_PRESERVING, commute_problem, flatten_factor
 from ..ops import op_name, rank
 from ..sites import GraphEdit, Site, WeightLayer, folded_entry, weight_layer
@@ -66,11 +65,9 @@ def match(site: Site, edit: GraphEdit) -> Match | Refusal | None:
         )
     if layer.kind == "Linear" and rank(chain[-1]) != 2:
         return Refusal(f"the following Linear '{layer.name}' acts on the last dim of a {rank(chain[-1])}-D tensor")
-    zero_shift = bool((t == 0).all())
-    if (layer.zero_pads_input() or layer.transposed) and not zero_shift:
-        return Refusal(
-            f"the following {layer.kind} '{layer.name}' zero-pads its input or is transposed, and the shift is non-zero"
-        )
+    problem = edit.input_fold_problem(layer, t, site.kind)
+    if problem:
+        return Refusal(problem)
     return Match(site, layer, chain, repeat)
 
 
@@ -78,12 +75,7 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     site, layer = m.site, m.layer
     s, t = site.scale_shift(edit.store)
     s, t = s.repeat_interleave(m.repeat), t.repeat_interleave(m.repeat)
-    weight, bias = edit.layer_tensors(layer)
-    if layer.transposed:
-        new_w, new_b = fold_math.scale_transposed_input_channels(weight, bias, s)
-    else:
-        new_w, new_b = fold_math.scale_input_channels(weight, bias, s, t, layer.groups)
-    shared = edit.set_weights(layer, new_w, new_b, f"folding '{site.name}' into {layer.kind} '{layer.name}'")
+    shared = edit.scale_input(site, layer, s, t)
     edit.remove(site, site.source)
     ops = " → ".join(op_name(op) for op in m.chain)
     return folded_entry(site, layer.name, f"{site.kind} → {ops} → {layer.kind}, input side", shared)
