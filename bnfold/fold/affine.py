@@ -40,6 +40,12 @@ def activation_operand(node: fx.Node, constant: object) -> int | None:
     return None
 
 
+def _same_dtype(value: object, activation: fx.Node) -> bool:
+    """A tensor constant of another dtype would promote the result (float32 · float64 → float64)."""
+    val = activation.meta.get("val")
+    return not isinstance(value, Tensor) or not isinstance(val, Tensor) or value.dtype == val.dtype
+
+
 def per_channel(value: object, channels: int, dims: int) -> Tensor | None:
     """``value`` (a number or a tensor) as a float64 vector over ``channels``, if it broadcasts
     against a ``dims``-D activation along dim 1 only."""
@@ -144,7 +150,12 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
             i = activation_operand(current, constant)
             other = None if i is None else current.args[1 - i]
             value = store.value(other) if isinstance(other, fx.Node) else other
-            if i is None or module_path(current) != module or per_channel(value, channels, dims) is None:
+            if (
+                i is None
+                or module_path(current) != module
+                or per_channel(value, channels, dims) is None
+                or not _same_dtype(value, current.args[i])
+            ):
                 break
             chain.append(current)
             operands.append(i)

@@ -4,7 +4,7 @@ layer a few ops away.
 An op ``P`` that computes each output value of channel ``c`` as a weighted sum of input values of
 the same channel, with weights summing to 1, commutes: ``P(s·x + t) = s·P(x) + t``. That covers
 average pooling (``count_include_pad=False``, or no padding), adaptive average pooling, a mean
-over non-channel axes, and nearest/linear/cubic up- and down-sampling. Max pooling commutes only
+over spatial axes, and nearest/linear/cubic up- and down-sampling. Max pooling commutes only
 where every ``s > 0`` (a negative scale turns a max into a min). Flattening ``[N, C, ...]`` to
 ``[N, C·k]`` keeps the map, repeating each channel's ``s, t`` over its ``k`` features.
 """
@@ -57,8 +57,8 @@ def commute_problem(node: fx.Node, s: Tensor, t: Tensor) -> str | None:
     if node.target is aten.mean.dim:
         dims = shape(node.args[0])
         axes = [int(a) % len(dims) for a in node.args[1]] if dims else [1]
-        if 1 in axes:
-            return f"'{node.name}' averages over the channel axis"
+        if 0 in axes or 1 in axes:
+            return f"'{node.name}' averages over the batch or channel axis, which moves the channels"
     return None
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from torch import fx
 from torch.export import ExportedProgram
 
 from ..report import KEPT, BatchNormEntry, FoldReport
 from .affine import affine_sites
-from .ops import aten, op_name
+from .ops import aten, mutated, op_name
 from .prepare import check_statistics, drop_no_ops, store_computed_parameters
 from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn, through_in, through_out
 from .sites import BatchNormSite, GraphEdit, Site, batchnorm_site, describe_source, kept_entry
@@ -54,21 +55,34 @@ def _input_side_default(site: Site) -> Refusal:
     return Refusal(f"its output feeds '{op_name(users[0])}', not a conv/linear layer")
 
 
-def fold_site(site: Site, edit: GraphEdit) -> BatchNormEntry:
-    """Fold one batch-norm by the first rule that matches it, or keep it with every reason."""
+def fold_site(site: Site, edit: GraphEdit) -> tuple[BatchNormEntry, set[fx.Node]]:
+    """Fold one batch-norm by the first rule that matches it, or keep it with every reason;
+    also the weight-layer calls it was folded into (for the report of a later merge)."""
     site.num_channels = site.channels(edit.store)
     reason = _preconditions(site, edit.store)
     if reason:
-        return kept_entry(site, reason)
+        return kept_entry(site, reason), set()
     output_rule, output_side = _first_match(OUTPUT_SIDE_RULES, site, edit)
     if output_rule is not None and not isinstance(output_side, Refusal):
-        return output_rule.rewrite(output_side, edit)
-    input_rule, input_side = _first_match(INPUT_SIDE_RULES, site, edit)
+        return output_rule.rewrite(output_side, edit), _layer_calls(output_side)
+    if mutated(site.source):  # the layer after it would read the changed tensor instead
+        input_rule, input_side = (
+            None,
+            Refusal("its input is changed in place afterwards, so nothing can read it instead"),
+        )
+    else:
+        input_rule, input_side = _first_match(INPUT_SIDE_RULES, site, edit)
     if input_rule is not None and not isinstance(input_side, Refusal):
-        return input_rule.rewrite(input_side, edit)
+        return input_rule.rewrite(input_side, edit), _layer_calls(input_side)
     refusals = [output_side or Refusal(describe_source(site.source)), input_side or _input_side_default(site)]
     category = next((r.category for r in refusals if r.category), None)
-    return kept_entry(site, "; ".join(r.reason for r in refusals), category)
+    return kept_entry(site, "; ".join(r.reason for r in refusals), category), set()
+
+
+def _layer_calls(found: object) -> set[fx.Node]:
+    """The weight-layer calls a rule's match folds into."""
+    layers = getattr(found, "layers", None) or [getattr(found, "layer", None)]
+    return {layer.node for layer in layers if layer is not None}
 
 
 def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = None) -> FoldReport:
@@ -95,21 +109,23 @@ def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = Non
             site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
         if isinstance(site, BatchNormSite) and not site.uses_batch_stats:
             check_statistics(store, site)
-    entries = [fold_site(site, edit) for site in sites]
+    entries, into = map(list, zip(*(fold_site(site, edit) for site in sites))) if sites else ([], [])
     while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)
         kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
-        if not _merge_blocks(edit, entries, kept):
+        if not _merge_blocks(edit, entries, kept, into):
             break
         for i, site in enumerate(sites):
             if site.node in kept and entries[i].status == KEPT and not site.node._erased:
-                entries[i] = fold_site(site, edit)
+                entries[i], into[i] = fold_site(site, edit)
     store.drop_unused()
     store.graph.lint()
     program.graph_module.recompile()
     return FoldReport(entries=entries)
 
 
-def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int]) -> bool:
+def _merge_blocks(
+    edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int], into: list[set[fx.Node]]
+) -> bool:
     """Merge every multi-branch conv block, updating the report entries of its batch-norms;
     returns whether any block was merged."""
     merged = False
@@ -123,6 +139,6 @@ def _merge_blocks(edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[obj
                     entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
         elif found is not None:
             shared = multibranch.rewrite(found, edit)
-            multibranch.report_merge(found, entries, kept, shared)
+            multibranch.report_merge(found, entries, kept, into, shared)
             merged = True
     return merged

@@ -124,7 +124,7 @@ def feature_axis_through(linear: fx.Node, chain: list[fx.Node]) -> int | None:
         if out is None:
             return None
         if node.target is aten.permute.default:
-            axis = list(node.args[1]).index(axis if axis >= 0 else axis + len(out))
+            axis = [int(d) % len(out) for d in node.args[1]].index(axis % len(out))
         elif node.target is aten.transpose.int:
             d0, d1 = (int(d) % len(out) for d in node.args[1:3])
             axis = d1 if axis == d0 else d0 if axis == d1 else axis
@@ -133,6 +133,30 @@ def feature_axis_through(linear: fx.Node, chain: list[fx.Node]) -> int | None:
                 return None
             axis = len(out) - 1
     return axis
+
+
+def _alias_arguments(user: fx.Node, node: fx.Node) -> list[bool]:
+    """For each argument of ``user`` that is ``node`` and that ``user``'s schema marks as aliased
+    (a view or an in-place write): whether it is written."""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return []
+    found = []
+    for index, argument in enumerate(schema.arguments):
+        value = user.args[index] if index < len(user.args) else user.kwargs.get(argument.name)
+        if value is node and argument.alias_info is not None:
+            found.append(bool(argument.alias_info.is_write))
+    return found
+
+
+def mutated(node: fx.Node) -> bool:
+    """Whether an op writes to ``node``'s tensor in place (``relu_``, ``add_``, ``zero_``),
+    directly or through a view or an in-place result of it."""
+    for user in node.users:
+        aliases = _alias_arguments(user, node)
+        if any(aliases) or (aliases and mutated(user)):
+            return True
+    return False
 
 
 def fetch_attribute(gm: fx.GraphModule, target: str) -> Tensor:

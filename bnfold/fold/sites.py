@@ -28,6 +28,7 @@ from .ops import (
     aten,
     module_path,
     op_name,
+    rank,
     value_users,
 )
 from .store import TensorStore
@@ -177,6 +178,8 @@ def weight_layer(node: object, store: TensorStore | None = None) -> WeightLayer 
         kind = "Linear"
     else:
         dims = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
+        if dims is not None and rank(node) == dims - 1:
+            return None  # an unbatched conv ([C, L] input): its channels are dim 0, not dim 1
         kind = ("ConvTranspose" if transposed else "Conv") + (f"{dims - 2}d" if dims else "")
     located = module_path(node)
     if located and located[0]:

@@ -14,6 +14,8 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
+from .ops import mutated
+
 _STORED_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
 PREFIX = "bnfold_"
 
@@ -25,10 +27,16 @@ class TensorStore:
         self.program = program
         self.graph = program.graph_module.graph
         self._counter = 0
+        # A buffer the forward changes (in place, or as a declared mutation) is state, not a constant.
+        changed = set(program.graph_signature.buffers_to_mutate.values())
+        changed |= {n.name for n in self.graph.nodes if n.op == "placeholder" and mutated(n)}
         self._stored = {
             spec.arg.name: spec
             for spec in program.graph_signature.input_specs
-            if isinstance(spec.arg, TensorArgument) and spec.kind in _STORED_KINDS
+            if isinstance(spec.arg, TensorArgument)
+            and spec.kind in _STORED_KINDS
+            and spec.arg.name not in changed
+            and spec.target not in changed
         }
 
     def _spec(self, node: object) -> InputSpec | None:

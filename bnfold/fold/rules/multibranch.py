@@ -94,12 +94,23 @@ def _linear_terms(
         factor = None
         if scale is not None and channels is not None:
             factor = per_channel(edit.store.value(node.args[1 - scale]), channels, dims)
-        if own and _is_sum(node) and all(isinstance(a, fx.Node) or a == 0 for a in operands) and operands:
+        # An in-place add changes its first operand: only a tensor nothing else reads may be summed away.
+        in_place_ok = node.target is not aten.add_.Tensor or (
+            bool(operands) and isinstance(operands[0], fx.Node) and len(operands[0].users) == 1
+        )
+        distinct = len(operands) == 2 and operands[0] is not operands[1]
+        if (
+            own
+            and _is_sum(node)
+            and distinct
+            and in_place_ok
+            and all(isinstance(a, fx.Node) or a == 0 for a in operands)
+        ):
             inner.append(node)
             for a in operands:
                 if isinstance(a, fx.Node):
                     collect(a, coeff)
-        elif own and node.target is aten.sub.Tensor and all(isinstance(a, fx.Node) for a in operands) and operands:
+        elif own and node.target is aten.sub.Tensor and distinct and all(isinstance(a, fx.Node) for a in operands):
             inner.append(node)
             collect(operands[0], coeff)
             collect(operands[1], times(coeff, -torch.ones(channels or 1, dtype=torch.float64)))
@@ -265,18 +276,22 @@ def rewrite(m: Match, edit: GraphEdit) -> bool:
     return shared
 
 
-def report_merge(m: Match, entries: list[BatchNormEntry], index_of: dict[fx.Node, int], shared: bool) -> None:
-    """Update the report for a merged block: batch-norms folded into any of its convs now live
-    in the main conv, and its identity/pool batch-norm branches are folded into it."""
+def report_merge(
+    m: Match, entries: list[BatchNormEntry], index_of: dict[fx.Node, int], into: list[set[fx.Node]], shared: bool
+) -> None:
+    """Update the report for a merged block: batch-norms folded into any of its conv calls
+    (``into[i]``: the calls entry ``i`` went into) now live in the main conv, and its
+    identity/pool batch-norm and layer-scale branches are folded into it."""
     main = m.main
-    merged = {b.layer.name for b in m.branches if b.layer is not None and b.layer is not main}
+    calls = {b.layer.node for b in m.branches if b.layer is not None}
     suffix = f"; parallel branches merged into {main.kind} '{main.name}'"
     for i, entry in enumerate(entries):
-        if entry.status == FOLDED and (entry.into in merged or entry.into == main.name):
+        if entry.status == FOLDED and into[i] & calls:
             pattern = entry.pattern or ""
             entries[i] = replace(
                 entry, into=main.name, pattern=pattern if pattern.endswith(suffix) else pattern + suffix
             )
+            into[i] = {main.node}
     merged_sites = [
         (b.site.node, "average pool → BN" if b.pool is not None else "identity BN") for b in m.branches if b.site
     ]
@@ -284,6 +299,7 @@ def report_merge(m: Match, entries: list[BatchNormEntry], index_of: dict[fx.Node
         if node in index_of:
             pattern = f"{what} branch merged into {main.kind} (multi-branch re-parameterisation)"
             i = index_of[node]
+            into[i] = {main.node}
             entries[i] = replace(
                 entries[i],
                 status=FOLDED,
