@@ -40,6 +40,7 @@ PARAMETER_FLAGS: dict[str, str] = {
     "device": "--device",
     "device='auto'": "--device auto",
     "device='cuda'": "--device cuda",
+    "top_k": "--top-k",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import bnfold
-from bnfold.images import load_images
+from bnfold.images import load_image, load_images
 from bnfold.metadata import Preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,3 +99,16 @@ def test_labels_must_match_the_class_count(tmp_path):
 def test_invalid_preprocessing_is_refused(kwargs, match):
     with pytest.raises(bnfold.UsageError, match=match):
         Preprocess(**kwargs)
+
+
+def test_an_open_file_reads_like_its_path_and_errors_name_it(tmp_path):
+    import io
+
+    paths = write_pngs(np.load(ROOT / "sample_models" / "shapes_resnet" / "test.npz")["x"][:1], tmp_path)
+    preprocess = Preprocess(size=(16, 16), mean=(0.5,), std=(0.5,))
+    from_bytes = load_image(io.BytesIO(paths[0].read_bytes()), preprocess, name="s3://b/img.png")
+    np.testing.assert_array_equal(from_bytes, load_images(paths, preprocess)[0])
+    with pytest.raises(
+        bnfold.UsageError, match=r"^s3://b/x.png: not a readable image \(cannot identify the image format\)$"
+    ):
+        load_image(io.BytesIO(b"not an image"), preprocess, name="s3://b/x.png")

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from ..batching import Batch, plan_batches, run_in_batches
 from ..errors import BnfoldError, ModelLoadError, UsageError
 from ..images import load_images
-from ..metadata import from_metadata
+from ..metadata import Preprocess, from_metadata
 from ..modes import first_line
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
@@ -207,15 +207,20 @@ class Predictor:
             torch.cat if as_torch else np.concatenate,
         )
 
-    def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
-        """Read, resize and normalise image files as the model's preprocessing metadata says
-        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``."""
+    def image_preprocessing(self) -> Preprocess:
+        """The stored preprocessing that turns image files into inputs of this model; a
+        :class:`UsageError` if the model has none (it cannot read images)."""
         if self.preprocess is None:
             raise UsageError(
                 f"{self.path} has no preprocessing metadata, so it cannot read images: export it "
                 "with `preprocess`, or give arrays instead of image files"
             )
-        return self.predict(load_images(list(paths), self.preprocess))
+        return self.preprocess
+
+    def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
+        """Read, resize and normalise image files as the model's preprocessing metadata says
+        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``."""
+        return self.predict(load_images(list(paths), self.image_preprocessing()))
 
     def predict_batches(self, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[Any]:
         """Stream :meth:`predict` over an iterable of inputs."""

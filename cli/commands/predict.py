@@ -14,9 +14,8 @@ import numpy as np
 
 from bnfold.batching import Batch, plan_batches
 from bnfold.data import read_arrays, select_inputs
-from bnfold.errors import UsageError
 from bnfold.images import find_images
-from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
 from bnfold.progress import Progress, for_stream
 from bnfold.staging import atomic_write, check_output_path
 
@@ -50,8 +49,7 @@ def predict_command(
 ) -> None:
     """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
     the preprocessing the model was exported with)."""
-    if top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    check_top_k(top_k)
     if output:
         check_output_path(output)
     with warnings.catch_warnings(record=True) as caught:
@@ -93,9 +91,7 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
-def _print_predictions(
-    scores: np.ndarray, names: list[str], labels: list[str] | None, top_k: int, as_json: bool
-) -> None:
+def _print_predictions(scores: np.ndarray, names: list[str], labels: list[str] | None, k: int, as_json: bool) -> None:
     if scores.ndim != 2:
         if as_json:
             for name, row in zip(names, scores):
@@ -103,12 +99,11 @@ def _print_predictions(
         else:
             click.echo(f"{len(names)} sample(s): output shape {'x'.join(map(str, scores.shape))}")
         return
-    k = min(top_k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    for name, row, idx in zip(names, scores, top):
+    indices, values = top_k(scores, k)
+    for name, row_indices, row_scores in zip(names, indices, values):
         best = [
-            {"class": int(j), "label": labels[j] if labels and j < len(labels) else str(int(j)), "score": float(row[j])}
-            for j in idx
+            {"class": int(j), "label": class_label(labels, j), "score": float(v)}
+            for j, v in zip(row_indices, row_scores)
         ]
         if as_json:
             click.echo(json.dumps({"sample": name, "top_k": best}))
