@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_pngs
 from PIL import Image
 
 import bnfold
@@ -24,16 +25,6 @@ def shapes_onnx(tmp_path_factory) -> str:
     return bnfold.export(
         loaded.module, loaded.example_inputs(), path, verify=False, labels=loaded.labels, preprocess=loaded.preprocess
     ).path
-
-
-def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:
-    """Test-set arrays (normalised with mean 0.5, std 0.5) back to 8-bit RGB files."""
-    paths = []
-    for i, chw in enumerate(x):
-        pixels = np.clip((chw * 0.5 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        paths.append(folder / f"img_{i:03d}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
 
 
 def test_the_file_metadata_reaches_the_predictor(shapes_onnx):

@@ -154,9 +154,9 @@ def write_predictions(predictions: Dataset, path: str | os.PathLike[str]) -> Pre
     target = str(path)
     local = "://" not in target
     if local:
-        check_output_path(target, option="`path`")
-        if os.path.exists(target):
+        if os.path.lexists(target):
             raise UsageError(f"output {target} exists; remove it or choose another `path`")
+        check_output_path(target, option="`path`")
     start = time.perf_counter()
     staging = _staging_folder(Path(target)) if local else target
     try:
