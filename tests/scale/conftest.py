@@ -18,20 +18,24 @@ SHAPES = ROOT / "sample_models" / "shapes_resnet"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[object]:
-    """Ray, started once. Its session files go to a short temporary folder (Ray's socket paths
-    must stay under the 107-character limit, which pytest's deep tmp paths can exceed)."""
+def ray_temp_dir() -> Iterator[str]:
+    """Ray's session files: a short temporary folder (Ray's socket paths must stay under the
+    107-character limit, which pytest's deep tmp paths can exceed)."""
+    folder = tempfile.mkdtemp(prefix="bnfold-ray-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_temp_dir) -> Iterator[object]:
+    """Ray, started once for the session and shut down at its end."""
     from bnfold.scale import ray_instance
 
-    folder = tempfile.mkdtemp(prefix="bnfold-ray-")
-    try:
-        with ray_instance(num_cpus=2, temp_dir=folder, token_auth=False) as ray:
-            from ray.data import DataContext
+    with ray_instance(num_cpus=2, temp_dir=ray_temp_dir, token_auth=False) as ray:
+        from ray.data import DataContext
 
-            DataContext.get_current().enable_progress_bars = False
-            yield ray
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        DataContext.get_current().enable_progress_bars = False
+        yield ray
 
 
 @pytest.fixture(scope="session")
