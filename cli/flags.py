@@ -41,6 +41,12 @@ PARAMETER_FLAGS: dict[str, str] = {
     "device='auto'": "--device auto",
     "device='cuda'": "--device cuda",
     "top_k": "--top-k",
+    # bnfold predict --ray (bnfold.scale)
+    "address": "--ray-address",
+    "actors": "--actors",
+    "cpus_per_actor": "--cpus-per-actor",
+    "gpus_per_actor": "--gpus-per-actor",
+    "data": "INPUT",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",

@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..batching import Batch, plan_batches, run_in_batches
-from ..errors import BnfoldError, ModelLoadError, UsageError
+from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
 from ..images import load_images
 from ..metadata import Preprocess, from_metadata
-from ..modes import first_line
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
 from .specs import TensorSpec, tensor_spec

@@ -42,7 +42,7 @@ class InputColumns:
         :class:`UsageError` saying which columns are missing."""
         item = next((c for c in ("item", "path") if c in columns), None)
         if item is None:
-            raise UsageError(f"`data` has no `item` or `path` column to name its rows (columns: {list(columns)})")
+            raise UsageError(f"`data` has no 'item' or 'path' column to name its rows (columns: {list(columns)})")
         for form in (IMAGE_BYTES, ARRAY_BYTES):
             if form in columns:
                 return cls(item, form)
@@ -52,7 +52,7 @@ class InputColumns:
             return cls(item, TENSORS, ("data",))
         raise UsageError(
             f"`data` has no column for the model input(s) {list(input_names)}: expected one column per "
-            f"input name ('data' for a single input), or `bytes` of image files (columns: {list(columns)})"
+            f"input name ('data' for a single input), or 'bytes' of image files (columns: {list(columns)})"
         )
 
 

@@ -10,8 +10,7 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-from ..errors import BnfoldError, UsageError
-from ..modes import first_line
+from ..errors import BnfoldError, UsageError, first_line
 
 RAY_EXTRA = "pip install 'bnfold[ray]'"
 
@@ -102,9 +101,10 @@ def bnfold_cause(exc: BaseException) -> BnfoldError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, BnfoldError):
+        cause = getattr(current, "cause", None)  # Ray's RayTaskError: the error the task raised
+        if isinstance(current, BnfoldError) and cause is None:
             return current
-        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending += [cause, current.__cause__, current.__context__]
     return None
 
 

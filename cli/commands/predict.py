@@ -11,9 +11,12 @@ from typing import Any
 
 import click
 import numpy as np
+from bnfold.cli.commands.predict_ray import predict_on_ray
+from bnfold.cli.options import RayOptions, ray_options
 
 from bnfold.batching import Batch, plan_batches
 from bnfold.data import read_arrays, select_inputs
+from bnfold.errors import UsageError
 from bnfold.images import find_images
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
 from bnfold.progress import Progress, for_stream
@@ -38,6 +41,7 @@ DEFAULT_PREDICT_BATCH = 32
 )
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
+@ray_options
 def predict_command(
     onnx_model: str,
     inputs: tuple[str, ...],
@@ -46,9 +50,20 @@ def predict_command(
     batch_size: int,
     top_k: int,
     as_json: bool,
+    scale: RayOptions,
 ) -> None:
     """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
-    the preprocessing the model was exported with)."""
+    the preprocessing the model was exported with).
+
+    With --ray: on Ray Data, over any number of image, .npy/.npz or parquet files, folders, glob
+    patterns or object-store URLs, writing one row per item to -o OUT.parquet.
+    """
+    scale.check()
+    if scale.ray:
+        if as_json or device != "auto":
+            raise UsageError(f"{'--json' if as_json else '--device'} does not apply to --ray (see --gpus-per-actor)")
+        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale)
+        return
     check_top_k(top_k)
     if output:
         check_output_path(output)

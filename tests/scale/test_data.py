@@ -167,7 +167,7 @@ def test_what_would_fail_every_row_fails_before_the_job(case, ray_cluster, shape
 def test_a_dataset_without_item_names_is_refused(ray_cluster, shapes_onnx, shapes_x):
     import ray.data
 
-    with pytest.raises(bnfold.UsageError, match="no `item` or `path` column"):
+    with pytest.raises(bnfold.UsageError, match="no 'item' or 'path' column"):
         predict_dataset(shapes_onnx, ray.data.from_items([{"data": shapes_x[0]}]))
 
 
