@@ -9,11 +9,12 @@ job starts, with the same errors as :class:`~bnfold.Predictor`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .rows import PredictionRows
 from .sources import IMAGES, read_inputs
 
 Inputs = Dataset | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+# Rows are gathered into parquet files of about this many bytes (in memory) each, not a file per batch.
+FILE_BYTES = 64 << 20
 
 
 def predict_dataset(
@@ -160,7 +163,7 @@ def write_predictions(predictions: Dataset, path: str | os.PathLike[str]) -> Pre
     start = time.perf_counter()
     staging = _staging_folder(Path(target)) if local else target
     try:
-        _run(lambda: predictions.write_parquet(staging, ray_remote_args={"num_cpus": 0}))
+        _run(lambda: predictions.write_parquet(staging, min_bytes_per_file=FILE_BYTES, ray_remote_args={"num_cpus": 0}))
         errors_column = pads.dataset(staging, format="parquet").to_table(columns=["error"]).column("error")
         if local:
             os.rename(staging, target)
@@ -180,9 +183,11 @@ def _staging_folder(target: Path) -> str:
         raise write_failed(target, exc) from exc
 
 
-def _run(job) -> None:
+def _run(job: Callable[[], None]) -> None:
     """Run ``job`` (a Ray Data execution); a bnfold error raised in an actor or task is raised
     here as itself, not wrapped in Ray's errors."""
+    dataset_log = logging.getLogger("ray.data.dataset")
+    dataset_log.addFilter(_no_cpus_left_warning)
     try:
         job()
     except Exception as exc:
@@ -190,3 +195,11 @@ def _run(job) -> None:
         if cause is None:
             raise
         raise cause from exc
+    finally:
+        dataset_log.removeFilter(_no_cpus_left_warning)
+
+
+def _no_cpus_left_warning(record: logging.LogRecord) -> bool:
+    """Drops Ray Data's warning that no CPU is free (so "the job will hang"): the prediction
+    actors hold the CPUs on purpose, and the reads and writes need none."""
+    return "does not have any available CPUs" not in record.getMessage()

@@ -4,7 +4,6 @@ a parquet folder, with a one-line summary; exit code 6 when some rows failed."""
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 from bnfold.cli.options import RayOptions
@@ -28,8 +27,8 @@ def predict_on_ray(
     from bnfold.scale import predict_dataset, ray_instance, write_predictions
 
     actors = scale.pool()
-    with ray_instance(scale.ray_address) as ray:
-        _quiet_ray_data(ray)
+    with ray_instance(scale.ray_address):
+        _quiet_ray_data()
         predictions = predict_dataset(
             model,
             list(inputs),
@@ -52,9 +51,7 @@ def predict_on_ray(
         )
 
 
-def _quiet_ray_data(ray: object) -> None:
-    """Ray Data's progress bars on a terminal only, and none of its informational log lines."""
-    from ray.data import DataContext
-
+def _quiet_ray_data() -> None:
+    """None of Ray Data's informational log lines (execution plans, and its progress, which it
+    logs every few seconds off a terminal); its progress bars stay, on a terminal."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

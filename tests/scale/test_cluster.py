@@ -27,7 +27,7 @@ def test_without_ray_every_scale_name_is_a_usage_error_naming_the_extra(monkeypa
         require_ray()
 
 
-def test_an_actor_runs_onnx_runtime_on_the_cpus_ray_assigned_and_no_gpu(ray_cluster, shapes_onnx):
+def test_an_actor_runs_onnx_runtime_on_the_cpus_and_the_gpu_ray_assigned(ray_cluster, shapes_onnx):
     import ray
 
     predictor = bnfold.Predictor(shapes_onnx, device="cpu")
@@ -39,7 +39,10 @@ def test_an_actor_runs_onnx_runtime_on_the_cpus_ray_assigned_and_no_gpu(ray_clus
 
     for cpus in (1, 2):
         threads, providers = ray.get(ray.remote(num_cpus=cpus)(session_of_an_actor).remote())
-        assert threads == cpus and providers == ["CPUExecutionProvider"]
+        assert threads == cpus and providers == ["CPUExecutionProvider"]  # even where GPUs are visible
+    if ray.cluster_resources().get("GPU"):  # a GPU machine: given one, the actor runs on CUDA
+        _, providers = ray.get(ray.remote(num_cpus=1, num_gpus=1)(session_of_an_actor).remote())
+        assert providers[0] == "CUDAExecutionProvider"
 
 
 def test_cpus_per_actor_share_the_cluster_within_one_node():
