@@ -22,7 +22,7 @@ from ray.data import Dataset, read_datasource, read_parquet
 from ray.data.datasource import FileBasedDatasource
 
 from ..data import load_arrays, select_inputs
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..images import IMAGE_SUFFIXES
 
 IMAGES, ARRAYS, TABLES = "images", "arrays", "tables"
@@ -55,7 +55,7 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """``paths`` with local glob patterns (``data/*.npy``) replaced by the files they match."""
     expanded = []
     for path in map(str, paths):
-        if "://" not in path and glob.has_magic(path):
+        if "://" not in path and any(c in path for c in "*?["):
             matches = sorted(glob.glob(path, recursive=True))
             if not matches:
                 raise UsageError(f"{path}: no file matches this pattern")
@@ -79,9 +79,12 @@ def read_inputs(
     if len(kinds) > 1:
         raise UsageError(f"`data` mixes {' and '.join(sorted(kinds))}: predict one kind of input at a time")
     kind = kinds.pop()
-    if kind == TABLES:
-        return read_parquet(files, num_cpus=0, concurrency=concurrency), kind
-    source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(input_names))
+    try:  # Ray lists the files now: its errors say what it found (nothing, or no such path)
+        if kind == TABLES:
+            return read_parquet(files, num_cpus=0, concurrency=concurrency), kind
+        source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(input_names))
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
     return read_datasource(source, num_cpus=0, concurrency=concurrency), kind
 
 

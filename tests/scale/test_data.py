@@ -147,6 +147,12 @@ PRECONDITIONS = {
     "actors": (_wrong_shape, {"actors": (2, 1)}, bnfold.UsageError, r"`actors` must be .*\(got \(2, 1\)\)"),
     "gpus": (_wrong_shape, {"gpus_per_actor": 1}, bnfold.BnfoldError, r"no node of the Ray cluster has .* 1 GPU"),
     "cpus": (_wrong_shape, {"cpus_per_actor": 64}, bnfold.BnfoldError, r"lower `cpus_per_actor`"),
+    "no-files-found": (
+        lambda t, m: (m, f"local://{(t / 'd', (t / 'd').mkdir(), (t / 'd' / 'a.txt').write_text('a'))[0]}"),
+        {},
+        bnfold.UsageError,
+        r"^`data` local://.*: No input files found to read with the following file extensions",
+    ),
     "mixed-kinds": (
         lambda t, m: (m, [_wrong_shape(t, m)[1], write_pngs(np.zeros((1, 3, 4, 4)), t / "i")[0]]),
         {},
