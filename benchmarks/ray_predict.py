@@ -12,11 +12,12 @@ inputs: ``--items`` samples in .npy files of one batch each, written once to a t
   the checks before the job, Ray's file reader, prediction, the parquet writer); "command" adds
   starting and stopping the local Ray instance and the Python process.
 - steady state: the same pipeline (predict_dataset) consumed with iter_batches in this process:
-  start-up is the time to the first batch of predictions, steady state the rows after it over the
-  time from it to the last one.
+  steady state is the rows after the first batch of predictions over the time from it to the
+  last one; start-up the time to the first batch less what one batch takes in the steady state.
 
-Ratios are throughputs (rows/s) over the local loop's. ``--gpu``: also 1 actor with
-``--gpus-per-actor 1`` against the local loop on CUDA.
+Ratios are throughputs (rows/s) over the local loop's, measured just before each variant (the
+machine's speed drifts). ``--gpu``: also 1 actor with ``--gpus-per-actor 1`` against the local
+loop on CUDA.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def steady_state(model: Path, folder: Path, batch: int, actors: int, gpus: float
             arrivals.append(time.perf_counter())
             rows.append(len(part["item"]))
     first, last = arrivals[0], arrivals[-1]
-    return {"startup_s": first - start, "steady_rows_per_s": sum(rows[1:]) / (last - first), "rows": sum(rows)}
+    steady = sum(rows[1:]) / (last - first)
+    return {"startup_s": first - start - rows[0] / steady, "steady_rows_per_s": steady}
 
 
 def main() -> None:
@@ -110,12 +112,9 @@ def main() -> None:
         files = write_inputs(folder, args.items, args.batch_size)
         bnfold.export(resnet18().eval(), (torch.randn(1, 3, 224, 224),), model, verify=False)
         runs = [("cpu", 1, 0.0), ("cpu", 2, 0.0)] + ([("cuda", 1, 1.0)] if args.gpu else [])
-        local = {device: args.items / local_loop(model, files, device) for device in {run[0] for run in runs}}
-        print(
-            f"{args.items} items, 3x224x224, batch {args.batch_size}; local loop: "
-            + ", ".join(f"{device} {rate:.1f} rows/s" for device, rate in local.items())
-        )
+        print(f"{args.items} items, 3x224x224, batch {args.batch_size}", flush=True)
         for device, actors, gpus in runs:
+            local = {device: args.items / local_loop(model, files, device)}
             options = ["--actors", str(actors), "--batch-size", str(args.batch_size)]
             options += ["--gpus-per-actor", str(gpus)] if gpus else []
             job, wall = ray_command(model, folder, Path(tmp) / f"out_{device}_{actors}.parquet", options)
@@ -133,7 +132,8 @@ def main() -> None:
             }
             r = results[name]
             print(
-                f"{name}: job {job:.1f} s ({r['job_ratio']:.2f}x), command {wall:.1f} s ({r['command_ratio']:.2f}x), "
+                f"{name}: local {local[device]:.1f} rows/s; "
+                f"job {job:.1f} s ({r['job_ratio']:.2f}x), command {wall:.1f} s ({r['command_ratio']:.2f}x), "
                 f"start-up {r['startup_s']:.1f} s, steady state {r['steady_ratio']:.2f}x "
                 f"({r['steady_rows_per_s_per_actor']:.1f} rows/s per actor)",
                 flush=True,
