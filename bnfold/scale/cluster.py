@@ -64,9 +64,11 @@ def ray_instance(
 def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: object) -> None:
     """``ray.init`` for :func:`ray_instance`: quiet (warnings and worse), its failures a
     :class:`BnfoldError` naming the ``address``."""
-    options: dict[str, object] = {"logging_level": logging.WARNING, "include_dashboard": False}
+    options: dict[str, object] = {"logging_level": logging.WARNING}
     if address is None:
-        options.update(num_cpus=num_cpus, _temp_dir=None if temp_dir is None else str(temp_dir))
+        options.update(
+            num_cpus=num_cpus, include_dashboard=False, _temp_dir=None if temp_dir is None else str(temp_dir)
+        )
     try:
         ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:

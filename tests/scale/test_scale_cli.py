@@ -4,7 +4,11 @@ when some rows failed, and one-line usage errors."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,3 +105,42 @@ def test_ray_without_the_extra_installed_names_it(shapes_onnx, tmp_path, monkeyp
     assert result.stderr == (
         "bnfold: error: running on Ray needs Ray Data, which is not installed: pip install 'bnfold[ray]'\n"
     )
+
+
+# A Ray instance of 1 CPU in its own process, as a cluster to join: prints its address, stops when
+# its stdin closes.
+HEAD = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def test_ray_address_joins_that_cluster_and_each_actor_reports_its_provider(shapes_onnx, shapes_x, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    folder = tempfile.mkdtemp(prefix="bnfold-head-")
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        address = head.stdout.readline().strip()
+        np.save(tmp_path / "x.npy", shapes_x[:4])
+        command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "--ray-address", address]
+        result = subprocess.run(
+            [sys.executable, "-m", "bnfold.cli.main", *map(str, command), "-o", str(tmp_path / "p.parquet")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("4 rows, 0 failed")
+        # The cluster's one CPU is the actor's one ONNX Runtime thread; Ray forwards the actor's report.
+        assert "bnfold: prediction actor on " in result.stderr
+        assert ": CPUExecutionProvider, 1 ONNX Runtime thread(s)" in result.stderr
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
