@@ -81,10 +81,7 @@ class Predictor:
         if not is_float:
             raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {dtype}")
         if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in self._fixed[spec.name]):
-            want = "x".join(
-                "N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape)
-            )
-            raise UsageError(f"input '{spec.name}': expected shape {want}, got {'x'.join(map(str, shape))}")
+            raise spec.shape_error(shape)
 
     def check_input(self, spec: TensorSpec, array: Any) -> np.ndarray:
         """``array`` as the dtype input ``spec`` takes; a :class:`UsageError` if it cannot be."""

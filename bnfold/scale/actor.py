@@ -15,16 +15,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..data import load_arrays, select_inputs
 from ..errors import BnfoldError, UsageError
 from ..images import load_image
 from ..predictor import Predictor
 from .cluster import actor_device, actor_threads
 from .rows import PredictionRows
 
-# Input forms: encoded image files, encoded array samples (bnfold.scale.sources), or one tensor
-# column per model input (a user's Dataset: from_numpy, read_numpy, read_parquet, ...).
-IMAGE_BYTES, ARRAY_BYTES, TENSORS = "bytes", "npy", "tensors"
+# Input forms: encoded image files, or one tensor column per model input (bnfold.scale.sources'
+# arrays, or a user's Dataset: from_numpy, read_numpy, read_parquet, ...).
+IMAGE_BYTES, TENSORS = "bytes", "tensors"
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,8 @@ class InputColumns:
         item = next((c for c in ("item", "path") if c in columns), None)
         if item is None:
             raise UsageError(f"`data` has no 'item' or 'path' column to name its rows (columns: {list(columns)})")
-        for form in (IMAGE_BYTES, ARRAY_BYTES):
-            if form in columns:
-                return cls(item, form)
+        if IMAGE_BYTES in columns:
+            return cls(item, IMAGE_BYTES)
         if all(name in columns for name in input_names):
             return cls(item, TENSORS, tuple(input_names))
         if len(input_names) == 1 and "data" in columns:
@@ -66,8 +64,6 @@ def row_inputs(
     if columns.form == IMAGE_BYTES:
         image = load_image(io.BytesIO(batch[IMAGE_BYTES][row]), predictor.image_preprocessing(), name=item)
         return {names[0]: image[None]}
-    if columns.form == ARRAY_BYTES:
-        return dict(zip(names, select_inputs(load_arrays(io.BytesIO(batch[ARRAY_BYTES][row]), item), names, item)))
     return {name: np.asarray(batch[column][row])[None] for name, column in zip(names, columns.tensors)}
 
 
@@ -75,7 +71,7 @@ def predict_rows(predictor: Predictor, feeds: Sequence[dict[str, np.ndarray]]) -
     """The outputs (model order) of the rows ``feeds``, run as one batch; a :class:`BnfoldError`
     if the model cannot run them (e.g. a wrong shape)."""
     try:
-        joined = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+        joined = feeds[0] if len(feeds) == 1 else {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
     except ValueError as exc:  # rows of different shapes: each one is checked on its own
         raise UsageError(f"the rows of this batch have different shapes ({exc})") from exc
     outputs = predictor.predict(joined)
@@ -104,6 +100,14 @@ class PredictionActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         items = [str(item) for item in batch[self.columns.item]]
         errors: list[str | None] = list(batch["error"]) if "error" in batch else [None] * len(items)
+        tensors = [batch[column] for column in self.columns.tensors]
+        if not any(errors) and tensors and all(t.dtype != object for t in tensors):
+            # The common case: every row readable, the samples already one array per input.
+            try:
+                names = [spec.name for spec in self.predictor.inputs]
+                return self.rows.table(items, errors, predict_rows(self.predictor, [dict(zip(names, tensors))]))
+            except BnfoldError:
+                pass  # some rows do not fit the model: each row on its own below
         feeds: dict[int, dict[str, np.ndarray]] = {}
         for row, error in enumerate(errors):
             if error is None:

@@ -64,11 +64,11 @@ def predict_dataset(
     low, high = _pool_size(actors)
     cpus = _check_resources(high, cpus_per_actor, gpus_per_actor)
     predictor = Predictor(model, device="cpu")
-    names = [spec.name for spec in predictor.inputs]
     if isinstance(data, Dataset):
         dataset, kind = data, None
     else:
-        dataset, kind = read_inputs([data] if isinstance(data, (str, os.PathLike)) else data, names, high)
+        paths = [data] if isinstance(data, (str, os.PathLike)) else data
+        dataset, kind = read_inputs(paths, predictor.inputs, high)
     if kind == IMAGES:
         columns, sample = _image_sample(predictor)
     else:

@@ -3,8 +3,8 @@ reads): image files and ``.npy``/``.npz`` arrays become rows named by ``item``, 
 cannot be read becomes a row with its ``error`` instead of failing the job.
 
 Rows of image files carry the file's bytes (column ``bytes``, as ``ray.data.read_binary_files``
-names it); rows of arrays carry one sample each, encoded as a ``.npy`` (one model input) or
-``.npz`` (one array per input name) in column ``npy``. Decoding happens in the prediction actors.
+names it), decoded in the prediction actors; rows of arrays carry one sample per model input, in
+a tensor column named after the input (the actors read them without a copy).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import numpy as np
 import pyarrow as pa
 from ray.data import Dataset, read_datasource, read_parquet
 from ray.data.datasource import FileBasedDatasource
+from ray.data.extensions import ArrowTensorArray
 
 from ..data import load_arrays, select_inputs
 from ..errors import UsageError, first_line
 from ..images import IMAGE_SUFFIXES
+from ..predictor import TensorSpec
 
 IMAGES, ARRAYS, TABLES = "images", "arrays", "tables"
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -66,12 +68,11 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def read_inputs(
-    paths: Sequence[str | os.PathLike[str]], input_names: Sequence[str], concurrency: int
+    paths: Sequence[str | os.PathLike[str]], inputs: Sequence[TensorSpec], concurrency: int
 ) -> tuple[Dataset, str]:
     """(a Dataset of the inputs at ``paths``, their kind): image files, ``.npy``/``.npz`` arrays or
-    parquet tables, all of one kind. ``input_names`` are the model's inputs (which arrays of an
-    ``.npz`` to take); ``concurrency``: read tasks at a time. Read tasks reserve no CPU: the
-    prediction actors, which decode the files, hold the CPUs."""
+    parquet tables, all of one kind, for a model with ``inputs``. ``concurrency``: read tasks at a
+    time. Read tasks reserve no CPU: the prediction actors, which decode the files, hold the CPUs."""
     files = expand_paths(paths)
     if not files:
         raise UsageError("`data` names no input")
@@ -82,7 +83,7 @@ def read_inputs(
     try:  # Ray lists the files now: its errors say what it found (nothing, or no such path)
         if kind == TABLES:
             return read_parquet(files, num_cpus=0, concurrency=concurrency), kind
-        source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(input_names))
+        source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(inputs))
     except (ValueError, OSError) as exc:
         raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
     return read_datasource(source, num_cpus=0, concurrency=concurrency), kind
@@ -91,8 +92,6 @@ def read_inputs(
 class _NamedFiles(FileBasedDatasource):
     """A file-based datasource whose rows name their file as it was given (``s3://...``) and
     whose unreadable files become rows with an ``error`` (through :meth:`rows`)."""
-
-    column = "bytes"  # the payload column
 
     def __init__(self, paths: list[str], extensions: Sequence[str]) -> None:
         super().__init__(paths, file_extensions=[s.lstrip(".") for s in extensions])
@@ -123,7 +122,7 @@ class _NamedFiles(FileBasedDatasource):
 
     def error_row(self, name: str, error: str) -> pa.Table:
         """The one row that stands for the unreadable file ``name``."""
-        return _table([name], [b""], [error], self.column)
+        return pa.table({"item": _strings([name]), "bytes": pa.array([b""], pa.binary()), "error": _strings([error])})
 
 
 class ImageFiles(_NamedFiles):
@@ -133,46 +132,48 @@ class ImageFiles(_NamedFiles):
         super().__init__(paths, IMAGE_SUFFIXES)
 
     def rows(self, name: str, data: bytes) -> Iterator[pa.Table]:
-        yield _table([name], [data], [None], self.column)
+        yield pa.table({"item": _strings([name]), "bytes": pa.array([data], pa.binary()), "error": _strings([None])})
 
 
 class ArrayFiles(_NamedFiles):
-    """``.npy``/``.npz`` files, one row per sample: ``item`` (``path:row``), ``npy`` (the sample as
-    a ``.npy``, or an ``.npz`` of one array per input of ``input_names``), ``error``. A file that is
-    not readable or lacks the model's arrays is one row with its error."""
+    """``.npy``/``.npz`` files, one row per sample: ``item`` (``path:row``), a tensor column per
+    model input of ``inputs`` (the sample, in the input's dtype), ``error``. A file that cannot be
+    read or lacks the model's arrays is one row with its error, a file of the wrong shape a row
+    per sample with its error (the Predictor's); their tensors are empty placeholders."""
 
-    column = "npy"
-
-    def __init__(self, paths: list[str], input_names: list[str]) -> None:
+    def __init__(self, paths: list[str], inputs: list[TensorSpec]) -> None:
         super().__init__(paths, ARRAY_SUFFIXES)
-        self.input_names = input_names
+        self.inputs = inputs
 
     def rows(self, name: str, data: bytes) -> Iterator[pa.Table]:
         try:
-            arrays = select_inputs(load_arrays(io.BytesIO(data), name), self.input_names, name)
+            arrays = select_inputs(load_arrays(io.BytesIO(data), name), [spec.name for spec in self.inputs], name)
         except UsageError as exc:
             yield self.error_row(name, str(exc))
             return
         samples = arrays[0].shape[0]
+        misfit = next((spec for spec, a in zip(self.inputs, arrays) if not spec.fits((1, *a.shape[1:]))), None)
+        if misfit is not None:
+            shape = (1, *arrays[self.inputs.index(misfit)].shape[1:])
+            error = str(misfit.shape_error(shape))
+            yield self._table([f"{name}:{row}" for row in range(samples)], None, [error] * samples)
+            return
+        arrays = [np.ascontiguousarray(a, dtype=spec.dtype) for spec, a in zip(self.inputs, arrays)]
         per_block = max(1, BLOCK_BYTES // max(1, sum(a[0].nbytes for a in arrays)))
         for start in range(0, samples, per_block):
             stop = min(samples, start + per_block)
             items = [f"{name}:{row}" for row in range(start, stop)]
-            encoded = [
-                encode_sample([a[row : row + 1] for a in arrays], self.input_names) for row in range(start, stop)
-            ]
-            yield _table(items, encoded, [None] * len(items), self.column)
+            yield self._table(items, [a[start:stop] for a in arrays], [None] * len(items))
 
+    def error_row(self, name: str, error: str) -> pa.Table:
+        return self._table([name], None, [error])
 
-def encode_sample(arrays: Sequence[np.ndarray], input_names: Sequence[str]) -> bytes:
-    """One sample (arrays with a batch axis of 1) as bytes: a ``.npy`` of its one array, or an
-    ``.npz`` of one array per input."""
-    buffer = io.BytesIO()
-    if len(arrays) == 1:
-        np.save(buffer, arrays[0], allow_pickle=False)
-    else:
-        np.savez(buffer, **dict(zip(input_names, arrays)))
-    return buffer.getvalue()
+    def _table(self, items: list[str], arrays: list[np.ndarray] | None, errors: list[str | None]) -> pa.Table:
+        """Rows of ``items``: their samples ``arrays`` (one per input), or empty placeholders."""
+        if arrays is None:
+            arrays = [np.zeros((len(items), *[0] * (len(spec.shape) - 1)), spec.dtype) for spec in self.inputs]
+        columns = {spec.name: ArrowTensorArray.from_numpy(a) for spec, a in zip(self.inputs, arrays)}
+        return pa.table({"item": _strings(items), **columns, "error": _strings(errors)})
 
 
 class _Unreadable:
@@ -188,11 +189,5 @@ class _Unreadable:
         return None
 
 
-def _table(items: list[str], payload: list[bytes], errors: list[str | None], column: str) -> pa.Table:
-    return pa.table(
-        {
-            "item": pa.array(items, pa.string()),
-            column: pa.array(payload, pa.binary()),
-            "error": pa.array(errors, pa.string()),
-        }
-    )
+def _strings(values: Sequence[str | None]) -> pa.Array:
+    return pa.array(list(values), pa.string())

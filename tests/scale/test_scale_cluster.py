@@ -34,7 +34,7 @@ def test_an_actor_runs_onnx_runtime_on_the_cpus_and_the_gpu_ray_assigned(ray_clu
     rows = PredictionRows.for_model(predictor, [np.zeros((1, 4), np.float32)], 1)
 
     def session_of_an_actor() -> tuple[int, list[str]]:
-        actor = PredictionActor(str(shapes_onnx), rows, InputColumns("item", "npy"))
+        actor = PredictionActor(str(shapes_onnx), rows, InputColumns("item", "tensors", ("x",)))
         return actor.predictor.session.get_session_options().intra_op_num_threads, actor.predictor.providers
 
     for cpus in (1, 2):
