@@ -206,3 +206,15 @@ def test_an_existing_output_is_refused_and_an_interrupted_job_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         write_predictions(predictions, tmp_path / "p.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "taken.parquet"]
+
+
+def test_rows_of_another_shape_in_a_dataset_fail_alone(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    import ray.data
+
+    samples = [shapes_x[0], shapes_x[1], np.zeros((3, 8, 8), np.float32), shapes_x[2]]
+    dataset = ray.data.from_items([{"item": f"s{i}", "data": x} for i, x in enumerate(samples)])
+    write_predictions(predict_dataset(shapes_onnx, dataset, batch_size=4, top_k=1), tmp_path / "p.parquet")
+    rows = rows_of(tmp_path / "p.parquet")
+    assert rows["s2"]["error"] == "input 'x': expected shape Nx3x16x16, got 1x3x8x8"
+    local = bnfold.Predictor(shapes_onnx, device="cpu").predict(shapes_x[:3])
+    assert [rows[f"s{i}"]["top_k_indices"] for i in (0, 1, 3)] == local.argmax(1)[:, None].tolist()
