@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,14 +28,20 @@ def read_arrays(source: ArraysArg, label: str) -> dict[str, np.ndarray]:
         path = Path(source)
         if not path.is_file():
             raise UsageError(f"{label} {path}: file does not exist")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise UsageError(f"{label} {path}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
-        return dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else {"": loaded}
+        return load_arrays(path, f"{label} {path}")
     if isinstance(source, np.ndarray):
         return {"": source}
     return dict(source)
+
+
+def load_arrays(file: str | os.PathLike[str] | BinaryIO, label: str) -> dict[str, np.ndarray]:
+    """The named arrays of a ``.npy``/``.npz`` file (a path or an open, seekable binary file);
+    a ``.npy`` array is named ``""``. Errors start with ``label``; pickled object arrays are refused."""
+    try:
+        loaded = np.load(file, allow_pickle=False)
+        return dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else {"": loaded}
+    except Exception as exc:
+        raise UsageError(f"{label}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})") from exc
 
 
 def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label: str) -> list[np.ndarray]:

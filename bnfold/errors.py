@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_INTERNAL = 4  # a bug: an exception that is not a BnfoldError reached the CLI
 EXIT_OUTPUT = 5  # the output could not be written (OutputError)
+EXIT_ROWS_FAILED = 6  # bnfold predict --ray: the output is written, but some of its rows failed
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT
 
 
@@ -63,3 +64,17 @@ class VerificationError(BnfoldError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def first_line(exc: BaseException, *, with_type: bool = False, lines: int = 1) -> str:
+    """The first non-empty line of an exception's message (TorchScript puts it last), or its
+    first ``lines`` lines joined by `` | ``; the class name when the message is empty.
+    ``with_type``: prefixed with the class name (``ValueError: ...``) unless it already is."""
+    found = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if found and "TorchScript interpreter" in found[0]:
+        found = found[-1:]
+    name = type(exc).__name__
+    text = " | ".join(found[:lines])
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type and not text.startswith(f"{name}:") else text

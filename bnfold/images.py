@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,23 +33,39 @@ def find_images(path: str | os.PathLike[str]) -> list[Path]:
 
 def load_images(paths: Sequence[str | os.PathLike[str]], preprocess: Preprocess) -> np.ndarray:
     """Read, resize and normalise images into a float32 ``[N, C, H, W]`` array."""
+    height, width = preprocess.size
+    batch = np.empty((len(paths), preprocess.channels, height, width), dtype=np.float32)
+    for i, path in enumerate(paths):
+        batch[i] = load_image(path, preprocess)
+    return batch
+
+
+def load_image(
+    source: str | os.PathLike[str] | BinaryIO, preprocess: Preprocess, name: str | None = None
+) -> np.ndarray:
+    """One image (a file, or an open binary file such as the bytes of an object in storage) read,
+    resized and normalised into a float32 ``[C, H, W]`` array; errors name ``name`` (default: the
+    path). A :class:`UsageError` if it is not a readable image."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:
         raise UsageError("reading images needs Pillow: pip install 'bnfold[images]'") from exc
+    label = name if name is not None else source
     height, width = preprocess.size
+    try:
+        with Image.open(source) as img:
+            mode = "L" if preprocess.channel_order == "L" else "RGB"
+            pixels = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    except UnidentifiedImageError as exc:
+        # Pillow names an open file by its repr (`<_io.BytesIO object at 0x...>`): name it ourselves.
+        reason = str(exc) if isinstance(source, (str, os.PathLike)) else "cannot identify the image format"
+        raise UsageError(f"{label}: not a readable image ({reason})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        # What Pillow raises for truncated, corrupt or oversized files (OSError covers most).
+        raise UsageError(f"{label}: not a readable image ({exc})") from exc
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if preprocess.channel_order == "BGR":
+        chw = chw[::-1]
     mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(preprocess.std, dtype=np.float32).reshape(-1, 1, 1)
-    batch = np.empty((len(paths), preprocess.channels, height, width), dtype=np.float32)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                mode = "L" if preprocess.channel_order == "L" else "RGB"
-                pixels = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.float32)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UsageError(f"{path}: not a readable image ({exc})") from exc
-        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        if preprocess.channel_order == "BGR":
-            chw = chw[::-1]
-        batch[i] = (chw * preprocess.scale - mean) / std
-    return batch
+    return (chw * preprocess.scale - mean) / std

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import BnfoldError
+from .errors import BnfoldError, first_line
 
 
 @contextlib.contextmanager
@@ -98,20 +98,6 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")
-
-
-def first_line(exc: BaseException, *, with_type: bool = False, lines: int = 1) -> str:
-    """The first non-empty line of an exception's message (TorchScript puts it last), or its
-    first ``lines`` lines joined by `` | ``; the class name when the message is empty.
-    ``with_type``: prefixed with the class name (``ValueError: ...``) unless it already is."""
-    found = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if found and "TorchScript interpreter" in found[0]:
-        found = found[-1:]
-    name = type(exc).__name__
-    text = " | ".join(found[:lines])
-    if not text:
-        return name
-    return f"{name}: {text}" if with_type and not text.startswith(f"{name}:") else text
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# Library parameter (or `name=value` suggestion) -> the flag that sets it.
+# Library parameter (or `name=value` suggestion) -> the flag (or argument) that sets it.
 PARAMETER_FLAGS: dict[str, str] = {
     # export / inspect / verify
     "path": "-o",
@@ -40,6 +40,13 @@ PARAMETER_FLAGS: dict[str, str] = {
     "device": "--device",
     "device='auto'": "--device auto",
     "device='cuda'": "--device cuda",
+    "top_k": "--top-k",
+    # bnfold predict --ray (bnfold.scale)
+    "address": "--ray-address",
+    "actors": "--actors",
+    "cpus_per_actor": "--cpus-per-actor",
+    "gpus_per_actor": "--gpus-per-actor",
+    "data": "INPUTS",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",

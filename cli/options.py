@@ -215,3 +215,61 @@ metadata_options = option_group(
         ),
     ],
 )
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Running ``bnfold predict`` on Ray Data: ``--ray``, ``--ray-address``, ``--actors``,
+    ``--cpus-per-actor``, ``--gpus-per-actor`` (the last four only with ``--ray``)."""
+
+    ray: bool
+    ray_address: str | None
+    actors: str | None
+    cpus_per_actor: float | None
+    gpus_per_actor: float | None
+
+    def check(self) -> None:
+        """A usage error if a Ray option is given without ``--ray``."""
+        if self.ray:
+            return
+        given = [flag for flag, value in zip(RAY_ONLY_FLAGS, dataclasses.astuple(self)[1:]) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --ray")
+
+    def pool(self) -> int | tuple[int, int]:
+        """``--actors``: a pool size ``N`` or an autoscaling range ``MIN,MAX`` (default 1)."""
+        text = self.actors or "1"
+        try:
+            sizes = [int(part) for part in text.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) not in (1, 2):
+            raise UsageError(f"--actors {text!r}: expected N or MIN,MAX, e.g. 4 or 1,8")
+        return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+RAY_ONLY_FLAGS = ("--ray-address", "--actors", "--cpus-per-actor", "--gpus-per-actor")
+
+ray_options = option_group(
+    "scale",
+    RayOptions,
+    [
+        click.option("--ray", is_flag=True, help="Run on Ray Data (needs bnfold[ray]) and write -o OUT.parquet."),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="Join the Ray cluster at ADDRESS (auto, host:port or ray://host:port) instead of starting a local one.",
+        ),
+        click.option(
+            "--actors", metavar="N|MIN,MAX", help="Prediction actors: a pool of N, or MIN to MAX [default: 1]."
+        ),
+        click.option(
+            "--cpus-per-actor",
+            type=float,
+            help="CPUs (ONNX Runtime threads) per actor [default: the cluster's CPUs shared among the actors].",
+        ),
+        click.option(
+            "--gpus-per-actor", type=float, help="GPUs per actor; CUDA runs only on actors given one [default: 0]."
+        ),
+    ],
+)

@@ -1,4 +1,4 @@
-"""Shared test helpers: non-trivial batch-norm statistics, tolerance checks, ONNX inspection."""
+"""Shared test helpers: non-trivial batch-norm statistics, tolerance checks, ONNX inspection, image files."""
 
 from __future__ import annotations
 
@@ -85,3 +85,17 @@ def corrupt_output_folds(monkeypatch) -> None:
         return weight, bias
 
     monkeypatch.setattr(fold_math, "scale_output_channels", wrong)
+
+
+def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:
+    """Samples normalised with mean 0.5, std 0.5 (the shapes test sets) back to 8-bit RGB files
+    ``img_000.png``, ... in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chw in enumerate(x):
+        pixels = np.clip((chw * 0.5 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        paths.append(folder / f"img_{i:03d}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths

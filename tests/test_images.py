@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_pngs
 from PIL import Image
 
 import bnfold
-from bnfold.images import load_images
+from bnfold.images import load_image, load_images
 from bnfold.metadata import Preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,16 +25,6 @@ def shapes_onnx(tmp_path_factory) -> str:
     return bnfold.export(
         loaded.module, loaded.example_inputs(), path, verify=False, labels=loaded.labels, preprocess=loaded.preprocess
     ).path
-
-
-def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:
-    """Test-set arrays (normalised with mean 0.5, std 0.5) back to 8-bit RGB files."""
-    paths = []
-    for i, chw in enumerate(x):
-        pixels = np.clip((chw * 0.5 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        paths.append(folder / f"img_{i:03d}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
 
 
 def test_the_file_metadata_reaches_the_predictor(shapes_onnx):
@@ -99,3 +90,16 @@ def test_labels_must_match_the_class_count(tmp_path):
 def test_invalid_preprocessing_is_refused(kwargs, match):
     with pytest.raises(bnfold.UsageError, match=match):
         Preprocess(**kwargs)
+
+
+def test_an_open_file_reads_like_its_path_and_errors_name_it(tmp_path):
+    import io
+
+    paths = write_pngs(np.load(ROOT / "sample_models" / "shapes_resnet" / "test.npz")["x"][:1], tmp_path)
+    preprocess = Preprocess(size=(16, 16), mean=(0.5,), std=(0.5,))
+    from_bytes = load_image(io.BytesIO(paths[0].read_bytes()), preprocess, name="s3://b/img.png")
+    np.testing.assert_array_equal(from_bytes, load_images(paths, preprocess)[0])
+    with pytest.raises(
+        bnfold.UsageError, match=r"^s3://b/x.png: not a readable image \(cannot identify the image format\)$"
+    ):
+        load_image(io.BytesIO(b"not an image"), preprocess, name="s3://b/x.png")

@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..batching import Batch, plan_batches, run_in_batches
-from ..errors import BnfoldError, ModelLoadError, UsageError
+from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
 from ..images import load_images
-from ..metadata import from_metadata
-from ..modes import first_line
+from ..metadata import Preprocess, from_metadata
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
 from .specs import TensorSpec, tensor_spec
@@ -82,10 +81,7 @@ class Predictor:
         if not is_float:
             raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {dtype}")
         if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in self._fixed[spec.name]):
-            want = "x".join(
-                "N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(spec.shape)
-            )
-            raise UsageError(f"input '{spec.name}': expected shape {want}, got {'x'.join(map(str, shape))}")
+            raise spec.shape_error(shape)
 
     def check_input(self, spec: TensorSpec, array: Any) -> np.ndarray:
         """``array`` as the dtype input ``spec`` takes; a :class:`UsageError` if it cannot be."""
@@ -207,15 +203,20 @@ class Predictor:
             torch.cat if as_torch else np.concatenate,
         )
 
-    def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
-        """Read, resize and normalise image files as the model's preprocessing metadata says
-        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``."""
+    def image_preprocessing(self) -> Preprocess:
+        """The stored preprocessing that turns image files into inputs of this model; a
+        :class:`UsageError` if the model has none (it cannot read images)."""
         if self.preprocess is None:
             raise UsageError(
                 f"{self.path} has no preprocessing metadata, so it cannot read images: export it "
                 "with `preprocess`, or give arrays instead of image files"
             )
-        return self.predict(load_images(list(paths), self.preprocess))
+        return self.preprocess
+
+    def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
+        """Read, resize and normalise image files as the model's preprocessing metadata says
+        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``."""
+        return self.predict(load_images(list(paths), self.image_preprocessing()))
 
     def predict_batches(self, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[Any]:
         """Stream :meth:`predict` over an iterable of inputs."""

@@ -14,8 +14,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import BnfoldError, ModelLoadError, UsageError
-from ..modes import first_line
+from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

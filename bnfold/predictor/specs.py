@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
+
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -26,6 +28,15 @@ class TensorSpec:
     @property
     def batch_is_dynamic(self) -> bool:
         return bool(self.shape) and not isinstance(self.shape[0], int)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a batch of ``shape`` (batch axis first) has this input's rank and fixed sizes."""
+        return len(shape) == len(self.shape) and all(shape[i] == d for i, d in self.fixed_dims)
+
+    def shape_error(self, shape: tuple[int, ...]) -> UsageError:
+        """The error for a batch of ``shape`` that does not fit this input."""
+        want = "x".join("N" if i == 0 else (str(d) if isinstance(d, int) else "?") for i, d in enumerate(self.shape))
+        return UsageError(f"input '{self.name}': expected shape {want}, got {'x'.join(map(str, shape))}")
 
     def shape_for(self, batch: int) -> tuple[int, ...] | None:
         """The shape for a batch of ``batch`` when only the batch axis is free, else None."""

@@ -11,12 +11,14 @@ from typing import Any
 
 import click
 import numpy as np
+from bnfold.cli.commands.predict_ray import predict_on_ray
+from bnfold.cli.options import RayOptions, ray_options
 
 from bnfold.batching import Batch, plan_batches
 from bnfold.data import read_arrays, select_inputs
 from bnfold.errors import UsageError
 from bnfold.images import find_images
-from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
 from bnfold.progress import Progress, for_stream
 from bnfold.staging import atomic_write, check_output_path
 
@@ -39,6 +41,7 @@ DEFAULT_PREDICT_BATCH = 32
 )
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
+@ray_options
 def predict_command(
     onnx_model: str,
     inputs: tuple[str, ...],
@@ -47,11 +50,21 @@ def predict_command(
     batch_size: int,
     top_k: int,
     as_json: bool,
+    scale: RayOptions,
 ) -> None:
     """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
-    the preprocessing the model was exported with)."""
-    if top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be at least 1")
+    the preprocessing the model was exported with).
+
+    With --ray: on Ray Data, over any number of image, .npy/.npz or parquet files, folders, glob
+    patterns or object-store URLs, writing one row per item to -o OUT.parquet.
+    """
+    scale.check()
+    if scale.ray:
+        if as_json or device != "auto":
+            raise UsageError(f"{'--json' if as_json else '--device'} does not apply to --ray (see --gpus-per-actor)")
+        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale)
+        return
+    check_top_k(top_k)
     if output:
         check_output_path(output)
     with warnings.catch_warnings(record=True) as caught:
@@ -93,9 +106,7 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
-def _print_predictions(
-    scores: np.ndarray, names: list[str], labels: list[str] | None, top_k: int, as_json: bool
-) -> None:
+def _print_predictions(scores: np.ndarray, names: list[str], labels: list[str] | None, k: int, as_json: bool) -> None:
     if scores.ndim != 2:
         if as_json:
             for name, row in zip(names, scores):
@@ -103,12 +114,11 @@ def _print_predictions(
         else:
             click.echo(f"{len(names)} sample(s): output shape {'x'.join(map(str, scores.shape))}")
         return
-    k = min(top_k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    for name, row, idx in zip(names, scores, top):
+    indices, values = top_k(scores, k)
+    for name, row_indices, row_scores in zip(names, indices, values):
         best = [
-            {"class": int(j), "label": labels[j] if labels and j < len(labels) else str(int(j)), "score": float(row[j])}
-            for j in idx
+            {"class": int(j), "label": class_label(labels, j), "score": float(v)}
+            for j, v in zip(row_indices, row_scores)
         ]
         if as_json:
             click.echo(json.dumps({"sample": name, "top_k": best}))

@@ -1,5 +1,5 @@
 """The CLI's one map from library parameters to flags: every entry names a real parameter and a
-real flag, and errors reach the user with the flag."""
+real flag (or argument), and errors reach the user with the flag."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from torch import nn
 import bnfold
 from bnfold.bench import bench
 from bnfold.loading import LoadedModel
+from bnfold.predictor import top_k
+from bnfold.scale import predict_dataset, ray_instance, write_predictions
 
 LIBRARY_CALLS = [
     bnfold.export,
@@ -27,16 +29,20 @@ LIBRARY_CALLS = [
     bnfold.Predictor.__init__,
     LoadedModel.example_inputs,
     bench,
+    top_k,
+    predict_dataset,
+    write_predictions,
+    ray_instance,
 ]
 
 
 def _cli_flags() -> set[str]:
+    """Every option's flags, and every argument's name as the help shows it (``INPUTS``)."""
     return {
         opt
         for command in main.commands.values()
         for param in command.params
-        if isinstance(param, click.Option)
-        for opt in param.opts
+        for opt in (param.opts if isinstance(param, click.Option) else [param.human_readable_name])
     }
 
 

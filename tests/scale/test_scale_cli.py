@@ -1,0 +1,146 @@
+"""`bnfold predict --ray`: the same predictions as `bnfold predict`, a summary line, exit code 6
+when some rows failed, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from bnfold.cli.main import main
+from click.testing import CliRunner
+from helpers import write_pngs
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_ray_predictions_equal_bnfold_predict(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    np.savez(tmp_path / "x.npz", x=shapes_x)
+    local = invoke("predict", shapes_onnx, tmp_path / "x.npz", "--json", "--top-k", "2", "--device", "cpu")
+    assert local.exit_code == 0, local.stderr
+    result = invoke(
+        "predict",
+        shapes_onnx,
+        tmp_path / "x.npz",
+        "--ray",
+        "--top-k",
+        "2",
+        "--batch-size",
+        "5",
+        "-o",
+        tmp_path / "p.parquet",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{len(shapes_x)} rows, 0 failed, in ")
+    assert result.stdout.rstrip().endswith(f"rows/s) on 1 actor(s), cpu; wrote {tmp_path / 'p.parquet'}")
+    rows = {row["item"]: row for row in pq.read_table(tmp_path / "p.parquet").to_pylist()}
+    for line in local.stdout.splitlines():
+        expected = json.loads(line)
+        row = rows.pop(f"{tmp_path / 'x.npz'}:{expected['sample']}")
+        assert row["top_k_labels"] == [best["label"] for best in expected["top_k"]]
+        assert row["top_k_indices"] == [best["class"] for best in expected["top_k"]]
+        np.testing.assert_allclose(row["top_k_scores"], [best["score"] for best in expected["top_k"]], rtol=1e-5)
+    assert rows == {}
+
+
+def test_6_some_rows_failed_the_rest_is_written(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    write_pngs(shapes_x[:3], tmp_path / "images")
+    (tmp_path / "images" / "zz.jpg").write_bytes(b"not a jpeg")
+    result = invoke(
+        "predict", shapes_onnx, tmp_path / "images", "--ray", "--actors", "1,1", "-o", tmp_path / "p.parquet"
+    )
+    assert result.exit_code == 6, result.stderr
+    assert result.stdout.startswith("4 rows, 1 failed, in ")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"bnfold: error: 1 of 4 rows failed: their 'error' column in {tmp_path / 'p.parquet'} says why"
+    )
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.num_rows == 4 and table.column("error").null_count == 3
+
+
+USAGE_ERRORS = {
+    "ray-option-without-ray": (["--actors", "2"], 2, "--actors needs --ray"),
+    "no-output": (["--ray"], 2, "--ray writes its predictions to a parquet folder: give -o OUT.parquet"),
+    "json": (["--ray", "--json", "-o", "{tmp}/p.parquet"], 2, "--json does not apply to --ray"),
+    "device": (["--ray", "--device", "cpu", "-o", "{tmp}/p.parquet"], 2, "--device does not apply to --ray"),
+    "actors-syntax": (
+        ["--ray", "--actors", "two", "-o", "{tmp}/p.parquet"],
+        2,
+        "--actors 'two': expected N or MIN,MAX",
+    ),
+    "actors-range": (["--ray", "--actors", "3,1", "-o", "{tmp}/p.parquet"], 2, "--actors must be"),
+    "top-k": (["--ray", "--top-k", "0", "-o", "{tmp}/p.parquet"], 2, "--top-k must be at least 1 (got 0)"),
+    "gpus": (
+        ["--ray", "--gpus-per-actor", "64", "-o", "{tmp}/p.parquet"],
+        3,
+        "lower --cpus-per-actor or --gpus-per-actor",
+    ),
+    "output-exists": (["--ray", "-o", "{tmp}"], 2, "exists; remove it or choose another -o"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS), ids=list(USAGE_ERRORS))
+def test_ray_usage_errors_are_one_line(case, ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    options, code, message = USAGE_ERRORS[case]
+    np.save(tmp_path / "x.npy", shapes_x[:2])
+    result = invoke("predict", shapes_onnx, tmp_path / "x.npy", *[o.format(tmp=tmp_path) for o in options])
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bnfold: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_ray_without_the_extra_installed_names_it(shapes_onnx, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    result = invoke("predict", shapes_onnx, tmp_path, "--ray", "-o", tmp_path / "p.parquet")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "bnfold: error: running on Ray needs Ray Data, which is not installed: pip install 'bnfold[ray]'\n"
+    )
+
+
+# A Ray instance of 1 CPU in its own process, as a cluster to join: prints its address, stops when
+# its stdin closes.
+HEAD = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def test_ray_address_joins_that_cluster_and_each_actor_reports_its_provider(shapes_onnx, shapes_x, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    folder = tempfile.mkdtemp(prefix="bnfold-head-")
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        address = head.stdout.readline().strip()
+        np.save(tmp_path / "x.npy", shapes_x[:4])
+        command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "--ray-address", address]
+        result = subprocess.run(
+            [sys.executable, "-m", "bnfold.cli.main", *map(str, command), "-o", str(tmp_path / "p.parquet")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("4 rows, 0 failed")
+        # The cluster's one CPU is the actor's one ONNX Runtime thread; Ray forwards the actor's report.
+        assert "bnfold: prediction actor on " in result.stderr
+        assert ": CPUExecutionProvider, 1 ONNX Runtime thread(s)" in result.stderr
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
