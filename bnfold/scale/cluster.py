@@ -1,0 +1,102 @@
+"""What every Ray feature of bnfold shares: importing Ray (or the one-line error naming the
+extra), starting or joining a Ray instance, and turning an actor's Ray resources into ONNX
+Runtime threads and a device."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+from ..errors import BnfoldError, UsageError
+from ..modes import first_line
+
+RAY_EXTRA = "pip install 'bnfold[ray]'"
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module with Ray Data, or a :class:`UsageError` saying which extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra installs ray[data]; a bare ray lacks it)
+    except ImportError as exc:
+        raise UsageError(f"running on Ray needs Ray Data, which is not installed: {RAY_EXTRA}") from exc
+    return ray
+
+
+@contextlib.contextmanager
+def ray_instance(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    temp_dir: str | os.PathLike[str] | None = None,
+    token_auth: bool = True,
+) -> Iterator[ModuleType]:
+    """Ray for the duration: the instance this process already joined, else the cluster at
+    ``address`` (``"auto"``, ``"host:port"`` or ``"ray://host:port"``), else a new local instance
+    (``num_cpus``: default all; ``temp_dir``: Ray's session files; no dashboard). What this call
+    started or joined it leaves again at the end.
+
+    ``token_auth=False`` starts a local instance without Ray's token authentication, which
+    otherwise writes a token to ``~/.ray/auth_token`` (tests use it to stay hermetic).
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    saved_auth = os.environ.get("RAY_AUTH_MODE")
+    if not token_auth and address is None:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        _init(ray, address, num_cpus, temp_dir)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+    finally:
+        if saved_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_auth
+
+
+def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: object) -> None:
+    """``ray.init`` for :func:`ray_instance`: quiet (warnings and worse), its failures a
+    :class:`BnfoldError` naming the ``address``."""
+    options: dict[str, object] = {"logging_level": logging.WARNING, "include_dashboard": False}
+    if address is None:
+        options.update(num_cpus=num_cpus, _temp_dir=None if temp_dir is None else str(temp_dir))
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = f"the Ray cluster at `address` {address!r}" if address else "a local Ray instance"
+        raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
+
+
+def cluster_cpus() -> tuple[float, float]:
+    """(all CPUs of the Ray cluster, the CPUs of its largest node)."""
+    ray = require_ray()
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return sum(nodes), max(nodes, default=0.0)
+
+
+def default_cpus_per_actor(max_actors: int) -> float:
+    """CPUs for each of at most ``max_actors`` actors: the cluster's CPUs shared among them, at
+    most one node's and at least one (an actor runs on one node)."""
+    total, largest = cluster_cpus()
+    return float(max(1, min(int(largest), int(total // max_actors))))
+
+
+def actor_threads() -> int:
+    """ONNX Runtime intra-op threads for the calling actor: the CPUs Ray assigned to it (Ray sets
+    ``OMP_NUM_THREADS``, which ONNX Runtime ignores), at least one."""
+    ray = require_ray()
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+def actor_device() -> str:
+    """``"cuda"`` when Ray assigned the calling actor a GPU, else ``"cpu"``: Ray no longer hides
+    the GPUs from an actor that asked for none, so what CUDA sees proves nothing."""
+    return "cuda" if require_ray().get_gpu_ids() else "cpu"
