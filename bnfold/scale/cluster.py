@@ -20,7 +20,7 @@ def require_ray() -> ModuleType:
     """The ``ray`` module with Ray Data, or a :class:`UsageError` saying which extra to install."""
     try:
         import ray
-        import ray.data  # noqa: F401  (the extra installs ray[data]; a bare ray lacks it)
+        import ray.data
     except ImportError as exc:
         raise UsageError(f"running on Ray needs Ray Data, which is not installed: {RAY_EXTRA}") from exc
     return ray
@@ -75,18 +75,37 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
         raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
 
 
-def cluster_cpus() -> tuple[float, float]:
-    """(all CPUs of the Ray cluster, the CPUs of its largest node)."""
+def node_resources() -> list[dict[str, float]]:
+    """The CPUs and GPUs of each live node of the Ray cluster."""
     ray = require_ray()
-    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    return sum(nodes), max(nodes, default=0.0)
+    return [
+        {kind: float(node["Resources"].get(kind, 0.0)) for kind in ("CPU", "GPU")}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
 
 
-def default_cpus_per_actor(max_actors: int) -> float:
-    """CPUs for each of at most ``max_actors`` actors: the cluster's CPUs shared among them, at
-    most one node's and at least one (an actor runs on one node)."""
-    total, largest = cluster_cpus()
+def default_cpus_per_actor(max_actors: int, nodes: list[dict[str, float]]) -> float:
+    """CPUs for each of at most ``max_actors`` actors on ``nodes``: all their CPUs shared among
+    the actors, at most one node's (an actor runs on one node) and at least one."""
+    total = sum(node["CPU"] for node in nodes)
+    largest = max((node["CPU"] for node in nodes), default=1.0)
     return float(max(1, min(int(largest), int(total // max_actors))))
+
+
+def bnfold_cause(exc: BaseException) -> BnfoldError | None:
+    """The :class:`BnfoldError` that a Ray error (a task or actor that failed) wraps, if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BnfoldError):
+            return current
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
 
 
 def actor_threads() -> int:
