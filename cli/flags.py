@@ -41,6 +41,17 @@ PARAMETER_FLAGS: dict[str, str] = {
     "device='auto'": "--device auto",
     "device='cuda'": "--device cuda",
     "top_k": "--top-k",
+    # bnfold serve (bnfold.scale.serve); `address` is shared with bnfold predict --ray
+    "address": "--ray-address",
+    "host": "--host",
+    "port": "--port",
+    "replicas": "--replicas",
+    "cpus_per_replica": "--cpus-per-replica",
+    "gpus_per_replica": "--gpus-per-replica",
+    "max_batch_size": "--max-batch-size",
+    "batch_wait_ms": "--batch-wait-ms",
+    "max_body_mb": "--max-body-mb",
+    "token_file": "--token-file",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",

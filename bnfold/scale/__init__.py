@@ -24,6 +24,7 @@ _NAMES = {
     "ray_instance": "cluster",
     "model_app": "serve",
     "model_server": "serve",
+    "ServeOptions": "serve_options",
 }
 
 __all__ = sorted(_NAMES)

@@ -17,10 +17,10 @@ from ..errors import UsageError
 MIN_TOKEN_CHARS = 16
 
 
-def read_token(path: str | os.PathLike[str]) -> str:
-    """The token in the file at ``path`` (its first line, without surrounding whitespace); a
+def read_token(token_file: str | os.PathLike[str]) -> str:
+    """The token in ``token_file`` (its first line, without surrounding whitespace); a
     :class:`UsageError` naming ``token_file`` if it is missing, unreadable, empty or too short."""
-    file = Path(path)
+    file = Path(token_file)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -17,6 +17,10 @@ from torch import nn
 import bnfold
 from bnfold.bench import bench
 from bnfold.loading import LoadedModel
+from bnfold.scale.auth import read_token
+from bnfold.scale.cluster import ray_instance
+from bnfold.scale.serve import model_server
+from bnfold.scale.serve_options import ServeOptions
 
 LIBRARY_CALLS = [
     bnfold.export,
@@ -27,6 +31,10 @@ LIBRARY_CALLS = [
     bnfold.Predictor.__init__,
     LoadedModel.example_inputs,
     bench,
+    ray_instance,
+    model_server,
+    ServeOptions,
+    read_token,
 ]
 
 
