@@ -131,7 +131,12 @@ class ModelReplica:
 
 
 def _describe(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype.name}
+    """Name, shape (``null`` for a free dimension such as the batch axis) and dtype."""
+    return {
+        "name": spec.name,
+        "shape": [d if isinstance(d, int) else None for d in spec.shape],
+        "dtype": spec.dtype.name,
+    }
 
 
 def _json_or_none(text: str | None) -> Any:

@@ -149,8 +149,8 @@ def test_metadata_and_health(digits, local):
     assert request(f"{digits}/health") == (200, {"status": "ok"})
     status, meta = request(f"{digits}/metadata")
     assert status == 200
-    assert meta["inputs"][0]["shape"][1:] == [1, 8, 8] and meta["inputs"][0]["dtype"] == "float32"
-    assert meta["outputs"][0]["shape"][1:] == [10] and meta["labels"] == local.labels
+    assert meta["inputs"][0]["shape"] == [None, 1, 8, 8] and meta["inputs"][0]["dtype"] == "float32"
+    assert meta["outputs"][0]["shape"] == [None, 10] and meta["labels"] == local.labels
     assert meta["preprocessing"]["size"] == [8, 8] and meta["preprocessing"]["channel_order"] == "L"
     assert meta["device"] == {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 1}
     assert meta["bnfold_version"] == bnfold.__version__ and meta["exported_with"] == bnfold.__version__
