@@ -1,19 +1,19 @@
 """One Ray Serve replica of a model: a :class:`~bnfold.Predictor` created in the replica, fed by
 ``@serve.batch``, behind the HTTP API of :mod:`bnfold.scale.http`.
 
-Requests are split into chunks of at most ``max_batch_size`` rows; chunks of concurrent requests
-are joined into one ONNX Runtime batch of at most ``max_batch_size`` rows (waiting at most
-``batch_wait_ms`` for more), run in a thread so the event loop keeps reading requests meanwhile,
-and the outputs split back by rows: each request gets exactly its own rows.
+Requests are split into chunks of at most ``max_batch_size`` rows; ``@serve.batch`` gathers the
+chunks of concurrent requests (waiting at most ``batch_wait_ms`` for more), and the
+:class:`~bnfold.scale.run_queue.RunQueue` runs them in ONNX Runtime batches of at most
+``max_batch_size`` rows, in a thread so the event loop keeps reading requests meanwhile, joining
+the batches that wait for a run. The outputs are split back by rows: each request gets exactly its
+own rows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..batching import plan_batches
 from ..predictor import Predictor, TensorSpec
 from .cluster import actor_device, actor_threads
 from .http import ApiSettings, build_api
+from .run_queue import RunQueue, rows_of
 
 # ONNX metadata that bnfold.export writes beside labels and preprocessing.
 EXPORTED_WITH_KEY = "bnfold_version"
@@ -42,28 +43,9 @@ class ReplicaSettings:
     api: ApiSettings
 
 
-@dataclass
-class BatchStats:
-    """What batching has done on this replica so far."""
-
-    batches: int = 0
-    rows: int = 0
-    largest_batch_rows: int = 0
-    largest_batch_requests: int = 0
-
-    def record(self, requests: int, rows: int) -> None:
-        self.batches += 1
-        self.rows += rows
-        self.largest_batch_rows = max(self.largest_batch_rows, rows)
-        self.largest_batch_requests = max(self.largest_batch_requests, requests)
-
-    def summary(self) -> dict[str, int]:
-        return asdict(self)
-
-
 def _rows(chunks: list[dict[str, np.ndarray]]) -> int:
     """The rows of a list of chunks (``@serve.batch``'s measure of a batch's size)."""
-    return sum(next(iter(chunk.values())).shape[0] for chunk in chunks)
+    return sum(rows_of(chunk) for chunk in chunks)
 
 
 @serve.deployment
@@ -75,11 +57,10 @@ class ModelReplica:
         self.settings = settings
         self.threads = actor_threads()
         self.predictor = Predictor(settings.model_path, device=actor_device(), threads=self.threads)
-        self.stats = BatchStats()
-        # One thread runs ONNX Runtime (one batch at a time); the event loop stays free to batch.
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-onnxruntime")
-        self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        # ONNX Runtime runs in a thread, one batch at a time: the event loop stays free to batch.
+        self._runs = RunQueue(self.predictor.run, settings.max_batch_size)
+        self._queue_batch.set_max_batch_size(settings.max_batch_size)
+        self._queue_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, self.settings.api)
@@ -90,22 +71,19 @@ class ModelReplica:
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs (model order) for checked ``feeds``, run batched with other requests."""
-        rows = next(iter(feeds.values())).shape[0]
+        rows = rows_of(feeds)
         chunks = [batch.take(feeds) for batch in plan_batches(rows, self.settings.max_batch_size)]
-        parts = await asyncio.gather(*(self._run_batch(chunk) for chunk in chunks))
+        queued = await asyncio.gather(*(self._queue_batch(chunk) for chunk in chunks))
+        parts = await asyncio.gather(*queued)
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
 
     @serve.batch(batch_size_fn=_rows)
-    async def _run_batch(self, chunks: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-        """One ONNX Runtime run for the chunks of several requests; each chunk's own outputs."""
-        sizes = [next(iter(chunk.values())).shape[0] for chunk in chunks]
-        self.stats.record(len(chunks), sum(sizes))
-        feeds = chunks[0] if len(chunks) == 1 else {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        outputs = await asyncio.get_running_loop().run_in_executor(self._runner, self.predictor.run, feeds)
-        bounds = np.cumsum([0, *sizes])
-        return [[out[a:b] for out in outputs] for a, b in itertools.pairwise(bounds)]
+    async def _queue_batch(self, chunks: list[dict[str, np.ndarray]]) -> list[asyncio.Future[list[np.ndarray]]]:
+        """Hand a batch Serve formed to the run queue at once (so that Serve goes on forming the
+        next, which the queue joins to it while the model is busy); each chunk's future outputs."""
+        return self._runs.submit(chunks)
 
     def metadata(self) -> dict[str, Any]:
         """What ``GET /metadata`` answers: the model's inputs, outputs, labels, preprocessing
@@ -125,7 +103,7 @@ class ModelReplica:
             "batching": {
                 "max_batch_size": self.settings.max_batch_size,
                 "batch_wait_ms": self.settings.batch_wait_ms,
-                **self.stats.summary(),
+                **self._runs.stats.summary(),
             },
         }
 

@@ -23,14 +23,11 @@ from ..modes import first_line
 from ..predictor import Predictor
 from ..predictor.session import cuda_problem
 from .cluster import RAY_EXTRA, default_cpus_per_actor, node_resources, ray_instance
-from .serve_options import ServeOptions
+from .serve_options import ONGOING_PER_BATCH_ROW, ServeOptions
 
 APP_NAME = "bnfold"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# Requests a replica takes at once, per row of its largest batch: enough queued behind the
-# running batch to fill the next one (Serve's default of 5 would cap every batch at 5).
-ONGOING_PER_BATCH_ROW = 4
 # Serve's and the replicas' logging: warnings and errors (with tracebacks), no access log lines.
 QUIET = {"log_level": "WARNING"}
 STOP_POLL_S = 0.5

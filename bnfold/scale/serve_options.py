@@ -12,6 +12,9 @@ DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_MAX_BODY_MB = 32.0
 DEFAULT_TOP_K = 5
+# Requests a replica takes at once, per row of its largest batch: enough waiting behind the
+# running batch to fill the next one (Serve's default of 5 would cap every batch at 5).
+ONGOING_PER_BATCH_ROW = 4
 
 Replicas = int | tuple[int, int]
 

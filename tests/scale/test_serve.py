@@ -101,7 +101,7 @@ def test_a_request_larger_than_the_max_batch_is_split_and_joined_in_order(digits
     assert status == 200
     np.testing.assert_allclose(body["outputs"], local.predict(x), rtol=RTOL, atol=ATOL)
     _, meta = request(f"{digits}/metadata")
-    assert meta["batching"]["largest_batch_rows"] <= MAX_BATCH
+    assert meta["batching"]["largest_run_rows"] <= MAX_BATCH
 
 
 def test_64_concurrent_clients_each_get_their_own_answer_from_shared_batches(digits, local, test_x):
@@ -119,7 +119,7 @@ def test_64_concurrent_clients_each_get_their_own_answer_from_shared_batches(dig
         assert status == 200, body
         np.testing.assert_allclose(body["outputs"], expected[i : i + 1], rtol=RTOL, atol=ATOL)
     _, meta = request(f"{digits}/metadata")
-    assert meta["batching"]["largest_batch_requests"] > 1
+    assert meta["batching"]["largest_run_chunks"] > 1
 
 
 BAD_REQUESTS = [
