@@ -30,6 +30,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # Serve's and the replicas' logging: warnings and errors (with tracebacks), no access log lines.
 QUIET = {"log_level": "WARNING"}
+# Seconds between Serve's health checks of a replica: a dead replica is noticed (and replaced)
+# within this time instead of Serve's default 10 s.
+HEALTH_CHECK_PERIOD_S = 2.0
 STOP_POLL_S = 0.5
 
 
@@ -86,6 +89,7 @@ def _application(model: str | Path, options: ServeOptions) -> Any:
     deployment = ModelReplica.options(
         name=APP_NAME,
         max_ongoing_requests=ONGOING_PER_BATCH_ROW * options.max_batch_size,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": cpus, "num_gpus": options.gpus_per_replica},
         **scaling,
     )

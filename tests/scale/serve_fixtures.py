@@ -4,6 +4,7 @@ loopback port, and HTTP helpers with bounded timeouts."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -53,7 +54,8 @@ def serve_url(ray_local) -> Iterator[str]:
 def request(
     url: str, body: bytes | None = None, headers: dict[str, str] | None = None, method: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON answer) of one request; error statuses are returned, not raised."""
+    """(HTTP status, JSON answer) of one request; error statuses are returned, not raised, and a
+    connection that failed or broke is status 0."""
     req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
@@ -64,6 +66,8 @@ def request(
             return exc.code, json.loads(text)
         except ValueError:
             return exc.code, {"error": text.decode(errors="replace")}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
+        return 0, {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def post_json(url: str, payload: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
