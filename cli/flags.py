@@ -47,6 +47,16 @@ PARAMETER_FLAGS: dict[str, str] = {
     "cpus_per_actor": "--cpus-per-actor",
     "gpus_per_actor": "--gpus-per-actor",
     "data": "INPUTS",
+    # bnfold serve (bnfold.scale.serve); `address` is shared with bnfold predict --ray
+    "host": "--host",
+    "port": "--port",
+    "replicas": "--replicas",
+    "cpus_per_replica": "--cpus-per-replica",
+    "gpus_per_replica": "--gpus-per-replica",
+    "max_batch_size": "--max-batch-size",
+    "batch_wait_ms": "--batch-wait-ms",
+    "max_body_mb": "--max-body-mb",
+    "token_file": "--token-file",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",
     "recalibrate(batch_size)": "--recalibrate-batch-size",

@@ -17,6 +17,7 @@ from bnfold.cli.commands.bench import bench_command
 from bnfold.cli.commands.export import export_command
 from bnfold.cli.commands.inspect import inspect_command
 from bnfold.cli.commands.predict import predict_command
+from bnfold.cli.commands.serve import serve_command
 from bnfold.cli.commands.verify import verify_command
 from bnfold.cli.flags import cli_message
 
@@ -84,7 +85,7 @@ def _register(*commands: click.Command) -> None:
         main.add_command(command)
 
 
-_register(export_command, inspect_command, verify_command, bench_command, predict_command)
+_register(export_command, inspect_command, verify_command, bench_command, predict_command, serve_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

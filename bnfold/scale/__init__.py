@@ -3,6 +3,7 @@
 :func:`predict_dataset` turns inputs (a Ray Dataset, or paths Ray reads) into a Dataset of
 prediction rows, predicted by a pool of actors that each run a :class:`~bnfold.Predictor`;
 :func:`write_predictions` writes them to parquet. :func:`ray_instance` starts or joins Ray.
+:func:`model_app` serves a model over HTTP on Ray Serve (:func:`model_server` runs it).
 
 Importing this package does not import Ray; using any of these names without Ray installed is a
 :class:`~bnfold.UsageError` that names the extra to install.
@@ -21,6 +22,9 @@ _NAMES = {
     "PredictionSummary": "data",
     "PredictionRows": "rows",
     "ray_instance": "cluster",
+    "model_app": "serve",
+    "model_server": "serve",
+    "ServeOptions": "serve_options",
 }
 
 __all__ = sorted(_NAMES)

@@ -19,6 +19,9 @@ from bnfold.bench import bench
 from bnfold.loading import LoadedModel
 from bnfold.predictor import top_k
 from bnfold.scale import predict_dataset, ray_instance, write_predictions
+from bnfold.scale.auth import read_token
+from bnfold.scale.serve import model_server
+from bnfold.scale.serve_options import ServeOptions
 
 LIBRARY_CALLS = [
     bnfold.export,
@@ -33,6 +36,9 @@ LIBRARY_CALLS = [
     predict_dataset,
     write_predictions,
     ray_instance,
+    model_server,
+    ServeOptions,
+    read_token,
 ]
 
 

@@ -1,0 +1,138 @@
+"""The model server's HTTP API (FastAPI): ``POST /predict``, ``GET /metadata``, ``GET /health``.
+
+Every answer to a request that fails is one line of JSON, ``{"error": "..."}``, with a 4xx status
+for what the client can fix (401 token, 400 input, 413 body too large, 415 media type) and 500
+for a bug, whose traceback goes to the server log only. With a token, ``/predict`` and
+``/metadata`` answer 401 before reading the body; ``/health`` stays open for load balancers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import BnfoldError
+from ..modes import first_line
+from ..predictor import Predictor
+from .auth import authorized
+from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body
+
+# Serve's replica logger: what it logs lands in the replica's log file (with the request id).
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """How the API answers: the largest body it reads, the digest of the bearer token it wants
+    (``None``: no authentication) and the classes it lists per item of a classifier."""
+
+    max_body_bytes: int
+    token_digest: str | None
+    top_k: int
+
+
+class ModelService(Protocol):
+    """What the API serves: a replica's predictor, its batched inference and its metadata."""
+
+    predictor: Predictor
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+
+class RequestError(Exception):
+    """A request the API refuses with ``status`` and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_api(service: ModelService, settings: ApiSettings) -> FastAPI:
+    """The FastAPI app answering for ``service`` (no docs pages: the API is the README's)."""
+    app = FastAPI(title="bnfold", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    async def metadata(request: Request) -> JSONResponse:
+        async def describe() -> dict[str, Any]:
+            return service.metadata()
+
+        return await _answer(request, settings, describe)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        return await _answer(request, settings, lambda: _predict(request, service, settings))
+
+    return app
+
+
+async def _answer(
+    request: Request, settings: ApiSettings, work: Callable[[], Awaitable[dict[str, Any]]]
+) -> JSONResponse:
+    """``work``'s JSON answer once the request is authorized; errors as one-line JSON."""
+    if not authorized(request.headers.get("authorization"), settings.token_digest):
+        return JSONResponse(
+            {"error": "missing or wrong bearer token: send the header Authorization: Bearer TOKEN"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        return JSONResponse(await work())
+    except RequestError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    except BnfoldError as exc:  # the input does not fit the model
+        return JSONResponse({"error": first_line(exc)}, status_code=400)
+    except Exception:
+        logger.exception("bnfold: internal error answering %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error; the server log has the traceback"}, status_code=500)
+
+
+async def _predict(request: Request, service: ModelService, settings: ApiSettings) -> dict[str, Any]:
+    """Decode the body (off the event loop unless it is a cheap array file), run it batched
+    with other requests, and answer with its outputs."""
+    kind = body_kind(request.headers.get("content-type"))
+    if kind is None:
+        raise RequestError(
+            415,
+            f"unsupported Content-Type {request.headers.get('content-type')!r}: send application/json, "
+            f"{', '.join(ARRAY_TYPES)} or an image/* file",
+        )
+    body = await _read_body(request, settings.max_body_bytes)
+    predictor = service.predictor
+    if kind == ARRAYS:
+        feeds = decode_body(body, kind, predictor)
+    else:  # JSON and images take milliseconds to decode: the event loop keeps batching meanwhile
+        feeds = await asyncio.to_thread(decode_body, body, kind, predictor)
+    outputs = await service.infer(feeds)
+    return answer(outputs, predictor, settings.top_k)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body; a 413 as soon as it is known to exceed ``limit`` bytes (from its
+    ``Content-Length`` before reading anything, or while reading a chunked body)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # the HTTP server already refused malformed ones
+        raise RequestError(413, _too_large(int(declared), limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, _too_large(size, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body too large: {size} bytes, the limit is {limit} bytes ({limit / 2**20:g} MiB)"

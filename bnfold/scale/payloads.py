@@ -1,0 +1,107 @@
+"""HTTP request bodies as model inputs, and model outputs as JSON answers.
+
+A body is JSON (``{"inputs": X}``, ``X`` a nested list with the batch axis, or an object of input
+name -> nested list), a ``.npy``/``.npz`` file, or one image file (for a model exported with
+preprocessing). Decoding reuses what ``bnfold predict`` reads files with; nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..data import load_arrays, select_inputs
+from ..errors import UsageError
+from ..images import load_image
+from ..modes import first_line
+from ..predictor import Predictor, TensorSpec, class_label, top_k
+
+JSON = "json"
+ARRAYS = "arrays"
+IMAGE = "image"
+# Media types (without parameters such as "; charset=utf-8") -> the kind of body.
+ARRAY_TYPES = ("application/x-npy", "application/x-npz", "application/octet-stream")
+BODY = "request body"
+
+
+def body_kind(content_type: str | None) -> str | None:
+    """``JSON``, ``ARRAYS`` or ``IMAGE`` for a ``Content-Type`` header (JSON when there is none),
+    or ``None`` for a media type this server does not read."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media == "application/json":
+        return JSON
+    if media in ARRAY_TYPES:
+        return ARRAYS
+    if media.startswith("image/"):
+        return IMAGE
+    return None
+
+
+def decode_body(body: bytes, kind: str, predictor: Predictor) -> dict[str, np.ndarray]:
+    """The checked model feeds (input name -> array with the batch axis) a body of ``kind``
+    holds; a one-line :class:`UsageError` naming the problem if it holds none."""
+    specs = predictor.inputs
+    if kind == IMAGE:
+        if len(specs) != 1:
+            raise UsageError(f"{BODY}: an image is one input, but this model has {len(specs)}: send JSON or .npz")
+        arrays = [load_image(io.BytesIO(body), predictor.image_preprocessing(), name=BODY)[None]]
+    elif kind == ARRAYS:
+        arrays = select_inputs(load_arrays(io.BytesIO(body), BODY), [s.name for s in specs], BODY)
+    else:
+        arrays = select_inputs(_json_arrays(body, specs), [s.name for s in specs], BODY)
+    return {spec.name: predictor.check_input(spec, array) for spec, array in zip(specs, arrays)}
+
+
+def _json_arrays(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """The arrays of a ``{"inputs": ...}`` JSON body, as the dtype of the input each is for."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{BODY}: not valid JSON ({first_line(exc)})") from exc
+    if not isinstance(data, dict) or "inputs" not in data:
+        raise UsageError(f'{BODY}: expected a JSON object {{"inputs": ...}}')
+    inputs = data["inputs"]
+    named = inputs if isinstance(inputs, dict) else {specs[0].name if len(specs) == 1 else "": inputs}
+    dtypes = {s.name: s.dtype for s in specs}
+    arrays = {}
+    for name, value in named.items():
+        try:
+            arrays[name] = np.asarray(value, dtype=dtypes.get(name, np.float32))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(
+                f"{BODY}: input '{name}' is not a rectangular nested list of numbers ({first_line(exc)})"
+            ) from exc
+    return arrays
+
+
+def answer(outputs: Sequence[np.ndarray], predictor: Predictor, k: int) -> dict[str, Any]:
+    """The JSON answer for one request's outputs (model order, batch axis first): ``outputs``
+    (one output's nested list, or an object of output name -> nested list) and, when the first
+    output is ``[batch, classes]`` scores, ``top_k``: each item's best ``k`` classes."""
+    if len(outputs) == 1:
+        body: dict[str, Any] = {"outputs": _json_list(outputs[0])}
+    else:
+        body = {"outputs": {spec.name: _json_list(out) for spec, out in zip(predictor.outputs, outputs)}}
+    scores = outputs[0]
+    if scores.ndim == 2 and scores.shape[1] > 0:
+        indices, values = top_k(scores, k)
+        body["top_k"] = [
+            {
+                "indices": row.tolist(),
+                "scores": _json_list(best),
+                "labels": [class_label(predictor.labels, int(j)) for j in row],
+            }
+            for row, best in zip(indices, values)
+        ]
+    return body
+
+
+def _json_list(array: np.ndarray) -> Any:
+    """``array`` as nested lists, non-finite values (which JSON cannot hold) as ``null``."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return np.where(np.isfinite(array), array, None).tolist()
+    return array.tolist()

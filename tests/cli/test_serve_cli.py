@@ -1,0 +1,145 @@
+"""`bnfold serve`: a real server in a child process (its own local Ray) answering over loopback,
+stopped cleanly by SIGTERM; option errors name the flags before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bnfold.cli.main import main
+from click.testing import CliRunner
+
+import bnfold
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "sample_models" / "digits_cnn"
+TOKEN = "cli-test-token-0123456789abcdef"
+START_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 90
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory) -> Path:
+    loaded = bnfold.load_model(DIGITS / "model.pt")
+    out = tmp_path_factory.mktemp("serve_cli") / "digits.onnx"
+    bnfold.export(loaded.module, loaded.example_inputs(), out, verify=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bnfold_serve(*args: object) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bnfold.cli.main", "serve", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def lines_of(stream) -> queue.Queue:
+    """The stream's lines, read in a thread (so waiting for one can time out)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def post(url: str, payload: object, headers: dict[str, str]) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serve_answers_with_a_token_and_stops_cleanly_on_sigterm(digits_onnx, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    server = bnfold_serve(digits_onnx, "--port", port, "--token-file", token_file, "--max-batch-size", 4)
+    stdout, stderr = lines_of(server.stdout), lines_of(server.stderr)
+    try:
+        started = stdout.get(timeout=START_TIMEOUT_S)
+        assert started and f"at http://127.0.0.1:{port} " in started and "bearer token required" in started
+        x = np.load(DIGITS / "test.npz")["x"][:3]
+        url = f"http://127.0.0.1:{port}/predict"
+        assert post(url, {"inputs": x.tolist()}, {})[0] == 401
+        status, body = post(url, {"inputs": x.tolist()}, {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200
+        expected = bnfold.Predictor(digits_onnx, device="cpu").predict(x)
+        np.testing.assert_allclose(body["outputs"], expected, rtol=RTOL, atol=ATOL)
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=STOP_TIMEOUT_S) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    output = started + "".join(iter(stdout.get, None)) + "".join(iter(stderr.get, None))
+    assert "bnfold: stopped" in output and TOKEN not in output
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+
+
+def test_a_port_in_use_is_refused_naming_the_flag_before_ray_starts(digits_onnx):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = bnfold_serve(digits_onnx, "--port", busy.getsockname()[1])
+        _, err = server.communicate(timeout=120)
+    assert server.returncode == 2 and "cannot listen on --host 127.0.0.1 --port" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "two"], "--replicas 'two' is not valid"),
+        (["--replicas", "3,2"], "--replicas must be at least 1, or (min, max)"),
+        (["--max-batch-size", "0"], "--max-batch-size must be positive"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must not be negative"),
+        (["--max-body-mb", "0"], "--max-body-mb must be positive"),
+        (["--cpus-per-replica", "0"], "--cpus-per-replica must be positive"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_flag(args, message, tmp_path):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "model.onnx"), *args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_a_short_token_file_is_refused_naming_the_flag(tmp_path):
+    (tmp_path / "token").write_text("Xq9z7\n")
+    result = CliRunner().invoke(main, ["serve", "m.onnx", "--token-file", str(tmp_path / "token")])
+    assert result.exit_code == 2 and "--token-file" in result.stderr and "Xq9z7" not in result.stderr
+
+
+def test_without_ray_serve_installed_the_error_names_the_extra(digits_onnx, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, ["serve", str(digits_onnx)])
+    assert result.exit_code == 2 and "pip install 'bnfold[ray]'" in result.stderr
+
+
+def test_serving_every_interface_without_a_token_warns(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # stop right after the warning
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "m.onnx"), "--host", "0.0.0.0"])
+    assert "warning: serving on 0.0.0.0 without --token-file" in result.stderr
