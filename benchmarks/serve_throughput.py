@@ -4,14 +4,15 @@
     python benchmarks/serve_throughput.py --gpus-per-replica 1   # on a GPU machine
 
 A ResNet-18-shaped model (3x224x224, random weights and batch-norm statistics) is exported with
-bnfold, then timed three ways:
+bnfold and served by `model_app` on a local Ray instance with all the CPUs (one replica, its ONNX
+Runtime threads = those CPUs). For each body type (`.npy`, JSON; encoded before the clock starts,
+the client's encoding cost is reported separately) and each number of concurrent clients (1, 8,
+32 threads of this process, each sending one item per request over a keep-alive connection), and
+just before that case (the shared machine's speed drifts), the same cores run, in this process
+while the replica idles:
 
 1. `Predictor.predict` on one item at a time, in a loop (the latency floor);
-2. `Predictor.predict` on whole batches of `--max-batch-size` items (the compute ceiling);
-3. the model served by `model_app` on a local Ray instance with all the CPUs (one replica, its
-   ONNX Runtime threads = those CPUs), with 1, 8 and 32 concurrent clients in this process, each
-   sending one item per request over a keep-alive connection, as `.npy` and as JSON bodies
-   (encoded before the clock starts: the client's encoding cost is reported separately).
+2. `Predictor.predict` on whole batches of `--max-batch-size` items (the compute ceiling).
 
 Served throughput is compared with the ceiling, served p50 latency with the single-item loop.
 Goals (issue 14): with `.npy` bodies, 32 clients >= 0.6x the ceiling and 1 client p50 <= the
@@ -53,9 +54,8 @@ def export_model(folder: Path) -> Path:
     return Path(bnfold.export(resnet18(), (torch.randn(1, *SHAPE),), folder / "resnet18.onnx", verify=False).path)
 
 
-def direct(path: Path, device: str, max_batch: int, seconds: float) -> dict[str, float]:
+def direct(predictor: bnfold.Predictor, max_batch: int, seconds: float) -> dict[str, float]:
     """Items/s and per-call latency of Predictor.predict: single items in a loop, whole batches."""
-    predictor = bnfold.Predictor(path, device=device)
     x = np.random.default_rng(0).standard_normal((max_batch, *SHAPE), dtype=np.float32)
     figures = {}
     for name, batch in (("single", x[:1]), ("batch", x)):
@@ -156,16 +156,10 @@ def main() -> None:
     device = "cuda" if args.gpus_per_replica else "cpu"
     cpus = os.cpu_count() or 1
     results: dict[str, object] = {"cpus": cpus, "device": device, "max_batch_size": args.max_batch_size}
+    print(f"{cpus} CPUs, device {device}; max batch {args.max_batch_size}, batch wait {args.batch_wait_ms} ms")
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(Path(tmp))
-        base = direct(path, device, args.max_batch_size, args.seconds)
-        results["direct"] = base
-        print(f"{cpus} CPUs, device {device}; max batch {args.max_batch_size}, batch wait {args.batch_wait_ms} ms")
-        print(
-            f"Predictor.predict: single items {base['single_items_per_s']:.1f} items/s "
-            f"(p50 {base['single_p50_ms']:.1f} ms); batches of {args.max_batch_size} "
-            f"{base['batch_items_per_s']:.1f} items/s (the ceiling)"
-        )
+        predictor = bnfold.Predictor(path, device=device)
         port = 18000 + os.getpid() % 1000
         with ray_instance(num_cpus=cpus, token_auth=False):
             from ray import serve
@@ -180,26 +174,28 @@ def main() -> None:
             )
             serve.run(app, name="bench", route_prefix="/", logging_config={"log_level": "WARNING"})
             print(
-                "| body | clients | items/s | x ceiling | x single loop | p50 ms | p99 ms | p50 - single ms "
-                "| rows per ORT run |"
+                "| body | clients | items/s | ceiling items/s | x ceiling | single-loop items/s | x single loop "
+                "| p50 ms | p99 ms | single p50 ms | p50 - single ms | rows per ORT run |"
             )
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for kind in args.bodies.split(","):
                 payloads, content_type, encode_ms = bodies(kind)
                 load(port, 4, payloads, content_type, 2.0)  # warm-up
                 for clients in map(int, args.clients.split(",")):
+                    base = direct(predictor, args.max_batch_size, args.seconds / 3)
                     before = batching(port)
                     got = load(port, clients, payloads, content_type, args.seconds)
                     after = batching(port)
-                    got["encode_ms"] = encode_ms
+                    got.update(base, encode_ms=encode_ms)
                     got["rows_per_run"] = (after["rows"] - before["rows"]) / max(1, after["runs"] - before["runs"])
                     results[f"{kind}_{clients}"] = got
                     print(
                         f"| {kind} ({len(payloads[0]) / 1e6:.1f} MB, encode {encode_ms:.0f} ms) | {clients} "
-                        f"| {got['items_per_s']:.1f} | {got['items_per_s'] / base['batch_items_per_s']:.2f} "
+                        f"| {got['items_per_s']:.1f} | {base['batch_items_per_s']:.1f} "
+                        f"| {got['items_per_s'] / base['batch_items_per_s']:.2f} | {base['single_items_per_s']:.1f} "
                         f"| {got['items_per_s'] / base['single_items_per_s']:.2f} | {got['p50_ms']:.1f} "
-                        f"| {got['p99_ms']:.1f} | {got['p50_ms'] - base['single_p50_ms']:+.1f} "
-                        f"| {got['rows_per_run']:.1f} |",
+                        f"| {got['p99_ms']:.1f} | {base['single_p50_ms']:.1f} "
+                        f"| {got['p50_ms'] - base['single_p50_ms']:+.1f} | {got['rows_per_run']:.1f} |",
                         flush=True,
                     )
             serve.shutdown()

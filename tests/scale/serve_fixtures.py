@@ -1,6 +1,6 @@
 """Local Ray and Ray Serve for the serving tests: one Ray instance per test session (2 CPUs,
-no token auth, session files under pytest's temporary folder), Serve listening on a free
-loopback port, and HTTP helpers with bounded timeouts."""
+no token auth, session files in a short temporary folder), Serve listening on a free
+loopback port for a test module, and HTTP helpers with bounded timeouts."""
 
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ def ray_local() -> Iterator[Any]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_url(ray_local) -> Iterator[str]:
-    """The base URL of Ray Serve's HTTP proxy, shut down with the session."""
+    """The base URL of Ray Serve's HTTP proxy; Serve and every application deployed on it are
+    shut down at the end of the test module (idle replicas still cost CPU time)."""
     from ray import serve
 
     port = free_port()
