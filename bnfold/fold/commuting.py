@@ -15,10 +15,9 @@ import math
 
 from torch import Tensor, fx
 
-from .ops import arg, aten, shape
+from .ops import AVG_POOLS, arg, aten, shape
 
-_AVG_POOLS = {aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default}
-_ADAPTIVE_AVG_POOLS = {
+_ADAPTIVEAVG_POOLS = {
     aten.adaptive_avg_pool1d.default,
     aten.adaptive_avg_pool2d.default,
     aten.adaptive_avg_pool3d.default,
@@ -35,7 +34,7 @@ _RESAMPLES = {
     aten.upsample_trilinear3d.vec,
     aten.upsample_bicubic2d.vec,
 }
-CHANNEL_PRESERVING = _AVG_POOLS | _ADAPTIVE_AVG_POOLS | _MAX_POOLS | _RESAMPLES | {aten.mean.dim}
+CHANNEL_PRESERVING = AVG_POOLS | _ADAPTIVEAVG_POOLS | _MAX_POOLS | _RESAMPLES | {aten.mean.dim}
 _FLATTENS = {aten.flatten.using_ints, aten.view.default, aten.reshape.default}
 
 
@@ -50,7 +49,7 @@ def _avg_pool_problem(node: fx.Node, t: Tensor) -> str | None:
 
 def commute_problem(node: fx.Node, s: Tensor, t: Tensor) -> str | None:
     """Why ``s·x + t`` does not pass through ``node`` (a channel-preserving op), if it does not."""
-    if node.target in _AVG_POOLS:
+    if node.target in AVG_POOLS:
         return _avg_pool_problem(node, t)
     if node.target in _MAX_POOLS and not bool((s > 0).all()):
         return f"'{node.name}' is a max pool and the scale is not positive in every channel"
