@@ -7,7 +7,8 @@ A ResNet-18-shaped model (3x224x224, random weights and batch-norm statistics) i
 bnfold and served by `model_app` on a local Ray instance with all the CPUs (one replica, its ONNX
 Runtime threads = those CPUs). For each body type (`.npy`, JSON; encoded before the clock starts,
 the client's encoding cost is reported separately) and each number of concurrent clients (1, 8,
-32 threads of this process, each sending one item per request over a keep-alive connection), and
+32 threads of a client process, `benchmarks/http_load.py`, each sending one item per request over
+a keep-alive connection), and
 just before that case (the shared machine's speed drifts), the same cores run, in this process
 while the replica idles:
 
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,7 +47,6 @@ from bnfold.scale.cluster import ray_instance
 from bnfold.scale.serve import model_app
 
 SHAPE = (3, 224, 224)
-POOL = 16  # distinct request bodies, cycled
 
 
 def export_model(folder: Path) -> Path:
@@ -71,67 +70,14 @@ def direct(predictor: bnfold.Predictor, max_batch: int, seconds: float) -> dict[
     return figures
 
 
-def bodies(kind: str) -> tuple[list[bytes], str, float]:
-    """POOL request bodies of one item each, their Content-Type, and the median ms to encode one."""
-    rng = np.random.default_rng(1)
-    out, costs = [], []
-    for _ in range(POOL):
-        x = rng.standard_normal((1, *SHAPE), dtype=np.float32)
-        t0 = time.perf_counter()
-        if kind == "npy":
-            buffer = io.BytesIO()
-            np.save(buffer, x)
-            out.append(buffer.getvalue())
-        else:
-            out.append(json.dumps({"inputs": x.tolist()}).encode())
-        costs.append(time.perf_counter() - t0)
-    return out, "application/x-npy" if kind == "npy" else "application/json", statistics.median(costs) * 1e3
-
-
-def load(port: int, clients: int, payloads: list[bytes], content_type: str, seconds: float) -> dict[str, float]:
-    """Items/s and latency percentiles of ``clients`` threads sending single-item requests."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    start = threading.Barrier(clients + 1)
-    deadline: list[float] = []
-
-    def client(index: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": content_type}
-        mine = []
-        start.wait()
-        i = index
-        while time.perf_counter() < deadline[0]:
-            t0 = time.perf_counter()
-            connection.request("POST", "/predict", payloads[i % len(payloads)], headers)
-            response = connection.getresponse()
-            body = response.read()
-            if response.status != 200:
-                errors.append(f"{response.status} {body[:200]!r}")
-                break
-            mine.append(time.perf_counter() - t0)
-            i += clients
-        latencies.extend(mine)
-        connection.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    began = time.perf_counter()
-    deadline.append(began + seconds)
-    start.wait()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise RuntimeError(f"{len(errors)} request(s) failed, e.g. {errors[0]}")
-    ordered = sorted(latencies)
-    return {
-        "items_per_s": len(ordered) / elapsed,
-        "p50_ms": ordered[len(ordered) // 2] * 1e3,
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-        "requests": len(ordered),
-    }
+def load(port: int, clients: int, kind: str, seconds: float) -> dict[str, float]:
+    """``benchmarks/http_load.py``'s figures for ``clients`` clients in a process of their own (as
+    real clients are: not sharing the GIL with this process's Ray driver)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "http_load.py"), str(port), str(clients), kind, str(seconds)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the load generator failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
 def batching(port: int) -> dict[str, int]:
@@ -179,18 +125,17 @@ def main() -> None:
             )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for kind in args.bodies.split(","):
-                payloads, content_type, encode_ms = bodies(kind)
-                load(port, 4, payloads, content_type, 2.0)  # warm-up
+                load(port, 4, kind, 2.0)  # warm-up
                 for clients in map(int, args.clients.split(",")):
                     base = direct(predictor, args.max_batch_size, args.seconds / 3)
                     before = batching(port)
-                    got = load(port, clients, payloads, content_type, args.seconds)
+                    got = load(port, clients, kind, args.seconds)
                     after = batching(port)
-                    got.update(base, encode_ms=encode_ms)
+                    got.update(base)
                     got["rows_per_run"] = (after["rows"] - before["rows"]) / max(1, after["runs"] - before["runs"])
                     results[f"{kind}_{clients}"] = got
                     print(
-                        f"| {kind} ({len(payloads[0]) / 1e6:.1f} MB, encode {encode_ms:.0f} ms) | {clients} "
+                        f"| {kind} ({got['body_mb']:.1f} MB, encode {got['encode_ms']:.0f} ms) | {clients} "
                         f"| {got['items_per_s']:.1f} | {base['batch_items_per_s']:.1f} "
                         f"| {got['items_per_s'] / base['batch_items_per_s']:.2f} | {base['single_items_per_s']:.1f} "
                         f"| {got['items_per_s'] / base['single_items_per_s']:.2f} | {got['p50_ms']:.1f} "

@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from ..errors import BnfoldError
 from ..modes import first_line
 from ..predictor import Predictor
 from .auth import authorized
-from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body
+from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body, json_bytes
 
 # Serve's replica logger: what it logs lands in the replica's log file (with the request id).
 logger = logging.getLogger("ray.serve")
@@ -65,38 +65,36 @@ def build_api(service: ModelService, settings: ApiSettings) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metadata")
-    async def metadata(request: Request) -> JSONResponse:
+    async def metadata(request: Request) -> Response:
         async def describe() -> dict[str, Any]:
             return service.metadata()
 
         return await _answer(request, settings, describe)
 
     @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         return await _answer(request, settings, lambda: _predict(request, service, settings))
 
     return app
 
 
-async def _answer(
-    request: Request, settings: ApiSettings, work: Callable[[], Awaitable[dict[str, Any]]]
-) -> JSONResponse:
+async def _answer(request: Request, settings: ApiSettings, work: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
     """``work``'s JSON answer once the request is authorized; errors as one-line JSON."""
     if not authorized(request.headers.get("authorization"), settings.token_digest):
-        return JSONResponse(
+        return _json_response(
             {"error": "missing or wrong bearer token: send the header Authorization: Bearer TOKEN"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
+            401,
+            {"WWW-Authenticate": "Bearer"},
         )
     try:
-        return JSONResponse(await work())
+        return _json_response(await work())
     except RequestError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return _json_response({"error": str(exc)}, exc.status)
     except BnfoldError as exc:  # the input does not fit the model
-        return JSONResponse({"error": first_line(exc)}, status_code=400)
+        return _json_response({"error": first_line(exc)}, 400)
     except Exception:
         logger.exception("bnfold: internal error answering %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error; the server log has the traceback"}, status_code=500)
+        return _json_response({"error": "internal error; the server log has the traceback"}, 500)
 
 
 async def _predict(request: Request, service: ModelService, settings: ApiSettings) -> dict[str, Any]:
@@ -132,6 +130,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, _too_large(size, limit))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_bytes(body), status_code=status, headers=headers, media_type="application/json")
 
 
 def _too_large(size: int, limit: int) -> str:

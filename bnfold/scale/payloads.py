@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..data import load_arrays, select_inputs
 from ..errors import UsageError
@@ -26,6 +27,10 @@ IMAGE = "image"
 # Media types (without parameters such as "; charset=utf-8") -> the kind of body.
 ARRAY_TYPES = ("application/x-npy", "application/x-npz", "application/octet-stream")
 BODY = "request body"
+# orjson writes numpy arrays itself (C-contiguous ones of its dtypes; the rest go to _as_list), in
+# their own precision (a float32 as its shortest float32 form), some 15x faster than json.dumps of
+# tolist() for a 1,000-class answer; NaN and infinities become null, as JSON has neither.
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
 def body_kind(content_type: str | None) -> str | None:
@@ -79,29 +84,30 @@ def _json_arrays(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarr
 
 
 def answer(outputs: Sequence[np.ndarray], predictor: Predictor, k: int) -> dict[str, Any]:
-    """The JSON answer for one request's outputs (model order, batch axis first): ``outputs``
-    (one output's nested list, or an object of output name -> nested list) and, when the first
-    output is ``[batch, classes]`` scores, ``top_k``: each item's best ``k`` classes."""
+    """The answer for one request's outputs (model order, batch axis first), arrays as they are
+    for :func:`json_bytes` to encode: ``outputs`` (one output, or an object of
+    output name -> output) and, when the first output is ``[batch, classes]`` scores, ``top_k``:
+    each item's best ``k`` classes."""
     if len(outputs) == 1:
-        body: dict[str, Any] = {"outputs": _json_list(outputs[0])}
+        body: dict[str, Any] = {"outputs": outputs[0]}
     else:
-        body = {"outputs": {spec.name: _json_list(out) for spec, out in zip(predictor.outputs, outputs)}}
+        body = {"outputs": {spec.name: out for spec, out in zip(predictor.outputs, outputs)}}
     scores = outputs[0]
     if scores.ndim == 2 and scores.shape[1] > 0:
         indices, values = top_k(scores, k)
         body["top_k"] = [
-            {
-                "indices": row.tolist(),
-                "scores": _json_list(best),
-                "labels": [class_label(predictor.labels, int(j)) for j in row],
-            }
+            {"indices": row, "scores": best, "labels": [class_label(predictor.labels, int(j)) for j in row]}
             for row, best in zip(indices, values)
         ]
     return body
 
 
-def _json_list(array: np.ndarray) -> Any:
-    """``array`` as nested lists, non-finite values (which JSON cannot hold) as ``null``."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return np.where(np.isfinite(array), array, None).tolist()
-    return array.tolist()
+def json_bytes(body: Any) -> bytes:
+    """``body`` as JSON, numpy arrays as nested lists (non-finite numbers as ``null``)."""
+    return orjson.dumps(body, default=_as_list, option=JSON_OPTIONS)
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

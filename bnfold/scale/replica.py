@@ -7,6 +7,10 @@ chunks of concurrent requests (waiting at most ``batch_wait_ms`` for more), and 
 ``max_batch_size`` rows, in a thread so the event loop keeps reading requests meanwhile, joining
 the batches that wait for a run. The outputs are split back by rows: each request gets exactly its
 own rows.
+
+A request that finds the replica idle (no other request in it, no run going or waiting) has no
+one to be batched with: it goes to the run queue at once instead of waiting ``batch_wait_ms`` in
+``@serve.batch``. The requests that arrive while it runs are batched as usual.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ class ModelReplica:
     def __init__(self, settings: ReplicaSettings) -> None:
         self.settings = settings
         self.threads = actor_threads()
-        self.predictor = Predictor(settings.model_path, device=actor_device(), threads=self.threads)
+        self.predictor = Predictor(settings.model_path, device=actor_device(), threads=self.threads, spin_wait=False)
         # ONNX Runtime runs in a thread, one batch at a time: the event loop stays free to batch.
         self._runs = RunQueue(self.predictor.run, settings.max_batch_size)
+        self._requests = 0  # requests inside infer (each on this replica's event loop)
         self._queue_batch.set_max_batch_size(settings.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
 
@@ -73,8 +78,15 @@ class ModelReplica:
         """The outputs (model order) for checked ``feeds``, run batched with other requests."""
         rows = rows_of(feeds)
         chunks = [batch.take(feeds) for batch in plan_batches(rows, self.settings.max_batch_size)]
-        queued = await asyncio.gather(*(self._queue_batch(chunk) for chunk in chunks))
-        parts = await asyncio.gather(*queued)
+        self._requests += 1
+        try:
+            if self._requests == 1 and self._runs.idle:  # alone: nothing to wait for
+                queued = self._runs.submit(chunks)
+            else:
+                queued = await asyncio.gather(*(self._queue_batch(chunk) for chunk in chunks))
+            parts = await asyncio.gather(*queued)
+        finally:
+            self._requests -= 1
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]

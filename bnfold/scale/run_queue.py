@@ -58,6 +58,11 @@ class RunQueue:
         self._draining: asyncio.Task[None] | None = None
         self.stats = RunStats()
 
+    @property
+    def idle(self) -> bool:
+        """Whether no run is going and no chunk waits for one."""
+        return self._draining is None
+
     def submit(self, chunks: list[Feeds]) -> list[asyncio.Future[list[np.ndarray]]]:
         """Queue ``chunks`` (from the event loop); the future outputs (model order) of each."""
         loop = asyncio.get_running_loop()

@@ -39,6 +39,7 @@ STOP_POLL_S = 0.5
 def require_serve() -> ModuleType:
     """The ``ray.serve`` module, or a :class:`UsageError` saying which extra to install."""
     try:
+        import orjson  # noqa: F401  (the server's JSON answers)
         from ray import serve
     except ImportError as exc:
         raise UsageError(f"serving a model needs Ray Serve, which is not installed: {RAY_EXTRA}") from exc

@@ -12,7 +12,7 @@ from tiny_onnx import image_classifier, two_in_two_out
 
 import bnfold
 from bnfold.images import load_image
-from bnfold.scale.payloads import ARRAYS, IMAGE, JSON, answer, body_kind, decode_body
+from bnfold.scale.payloads import ARRAYS, IMAGE, JSON, answer, body_kind, decode_body, json_bytes
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 1, 2, 2)
 
@@ -131,8 +131,8 @@ def test_images_need_stored_preprocessing_and_a_single_input(tmp_path, pair):
 
 def test_a_classifier_answer_has_outputs_and_top_k_with_labels(classifier):
     scores = np.array([[0.1, 0.9, 0.5], [2.0, -1.0, 0.0]], dtype=np.float32)
-    body = json.loads(json.dumps(answer([scores], classifier, 2)))
-    assert np.asarray(body["outputs"], dtype=np.float32).tolist() == scores.tolist()
+    body = json.loads(json_bytes(answer([scores], classifier, 2)))
+    assert np.array_equal(np.asarray(body["outputs"], dtype=np.float32), scores)
     assert body["top_k"] == [
         {"indices": [1, 2], "scores": [pytest.approx(0.9), pytest.approx(0.5)], "labels": ["dog", "eel"]},
         {"indices": [0, 2], "scores": [2.0, 0.0], "labels": ["cat", "eel"]},
@@ -141,11 +141,26 @@ def test_a_classifier_answer_has_outputs_and_top_k_with_labels(classifier):
 
 def test_several_outputs_are_named_and_have_no_top_k_unless_the_first_is_scores(pair):
     total, product = np.ones((1, 3, 1), np.float32), np.zeros((1, 3, 1), np.float32)
-    body = answer([total, product], pair, 5)
+    body = json.loads(json_bytes(answer([total, product], pair, 5)))
     assert body == {"outputs": {"total": [[[1.0], [1.0], [1.0]]], "product": [[[0.0], [0.0], [0.0]]]}}
 
 
 def test_non_finite_outputs_become_null(classifier):
-    body = answer([np.array([[np.nan, 1.0, -np.inf]], dtype=np.float32)], classifier, 1)
-    assert body["outputs"] == [[None, 1.0, None]]
-    json.dumps(body, allow_nan=False)
+    text = json_bytes(answer([np.array([[np.nan, 1.0, -np.inf]], dtype=np.float32)], classifier, 1))
+    assert json.loads(text)["outputs"] == [[None, 1.0, None]]
+    assert b"NaN" not in text and b"Infinity" not in text
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32),  # written by orjson
+        np.random.default_rng(1).standard_normal((7, 3)).astype(np.float32).T,  # not C-contiguous
+        np.random.default_rng(2).standard_normal((3, 7)).astype(np.float16),
+        np.arange(-5, 16, dtype=np.int64).reshape(3, 7),
+        np.zeros((2, 0), np.float32),
+    ],
+    ids=["float32", "transposed", "float16", "int64", "empty"],
+)
+def test_json_answers_read_back_to_the_same_values(array):
+    assert np.array_equal(np.asarray(json.loads(json_bytes({"outputs": array}))["outputs"], dtype=array.dtype), array)
