@@ -41,7 +41,7 @@ _LAZY = {
     "export": "export",
     "fold": "fold",
     "load_model": "loading",
-    "parse_shape": "loading",
+    "parse_shape": "shapes",
     "recalibrate": "recalibrate",
     "verify": "verify",
 }

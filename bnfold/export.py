@@ -14,12 +14,12 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 from . import __version__
-from .errors import BnfoldError, ExportError, UsageError, VerificationError
+from .errors import BnfoldError, ExportError, UsageError, VerificationError, first_line
 from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .fold.precision import to_float16, with_float32_io
 from .metadata import Preprocess, metadata_props
-from .modes import first_line, module_dtype, quiet_torch
+from .modes import module_dtype, quiet_torch
 from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
 from .onnx_writer import release_weights
 from .progress import Progress

@@ -22,12 +22,13 @@ from torch import nn
 
 from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
+from .defaults import RECALIBRATION_BATCH_SIZE
 from .errors import UsageError
 from .modes import eval_mode, model_failures, module_device, module_dtype
 from .progress import Progress
 from .report import RecalibratedLayer, RecalibrationReport
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = RECALIBRATION_BATCH_SIZE
 
 
 @dataclass

@@ -16,12 +16,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
-
-from onnxscript import ir
+from typing import IO, TYPE_CHECKING
 
 from .errors import ExportError, OutputError, UsageError
-from .onnx_writer import save_with_external_data, write_model
+
+if TYPE_CHECKING:  # onnxscript takes a second to import: only where an ONNX model is saved
+    from onnxscript import ir
 
 # Protobuf cannot serialize a message of 2 GiB or more: models whose tensors exceed this many bytes
 # are written with their tensors in a separate file, ``<name>.onnx.data`` beside ``<name>.onnx``.
@@ -104,6 +104,8 @@ class Staged:
 
     def save(self, model: ir.Model) -> None:
         """Serialize ``model`` to the temporary location (tensors to ``<name>.data`` if external)."""
+        from .onnx_writer import save_with_external_data, write_model
+
         try:
             if self.external:
                 save_with_external_data(model, self.path, external_data_path(self.out).name)

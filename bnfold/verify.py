@@ -15,25 +15,16 @@ from torch import nn
 
 from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
+from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
 from .errors import BnfoldError, UsageError
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
 from .report import OutputCheck, VerifyReport
 
-# Defaults, justified in the README ("Verification tolerances"): fp32 re-association error of a
-# folded network is ~1e-6 of the output scale; a wrong fold (dropped eps, one mis-scaled channel)
-# is far above 1e-4.
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-5
-# float16 models (exported with `fp16=True`, or float16 weights): a float16 ulp is 1e-3 relative, and activations are rounded at every
-# layer; the sample models measure 0.4e-3 to 0.8e-3 normwise (README, "float16").
-FP16_RTOL = 1e-2
-FP16_ATOL = 1e-3
 # Two batch sizes, neither the capture's example batch of 2 (a size baked into the graph by
 # mistake would pass there); small, since each sample already covers every channel.
 RANDOM_BATCH_SIZES = (1, 3)
-REFERENCES = ("float32", "float64")
 # Against a float64 run, the ONNX model may be this many times as far as the float32 original:
 # two float32 evaluations of the same network, summing in different orders (ONNX Runtime's MLAS
 # and PyTorch's kernels), round differently. Measured on ill-conditioned correct exports: 0.97 to

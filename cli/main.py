@@ -22,8 +22,7 @@ from bnfold.cli.commands.verify import verify_command
 from bnfold.cli.flags import cli_message
 
 from bnfold import __version__
-from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, VerificationError
-from bnfold.modes import first_line
+from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, VerificationError, first_line
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -14,15 +14,19 @@ import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
+from bnfold.defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
 from bnfold.errors import UsageError
-from bnfold.loading import LoadedModel, load_model, parse_shape
 from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, preprocess_for, read_labels
-from bnfold.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
+from bnfold.shapes import parse_shape
+
+if TYPE_CHECKING:  # torch (3 s to import) only for the commands that load a PyTorch model
+    import torch
+
+    from bnfold.loading import LoadedModel
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -62,6 +66,8 @@ class ModelOptions:
                 kwargs = json.loads(self.arch_kwargs)
             except ValueError as exc:
                 raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+        from bnfold.loading import load_model
+
         return load_model(model, arch=self.arch, arch_kwargs=kwargs, trust_pickle=self.trust_pickle)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bnfold.modes import first_line
+from bnfold.errors import first_line
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from ..errors import FoldError
-from ..modes import eval_mode, first_line, model_failures, quiet_torch, run_eval
+from ..errors import FoldError, first_line
+from ..modes import eval_mode, model_failures, quiet_torch, run_eval
 from .batch_guard import batch_fixing_line
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is

@@ -6,9 +6,11 @@
   short allow-list, and the globals a refused pickle would import;
 - :mod:`.archive`: ``torch.export`` archives checked for code before torch reads them;
 - :mod:`.state_dict` and :mod:`.usercode`: a state_dict applied to the ``arch`` factory's module;
-- :mod:`.loaded`: :class:`LoadedModel`, what a file records of its inputs, :func:`parse_shape`.
+- :mod:`.loaded`: :class:`LoadedModel`, what a file records of its inputs; :func:`parse_shape`
+  (from :mod:`bnfold.shapes`).
 """
 
+from ..shapes import Shape, parse_shape
 from .archive import export_archive_problems
 from .detect import STATE_DICT_KEYS, TORCHSCRIPT_META_FILE, load_model, sniff_format
 from .loaded import (
@@ -18,8 +20,6 @@ from .loaded import (
     STATE_DICT,
     TORCHSCRIPT,
     LoadedModel,
-    Shape,
-    parse_shape,
 )
 from .pickle_scan import COMPUTED_GLOBAL, pickle_globals
 from .pickles import safe_globals, unsafe_globals

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UsageError
-from ..modes import first_line, quiet_torch
+from ..errors import ModelLoadError, UsageError, first_line
+from ..modes import quiet_torch
 from .archive import check_export_archive, damaged_archive
 from .loaded import (
     EXPORTED_PROGRAM,

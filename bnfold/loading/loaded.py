@@ -1,9 +1,8 @@
 """What loading produces: the eval-mode module with what its file records of its inputs, labels
-and preprocessing, and the parsing of input shapes written as text."""
+and preprocessing."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UsageError
 from ..metadata import Preprocess
+from ..shapes import Shape
 
 # The formats a model file can have (LoadedModel.format).
 TORCHSCRIPT = "torchscript"
@@ -23,8 +23,6 @@ PICKLED_MODULE = "pickled nn.Module"
 
 # Checkpoint-dict keys (and bnfold.json keys) that record the input shapes.
 INPUT_SHAPE_KEYS = ("input_shape", "input_shapes")
-
-Shape = tuple[int, ...]
 
 
 @dataclass
@@ -56,14 +54,6 @@ class LoadedModel:
             torch.randn(shape, generator=gen, dtype=torch.float32).to(dtypes[i] if dtypes else torch.float32)
             for i, shape in enumerate(shapes)
         )
-
-
-def parse_shape(text: str, parameter: str = "input_shapes", example: str = "1x3x224x224") -> Shape:
-    """Parse ``"1x3x224x224"`` into ``(1, 3, 224, 224)``; a :class:`UsageError` naming the
-    Python ``parameter`` the text is for (in backticks) if malformed."""
-    if not re.fullmatch(r"\s*[1-9]\d*(\s*[xX,]\s*[1-9]\d*)*\s*", text or ""):
-        raise UsageError(f"`{parameter}` {text!r} is not valid: give positive sizes separated by 'x', e.g. {example}")
-    return tuple(int(p) for p in re.split(r"[xX,]", text))
 
 
 def _shapes_from(value: Any, source: str) -> list[Shape]:

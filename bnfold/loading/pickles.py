@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError, UnsafeModelError
-from ..modes import first_line
+from ..errors import ModelLoadError, UnsafeModelError, first_line
 from .pickle_scan import pickle_globals
 from .usercode import cwd_importable
 

@@ -18,8 +18,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ..errors import BnfoldError
-from ..modes import first_line
+from ..errors import BnfoldError, first_line
 from ..predictor import Predictor
 from .auth import authorized
 from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body, json_bytes

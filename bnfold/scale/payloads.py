@@ -15,9 +15,8 @@ import numpy as np
 import orjson
 
 from ..data import load_arrays, select_inputs
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..images import load_image
-from ..modes import first_line
 from ..predictor import Predictor, TensorSpec, class_label, top_k
 
 JSON = "json"

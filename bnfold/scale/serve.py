@@ -18,8 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import BnfoldError, ModelLoadError, UsageError
-from ..modes import first_line
+from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
 from ..predictor import Predictor
 from ..predictor.session import cuda_problem
 from .cluster import RAY_EXTRA, default_cpus_per_actor, node_resources, ray_instance

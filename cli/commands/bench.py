@@ -8,9 +8,8 @@ import click
 from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_options, model_options
 from bnfold.cli.output import write_json
 
-from bnfold.bench import bench
-from bnfold.loading import parse_shape
 from bnfold.progress import for_stream
+from bnfold.shapes import parse_shape
 from bnfold.staging import check_output_path
 
 
@@ -38,6 +37,8 @@ def bench_command(
 ) -> None:
     """Time MODEL eager (original, folded, BN-free floor) and in ONNX Runtime (plain torch.onnx.export
     vs bnfold, optimizations on and off) on the CPU; prints medians and ratios."""
+    from bnfold.bench import bench  # imports torch: only when the command runs
+
     sizes = list(parse_shape(batch_sizes, parameter="batch_sizes", example="1,32"))
     shapes = input_shape.shapes()
     if json_path:

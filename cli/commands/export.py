@@ -18,10 +18,9 @@ from bnfold.cli.options import (
 )
 from bnfold.cli.output import write_json
 
+from bnfold.defaults import RECALIBRATION_BATCH_SIZE
 from bnfold.errors import VerificationError
-from bnfold.export import default_output_path, export
 from bnfold.progress import for_stream
-from bnfold.recalibrate import DEFAULT_BATCH_SIZE, recalibrate
 from bnfold.staging import check_output_path
 
 
@@ -54,7 +53,7 @@ from bnfold.staging import check_output_path
 @click.option(
     "--recalibrate-batch-size",
     type=int,
-    default=DEFAULT_BATCH_SIZE,
+    default=RECALIBRATION_BATCH_SIZE,
     show_default=True,
     help="Batch size of the recalibration pass.",
 )
@@ -77,6 +76,9 @@ def export_command(
     metadata: MetadataOptions,
 ) -> None:
     """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
+    from bnfold.export import default_output_path, export  # imports torch: only when the command runs
+    from bnfold.recalibrate import recalibrate
+
     shapes = input_shape.shapes()
     source = model if Path(model).exists() else None
     out = Path(output) if output else default_output_path(model)

@@ -7,8 +7,6 @@ import json
 import click
 from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_options, model_options
 
-from bnfold.fold import fold
-
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True))
@@ -20,6 +18,8 @@ def inspect_command(
     model: str, static_batch: bool, as_json: bool, *, loading: ModelOptions, input_shape: InputShapeOptions
 ) -> None:
     """List every batch-norm of MODEL and what export would do with it, without exporting."""
+    from bnfold.fold import fold  # imports torch: only when the command runs
+
     shapes = input_shape.shapes()
     loaded = loading.load(model)
     inputs = loaded.example_inputs(shapes)

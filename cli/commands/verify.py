@@ -18,7 +18,6 @@ from bnfold.cli.output import write_json
 from bnfold.errors import UsageError, VerificationError
 from bnfold.progress import for_stream
 from bnfold.staging import check_output_path
-from bnfold.verify import verify
 
 
 @click.command("verify")
@@ -38,6 +37,8 @@ def verify_command(
     verification: VerifyOptions,
 ) -> None:
     """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
+    from bnfold.verify import verify  # imports torch: only when the command runs
+
     if input_shape.input_shapes:
         raise UsageError("--input-shape is not used by verify: shapes come from the ONNX model (or --inputs)")
     if report_path:

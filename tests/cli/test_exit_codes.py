@@ -16,8 +16,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from bnfold.cli import options as cli_options
-from bnfold.cli.commands import verify as verify_command
 from helpers import corrupt_output_folds
 from hostile import (
     DIGITS,
@@ -30,6 +28,7 @@ from hostile import (
     write_malicious,
 )
 
+import bnfold.loading
 from bnfold import errors
 
 README = (ROOT / "README.md").read_text()
@@ -82,7 +81,7 @@ def test_4_internal_error(tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("simulated bug\nsecond line")
 
-    monkeypatch.setattr(cli_options, "load_model", bug)
+    monkeypatch.setattr(bnfold.loading, "load_model", bug)  # what the CLI calls
     line = assert_one_line_error(
         run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 4, "internal error: RuntimeError: simulated bug"
     )
@@ -96,7 +95,7 @@ def test_5_output_not_written(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(importlib.import_module("bnfold.staging"), "write_model", disk_full)
+    monkeypatch.setattr(importlib.import_module("bnfold.onnx_writer"), "write_model", disk_full)
     assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 5, "No space left on device")
     assert snapshot(tmp_path) == {}
 
@@ -119,7 +118,7 @@ def test_130_interrupted_in_process(tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(verify_command, "verify", ctrl_c)
+    monkeypatch.setattr(importlib.import_module("bnfold.verify"), "verify", ctrl_c)  # what the CLI calls
     assert run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--no-verify").exit_code == 0
     assert_one_line_error(run_cli("verify", DIGITS, tmp_path / "d.onnx"), 130, "interrupted")
 

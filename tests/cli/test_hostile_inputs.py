@@ -17,7 +17,7 @@ import torch
 from hostile import DIGITS, DIGITS_ARCH, ROOT, assert_one_line_error, digits_state_dict, run_cli, snapshot
 
 import bnfold
-from bnfold import staging
+from bnfold import onnx_writer, staging
 from bnfold.staging import atomic_write
 
 ARCH_FILE = """
@@ -401,7 +401,7 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
         partial.append(Path(fh.name))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(staging, "write_model", fills_the_disk)
+    monkeypatch.setattr(onnx_writer, "write_model", fills_the_disk)  # what staging calls
     result = run_cli("export", DIGITS, OUT, tmp_path / "d.onnx")
     assert_one_line_error(result, 5, "d.onnx", "No space left on device", "nothing was written")
     assert partial and not partial[0].exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,18 @@ def test_predict_npz_prints_top_k_labels_and_writes_outputs(shapes_onnx, tmp_pat
     assert saved["output"].shape == (300, 4)
     test = np.load(SHAPES / "test.npz")
     assert (saved["output"].argmax(1) == test["y"]).mean() > 0.95
+
+
+def test_predict_on_an_onnx_model_does_not_import_torch(shapes_onnx):
+    """torch takes seconds to import; `bnfold predict` (and so `--ray`, `serve`) does not need it."""
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); "
+        "from bnfold.cli.main import main; main()"
+    )
+    args = ["predict", str(shapes_onnx), str(SHAPES / "test.npz"), "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr
 
 
 def test_predict_json_lines(shapes_onnx):

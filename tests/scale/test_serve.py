@@ -54,7 +54,9 @@ def local(digits_onnx) -> bnfold.Predictor:
 def digits(serve_url, digits_onnx) -> str:
     from ray import serve
 
-    app = model_app(digits_onnx, cpus_per_replica=0.5, max_batch_size=MAX_BATCH, batch_wait_ms=BATCH_WAIT_MS, max_body_mb=0.25)
+    app = model_app(
+        digits_onnx, cpus_per_replica=0.5, max_batch_size=MAX_BATCH, batch_wait_ms=BATCH_WAIT_MS, max_body_mb=0.25
+    )
     serve.run(app, name="digits", route_prefix="/digits", logging_config=QUIET)
     return f"{serve_url}/digits"  # Serve's shutdown at the end of the module deletes it
 

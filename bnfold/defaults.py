@@ -1,0 +1,16 @@
+"""Defaults of verification and recalibration, apart from :mod:`bnfold.verify` and
+:mod:`bnfold.recalibrate` so that the CLI can show them without importing torch."""
+
+# Defaults, justified in the README ("Verification tolerances"): fp32 re-association error of a
+# folded network is ~1e-6 of the output scale; a wrong fold (dropped eps, one mis-scaled channel)
+# is far above 1e-4.
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+# float16 models (exported with `fp16=True`, or float16 weights): a float16 ulp is 1e-3 relative, and activations are rounded at every
+# layer; the sample models measure 0.4e-3 to 0.8e-3 normwise (README, "float16").
+FP16_RTOL = 1e-2
+FP16_ATOL = 1e-3
+# What verification compares the ONNX model with: the float32 original, or a float64 copy of it.
+REFERENCES = ("float32", "float64")
+# Samples per forward pass when recalibrating batch-norm statistics.
+RECALIBRATION_BATCH_SIZE = 64
