@@ -28,7 +28,7 @@ from ..staging import check_output_path, write_failed
 from .actor import IMAGE_BYTES, InputColumns, PredictionActor, predict_rows, row_inputs
 from .cluster import bnfold_cause, default_cpus_per_actor, node_resources
 from .rows import PredictionRows
-from .sources import IMAGES, read_inputs
+from .sources import IMAGES, InputRows, read_inputs
 
 Inputs = Dataset | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 # Rows are gathered into parquet files of about this many bytes (in memory) each, not a file per batch.
@@ -65,16 +65,16 @@ def predict_dataset(
     cpus = _check_resources(high, cpus_per_actor, gpus_per_actor)
     predictor = Predictor(model, device="cpu")
     if isinstance(data, Dataset):
-        dataset, kind = data, None
+        inputs = InputRows(data)
     else:
         paths = [data] if isinstance(data, (str, os.PathLike)) else data
-        dataset, kind = read_inputs(paths, predictor.inputs, high)
-    if kind == IMAGES:
+        inputs = read_inputs(paths, predictor.inputs, high)
+    if inputs.kind == IMAGES:
         columns, sample = _image_sample(predictor)
     else:
-        columns, sample = _first_row(predictor, dataset)
+        columns, sample = _first_row(predictor, inputs)
     rows = PredictionRows.for_model(predictor, sample, top_k)
-    return dataset.map_batches(
+    return inputs.dataset.map_batches(
         PredictionActor,
         fn_constructor_kwargs={"model": str(Path(model).resolve()), "rows": rows, "columns": columns},
         batch_size=batch_size,
@@ -119,10 +119,11 @@ def _image_sample(predictor: Predictor) -> tuple[InputColumns, list[np.ndarray]]
     return InputColumns("item", IMAGE_BYTES), predict_rows(predictor, [{predictor.inputs[0].name: blank}])
 
 
-def _first_row(predictor: Predictor, dataset: Dataset) -> tuple[InputColumns, list[np.ndarray]]:
-    """A row of ``dataset`` read and predicted on the driver: its columns, and the model's outputs."""
+def _first_row(predictor: Predictor, inputs: InputRows) -> tuple[InputColumns, list[np.ndarray]]:
+    """The first row of ``inputs`` read and predicted on the driver: its columns, and the model's
+    outputs."""
     try:
-        batch = dataset.take_batch(1, batch_format="numpy")
+        batch = inputs.first_batch()
     except ValueError as exc:  # Ray: the dataset is empty
         raise UsageError(f"`data` holds no rows ({exc})") from exc
     columns = InputColumns.of(list(batch), [spec.name for spec in predictor.inputs])

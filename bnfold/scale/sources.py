@@ -13,12 +13,14 @@ import glob
 import io
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from ray.data import Dataset, read_datasource, read_parquet
+from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 from ray.data.extensions import ArrowTensorArray
 
@@ -33,6 +35,8 @@ TABLE_SUFFIXES = (".parquet",)
 _KINDS = {**dict.fromkeys(IMAGE_SUFFIXES, IMAGES), **dict.fromkeys(ARRAY_SUFFIXES, ARRAYS), ".parquet": TABLES}
 # Rows of one array file per block: about this many bytes of samples.
 BLOCK_BYTES = 64 << 20
+# Read tasks asked of a datasource to find its first file's: enough for a task per file.
+FIRST_FILE_SPLIT = 1 << 20
 
 
 def input_kind(path: str) -> str:
@@ -67,12 +71,34 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return expanded
 
 
-def read_inputs(
-    paths: Sequence[str | os.PathLike[str]], inputs: Sequence[TensorSpec], concurrency: int
-) -> tuple[Dataset, str]:
-    """(a Dataset of the inputs at ``paths``, their kind): image files, ``.npy``/``.npz`` arrays or
-    parquet tables, all of one kind, for a model with ``inputs``. ``concurrency``: read tasks at a
-    time. Read tasks reserve no CPU: the prediction actors, which decode the files, hold the CPUs."""
+@dataclass(frozen=True)
+class InputRows:
+    """Inputs as a Ray Dataset; for files, their kind (``IMAGES``, ``ARRAYS`` or ``TABLES``) and,
+    for images and arrays, bnfold's datasource reading them."""
+
+    dataset: Dataset
+    kind: str | None = None
+    source: _NamedFiles | None = None
+
+    def first_batch(self) -> dict[str, np.ndarray]:
+        """The first row the dataset holds, as a numpy batch; a ``ValueError`` if it holds none.
+
+        From bnfold's datasource, the files are read here, in order, until one holds a row (with
+        the read tasks the job runs, one file each): a Ray execution to take one row costs
+        seconds, starting read tasks that each read a whole file."""
+        if self.source is None:
+            return self.dataset.take_batch(1, batch_format="numpy")
+        for task in self.source.get_read_tasks(FIRST_FILE_SPLIT):
+            for block in task():
+                if block.num_rows:
+                    return BlockAccessor.for_block(block.slice(0, 1)).to_batch_format("numpy")
+        raise ValueError("no input file holds a row")
+
+
+def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[TensorSpec], concurrency: int) -> InputRows:
+    """The inputs at ``paths``: image files, ``.npy``/``.npz`` arrays or parquet tables, all of one
+    kind, for a model with ``inputs``. ``concurrency``: read tasks at a time. Read tasks reserve no
+    CPU: the prediction actors, which decode the files, hold the CPUs."""
     files = expand_paths(paths)
     if not files:
         raise UsageError("`data` names no input")
@@ -82,11 +108,11 @@ def read_inputs(
     kind = kinds.pop()
     try:  # Ray lists the files now: its errors say what it found (nothing, or no such path)
         if kind == TABLES:
-            return read_parquet(files, num_cpus=0, concurrency=concurrency), kind
+            return InputRows(read_parquet(files, num_cpus=0, concurrency=concurrency), kind)
         source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(inputs))
     except (ValueError, OSError) as exc:
         raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
-    return read_datasource(source, num_cpus=0, concurrency=concurrency), kind
+    return InputRows(read_datasource(source, num_cpus=0, concurrency=concurrency), kind, source)
 
 
 class _NamedFiles(FileBasedDatasource):
