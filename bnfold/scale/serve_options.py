@@ -27,7 +27,8 @@ class ServeOptions:
     ``replicas``: a number, or ``(min, max)`` for Serve's autoscaling. ``cpus_per_replica``: Ray
     CPUs, which are the replica's ONNX Runtime threads (``None``: the cluster's CPUs shared among
     the replicas). ``gpus_per_replica`` > 0: the replica runs on CUDA. Requests are run together
-    in batches of up to ``max_batch_size`` rows, waiting up to ``batch_wait_ms`` to fill one.
+    in batches of up to ``max_batch_size`` rows, waiting up to ``batch_wait_ms`` to fill one (a
+    request alone on an idle replica runs at once).
     Bodies over ``max_body_mb`` MiB are refused. ``token``: requests must carry
     ``Authorization: Bearer <token>``. Classifiers answer with their ``top_k`` best classes.
     """

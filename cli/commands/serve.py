@@ -62,7 +62,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
     type=float,
     default=DEFAULT_BATCH_WAIT_MS,
     show_default=True,
-    help="Longest wait for more requests to fill a batch.",
+    help="Longest wait for more requests to fill a batch (none for a request alone on the replica).",
 )
 @click.option(
     "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, show_default=True, help="Largest request body (MiB)."
