@@ -28,8 +28,6 @@ from .modes import eval_mode, model_failures, module_device, module_dtype
 from .progress import Progress
 from .report import RecalibratedLayer, RecalibrationReport
 
-DEFAULT_BATCH_SIZE = RECALIBRATION_BATCH_SIZE
-
 
 @dataclass
 class _Moments:
@@ -78,7 +76,7 @@ def recalibrate(
     data: ArraysArg,
     *,
     inputs: int = 1,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = RECALIBRATION_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> RecalibrationReport:
     """Replace every batch-norm's running mean/variance of ``module`` (in place) with the
