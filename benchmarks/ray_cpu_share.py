@@ -8,8 +8,8 @@ local loop: why the Ray job's steady state trails the local `Predictor` loop on 
    Data's own actors); in the second, the CPU time of every process of this machine
    (`/proc/PID/stat`) between the first and the last batch: the prediction actors, and the rest
    (Ray's own processes and this driver), in cores.
-3. The local loop again, then the local loop beside a busy-loop process that takes the same share
-   of the CPU as that rest (a 2 ms duty cycle), and the local loop alone once more.
+3. The local loop again, then the local loop beside busy-loop processes that take the same share
+   of the CPU as that rest (a 2 ms duty cycle each), and the local loop alone once more.
 
 Linux only (it reads /proc).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -48,8 +49,9 @@ while True:
 """
 
 
-def cpu_seconds() -> dict[tuple[str, str], float]:
-    """CPU seconds so far of every process: (pid, command line) -> user + system time."""
+def cpu_seconds() -> dict[tuple[str, str], tuple[float, str]]:
+    """CPU seconds so far of every process: (pid, start time) -> (user + system time, command
+    line). Ray renames its workers (after the task or method they run), so the name is no key."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -58,12 +60,13 @@ def cpu_seconds() -> dict[tuple[str, str], float]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        out[(pid, name)] = (int(fields[11]) + int(fields[12])) / TICKS
+        out[(pid, fields[19])] = ((int(fields[11]) + int(fields[12])) / TICKS, name)
     return out
 
 
 def ray_steady(model: Path, folder: Path, actors: int) -> tuple[float, dict[tuple[str, str], float]]:
-    """Steady-state rows/s of one predict_dataset run, and each process's cores over it."""
+    """Steady-state rows/s of one predict_dataset run, and each process's cores over it, by
+    (pid, command line at the end)."""
     from bnfold.scale import predict_dataset
 
     rows, before, first = 0, None, 0.0
@@ -72,7 +75,7 @@ def ray_steady(model: Path, folder: Path, actors: int) -> tuple[float, dict[tupl
         if before is None:
             before, first, first_rows = cpu_seconds(), time.perf_counter(), rows
     after, wall = cpu_seconds(), time.perf_counter() - first
-    cores = {key: (spent - before.get(key, 0.0)) / wall for key, spent in after.items()}
+    cores = {(key[0], name): (spent - before.get(key, (0.0, ""))[0]) / wall for key, (spent, name) in after.items()}
     return (rows - first_rows) / wall, {key: c for key, c in cores.items() if c > 0.002}
 
 
@@ -106,12 +109,14 @@ def main() -> None:
         for (pid, name), c in sorted(cores.items(), key=lambda kv: -kv[1])[:12]:
             print(f"  {c:5.3f} cores  {pid:>7}  {name}")
         for share in (0.0, rest, 0.0):
-            busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(share)]) if share else None
+            count = math.ceil(share)  # each busy loop takes at most one core
+            busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(share / count)]) for _ in range(count)]
             try:
                 rate = items / local_loop(model, files, "cpu")
             finally:
-                if busy:
-                    busy.kill()
+                for process in busy:
+                    process.kill()
+                    process.wait()
             print(f"local loop beside a busy loop of {share:.2f} cores: {rate:.1f} rows/s", flush=True)
 
 

@@ -8,6 +8,7 @@ preprocessing). Decoding reuses what ``bnfold predict`` reads files with; nothin
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,8 +64,11 @@ def _json_arrays(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarr
     """The arrays of a ``{"inputs": ...}`` JSON body, as the dtype of the input each is for."""
     try:
         data = orjson.loads(body)  # 3x faster than json.loads for a 224x224 image
-    except orjson.JSONDecodeError as exc:
-        raise UsageError(f"{BODY}: not valid JSON ({first_line(exc)})") from exc
+    except orjson.JSONDecodeError:
+        try:  # what json.loads also reads: NaN and Infinity (Python's json.dumps writes them), a BOM, UTF-16
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise UsageError(f"{BODY}: not valid JSON ({first_line(exc)})") from exc
     if not isinstance(data, dict) or "inputs" not in data:
         raise UsageError(f'{BODY}: expected a JSON object {{"inputs": ...}}')
     inputs = data["inputs"]
@@ -106,6 +110,10 @@ def json_bytes(body: Any) -> bytes:
 
 
 def _as_list(value: Any) -> Any:
+    """What orjson writes for an array it does not write itself: a C-contiguous copy when that is
+    all it lacks (so a float32 keeps its shortest form), else nested lists."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and not value.flags.c_contiguous:
+        return np.ascontiguousarray(value)
     if isinstance(value, np.ndarray | np.generic):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -45,10 +45,19 @@ def rows_of(feeds: Feeds) -> int:
     return next(iter(feeds.values())).shape[0]
 
 
+def joinable(a: Feeds, b: Feeds) -> bool:
+    """Whether two chunks can run as one batch: the same inputs, of the same sample shapes and
+    dtypes (a model with free spatial axes takes requests of several sizes)."""
+    return a.keys() == b.keys() and all(
+        a[name].shape[1:] == b[name].shape[1:] and a[name].dtype == b[name].dtype for name in a
+    )
+
+
 class RunQueue:
     """Runs chunks of feeds through ``run`` (feeds -> outputs, model order) one call at a time in
-    a worker thread, joining the chunks that wait into one call of at most ``max_rows`` rows (a
-    larger chunk runs alone); each chunk gets its own rows of the outputs."""
+    a worker thread, joining the chunks that wait, in order, into one call of at most ``max_rows``
+    rows of one sample shape (a larger chunk runs alone); each chunk gets its own rows of the
+    outputs."""
 
     def __init__(self, run: Callable[[Feeds], list[np.ndarray]], max_rows: int) -> None:
         self._run = run
@@ -78,7 +87,11 @@ class RunQueue:
             while self._waiting:
                 taken = [self._waiting.popleft()]
                 rows = rows_of(taken[0][0])
-                while self._waiting and rows + rows_of(self._waiting[0][0]) <= self._max_rows:
+                while (
+                    self._waiting
+                    and rows + rows_of(self._waiting[0][0]) <= self._max_rows
+                    and joinable(taken[0][0], self._waiting[0][0])
+                ):
                     rows += rows_of(self._waiting[0][0])
                     taken.append(self._waiting.popleft())
                 await self._run_taken(taken, rows)
@@ -87,9 +100,9 @@ class RunQueue:
 
     async def _run_taken(self, taken: list[tuple[Feeds, asyncio.Future[list[np.ndarray]]]], rows: int) -> None:
         chunks = [chunk for chunk, _ in taken]
-        feeds = chunks[0] if len(chunks) == 1 else {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         self.stats.record(len(chunks), rows)
         try:
+            feeds = chunks[0] if len(chunks) == 1 else {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
             outputs = await asyncio.get_running_loop().run_in_executor(self._worker, self._run, feeds)
         except Exception as exc:  # every request of this run gets the error (the run is shared)
             for _, future in taken:

@@ -41,7 +41,8 @@ def require_serve() -> ModuleType:
         import orjson  # noqa: F401  (the server's JSON answers)
         from ray import serve
     except ImportError as exc:
-        raise UsageError(f"serving a model needs Ray Serve, which is not installed: {RAY_EXTRA}") from exc
+        missing = "Ray Serve" if exc.name and exc.name.startswith("ray") else exc.name
+        raise UsageError(f"serving a model needs {missing}, which is not installed: {RAY_EXTRA}") from exc
     return serve
 
 

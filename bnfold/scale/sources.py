@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ TABLE_SUFFIXES = (".parquet",)
 _KINDS = {**dict.fromkeys(IMAGE_SUFFIXES, IMAGES), **dict.fromkeys(ARRAY_SUFFIXES, ARRAYS), ".parquet": TABLES}
 # Rows of one array file per block: about this many bytes of samples.
 BLOCK_BYTES = 64 << 20
-# Read tasks asked of a datasource to find its first file's: enough for a task per file.
-FIRST_FILE_SPLIT = 1 << 20
+# Files read on the driver, before the job, to find a row that fits the model (see InputRows).
+FIRST_FILES_CHECKED = 8
 
 
 def input_kind(path: str) -> str:
@@ -81,18 +82,28 @@ class InputRows:
     source: _NamedFiles | None = None
 
     def first_batch(self) -> dict[str, np.ndarray]:
-        """The first row the dataset holds, as a numpy batch; a ``ValueError`` if it holds none.
+        """The first row that holds a sample, as a numpy batch: from bnfold's datasource, the
+        first good row of its first ``FIRST_FILES_CHECKED`` files, else the first of their rows
+        (one with its error); a ``ValueError`` if there is no row.
 
-        From bnfold's datasource, the files are read here, in order, until one holds a row (with
-        the read tasks the job runs, one file each): a Ray execution to take one row costs
-        seconds, starting read tasks that each read a whole file."""
+        Those files are read here, one at a time in the job's order, by the datasource's own read
+        function (which reads its files lazily): a Ray execution to take a row costs seconds,
+        starting read tasks that each read a whole file."""
         if self.source is None:
             return self.dataset.take_batch(1, batch_format="numpy")
-        for task in self.source.get_read_tasks(FIRST_FILE_SPLIT):
-            for block in task():
-                if block.num_rows:
-                    return BlockAccessor.for_block(block.slice(0, 1)).to_batch_format("numpy")
-        raise ValueError("no input file holds a row")
+        first = None
+        blocks = (block for task in self.source.get_read_tasks(1) for block in task())
+        for block in itertools.islice(blocks, FIRST_FILES_CHECKED):  # a file is one block or more
+            if not block.num_rows:
+                continue
+            batch = BlockAccessor.for_block(block.slice(0, 1)).to_batch_format("numpy")
+            if batch["error"][0] is None:
+                return batch
+            if first is None:
+                first = batch
+        if first is None:
+            raise ValueError("no input file holds a row")
+        return first
 
 
 def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[TensorSpec], concurrency: int) -> InputRows:

@@ -114,6 +114,16 @@ def test_a_file_of_the_wrong_shape_among_good_ones_is_a_row_per_sample_with_its_
     assert all(rows[f"{tmp_path / 'a.npy'}:{i}"]["error"] is None for i in range(6))
 
 
+def test_a_corrupt_first_file_is_a_row_with_its_error_and_the_job_goes_on(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    (tmp_path / "a.npy").write_bytes(b"not an array")  # the first file read, by the check too
+    np.save(tmp_path / "b.npy", shapes_x[:3])
+    predictions = predict_dataset(shapes_onnx, tmp_path)
+    summary = write_predictions(predictions, tmp_path / "p.parquet")
+    rows = rows_of(tmp_path / "p.parquet")
+    assert (summary.rows, summary.errors) == (4, 1)
+    assert rows[str(tmp_path / "a.npy")]["error"].startswith(str(tmp_path / "a.npy"))
+
+
 # What would fail every row fails before the job, with the Predictor's errors.
 def _wrong_shape(tmp_path: Path, model: Path) -> tuple[object, ...]:
     np.save(tmp_path / "x.npy", np.zeros((2, 3, 8, 8), np.float32))
