@@ -108,6 +108,24 @@ def test_a_request_larger_than_the_max_batch_is_split_and_joined_in_order(digits
     assert meta["batching"]["largest_run_rows"] <= MAX_BATCH
 
 
+def test_a_large_request_behind_waiting_ones_is_split_batched_and_joined_in_order(digits, local, test_x):
+    """Small requests first (one runs at once, the others wait in the batch window), then a
+    request of several chunks, which goes through @serve.batch beside them."""
+    headers = {"Content-Type": "application/x-npy"}
+    small = [test_x[40 + i : 41 + i] for i in range(3)]
+    big = test_x[: 2 * MAX_BATCH + 3]
+    with ThreadPoolExecutor(4) as pool:
+        waiting = [pool.submit(request, f"{digits}/predict", npy(x), headers) for x in small]
+        time.sleep(BATCH_WAIT_MS / 1000 / 4)
+        status, body = request(f"{digits}/predict", npy(big), headers)
+        answers = [future.result() for future in waiting]
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"], local.predict(big), rtol=RTOL, atol=ATOL)
+    for x, (status, body) in zip(small, answers):
+        assert status == 200, body
+        np.testing.assert_allclose(body["outputs"], local.predict(x), rtol=RTOL, atol=ATOL)
+
+
 def test_64_concurrent_clients_each_get_their_own_answer_from_shared_batches(digits, local, test_x):
     clients = 64
     start = threading.Barrier(clients)
