@@ -124,7 +124,7 @@ def _first_row(predictor: Predictor, inputs: InputRows) -> tuple[InputColumns, l
     outputs."""
     try:
         batch = inputs.first_batch()
-    except ValueError as exc:  # Ray: the dataset is empty
+    except ValueError as exc:  # the dataset is empty (Ray), or no input file holds a row
         raise UsageError(f"`data` holds no rows ({exc})") from exc
     columns = InputColumns.of(list(batch), [spec.name for spec in predictor.inputs])
     if "error" in batch and batch["error"][0] is not None:
