@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bnfold
-from bnfold.data import load_arrays, read_arrays
+from bnfold.data import load_arrays, read_arrays, stream_arrays
 
 
 def _saved(save, **arrays) -> io.BytesIO:
@@ -33,3 +33,72 @@ def test_unreadable_bytes_and_pickled_arrays_are_refused_naming_the_source():
         load_arrays(io.BytesIO(b"garbage"), "s3://b/d.npy")
     with pytest.raises(bnfold.UsageError, match=r"not a readable \.npy/\.npz file.*pickle"):
         load_arrays(_saved(np.save, a=np.array([{"a": 1}], dtype=object)), "o.npy")
+
+
+class TrickleStream:
+    """A forward-only binary stream that hands out at most ``step`` bytes per sized read, like a
+    network stream, and fails the test if the data of a .npy file is asked for as bytes."""
+
+    def __init__(self, data: bytes, step: int = 7) -> None:
+        self.data, self.at, self.step = data, 0, step
+
+    def read(self, size: int = -1) -> bytes:
+        assert 0 <= size <= 4096 or not self.data.startswith(b"\x93NUMPY"), "a .npy file's data read as bytes"
+        size = len(self.data) - self.at if size < 0 else min(size, self.step)  # read(): all of the rest
+        chunk = self.data[self.at : self.at + size]
+        self.at += len(chunk)
+        return chunk
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(min(len(buffer), self.step))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def _npy_bytes(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "version"),
+    [
+        (np.arange(24, dtype=np.float32).reshape(2, 3, 4), None),
+        (np.asfortranarray(np.arange(24, dtype=np.float64).reshape(2, 3, 4)), None),
+        (np.arange(6, dtype=">f4").reshape(3, 2), (2, 0)),
+        (np.arange(6, dtype=np.float16).reshape(2, 3), (3, 0)),
+        (np.zeros((0, 3), np.float32), None),
+    ],
+    ids=["c-order", "fortran-order", "big-endian-v2", "float16-v3", "empty"],
+)
+def test_a_npy_stream_reads_into_the_array_as_np_load_reads_it(array, version):
+    data = _npy_bytes(array, version)
+    got = stream_arrays(TrickleStream(data), "s3://b/a.npy")[""]
+    expected = np.load(io.BytesIO(data))
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert got.flags.f_contiguous == expected.flags.f_contiguous
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_npz_stream_reads_as_np_load_reads_it():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = stream_arrays(TrickleStream(_saved(np.savez, x=x, y=x[:, 0]).getvalue()), "d.npz")
+    assert sorted(got) == ["x", "y"]
+    np.testing.assert_array_equal(got["x"], x)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"garbage", "UnpicklingError|ValueError"),
+        (_npy_bytes(np.zeros((2, 3), np.float32))[:-5], "the file ends after 19 of the array's 24 bytes"),
+        (_npy_bytes(np.zeros((2, 3), np.float32))[:20], "the file ends inside its .npy header"),
+        (b"\x93NUMPY\x09\x00" + _npy_bytes(np.zeros(2, np.float32))[8:], r"unknown .npy format version \(9, 0\)"),
+        (_npy_bytes(np.array([{"a": 1}], dtype=object)), "pickle"),
+    ],
+    ids=["not-an-array", "truncated-data", "truncated-header", "unknown-version", "object-array"],
+)
+def test_a_stream_that_is_not_an_array_is_refused_naming_it(data, error):
+    with pytest.raises(bnfold.UsageError, match=rf"^s3://b/d\.npy: not a readable \.npy/\.npz file.*({error})"):
+        stream_arrays(TrickleStream(data), "s3://b/d.npy")

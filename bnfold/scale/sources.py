@@ -10,7 +10,6 @@ a tensor column named after the input (the actors read them without a copy).
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -20,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from ray.data import Dataset, read_datasource, read_parquet
+from ray.data import DataContext, Dataset, read_datasource, read_parquet
 from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 from ray.data.extensions import ArrowTensorArray
 
-from ..data import load_arrays, select_inputs
+from ..data import select_inputs, stream_arrays
 from ..errors import UsageError, first_line
 from ..images import IMAGE_SUFFIXES
 from ..predictor import TensorSpec
@@ -123,7 +122,21 @@ def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[Tensor
         source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(inputs))
     except (ValueError, OSError) as exc:
         raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
-    return InputRows(read_datasource(source, num_cpus=0, concurrency=concurrency), kind, source)
+    dataset = read_datasource(source, num_cpus=0, concurrency=concurrency, override_num_blocks=read_tasks(source))
+    return InputRows(dataset, kind, source)
+
+
+def read_tasks(source: FileBasedDatasource) -> int | None:
+    """A read task per file when there are fewer files than Ray Data's minimum number of blocks
+    (``DataContext.read_op_min_num_blocks``, 200); else ``None``, Ray's own choice.
+
+    With its own choice, Ray would split each file's rows into several blocks to reach that
+    minimum, and the actors would copy them together again into batches: reading the 40 files
+    of ``benchmarks/ray_predict.py`` (64 samples of 3x224x224 each) took a third more CPU so
+    (docs/performance.md). A file's rows still come in blocks of at most ``BLOCK_BYTES``."""
+    least = DataContext.get_current().read_op_min_num_blocks
+    files = len(source.get_read_tasks(least))
+    return files if files < least else None
 
 
 class _NamedFiles(FileBasedDatasource):
@@ -143,18 +156,17 @@ class _NamedFiles(FileBasedDatasource):
 
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
         name = path if path.startswith(self.scheme) else self.scheme + path
-        if isinstance(f, OSError):
-            yield self.error_row(name, f"{name}: cannot read it ({f.strerror or f})")
-            return
         try:
-            data = f.readall()
+            if isinstance(f, OSError):
+                raise f
+            tables = self.rows(name, f)
         except OSError as exc:
-            yield self.error_row(name, f"{name}: cannot read it ({exc.strerror or exc})")
-            return
-        yield from self.rows(name, data)
+            tables = [self.error_row(name, f"{name}: cannot read it ({exc.strerror or exc})")]
+        yield from tables
 
-    def rows(self, name: str, data: bytes) -> Iterator[pa.Table]:
-        """The rows of the file ``name`` whose content is ``data``."""
+    def rows(self, name: str, stream: Any) -> list[pa.Table]:
+        """The rows of the file ``name``, read whole from the binary ``stream`` (an ``OSError``
+        if it cannot be)."""
         raise NotImplementedError
 
     def error_row(self, name: str, error: str) -> pa.Table:
@@ -168,8 +180,9 @@ class ImageFiles(_NamedFiles):
     def __init__(self, paths: list[str]) -> None:
         super().__init__(paths, IMAGE_SUFFIXES)
 
-    def rows(self, name: str, data: bytes) -> Iterator[pa.Table]:
-        yield pa.table({"item": _strings([name]), "bytes": pa.array([data], pa.binary()), "error": _strings([None])})
+    def rows(self, name: str, stream: Any) -> list[pa.Table]:
+        data = stream.readall()
+        return [pa.table({"item": _strings([name]), "bytes": pa.array([data], pa.binary()), "error": _strings([None])})]
 
 
 class ArrayFiles(_NamedFiles):
@@ -182,25 +195,25 @@ class ArrayFiles(_NamedFiles):
         super().__init__(paths, ARRAY_SUFFIXES)
         self.inputs = inputs
 
-    def rows(self, name: str, data: bytes) -> Iterator[pa.Table]:
+    def rows(self, name: str, stream: Any) -> list[pa.Table]:
         try:
-            arrays = select_inputs(load_arrays(io.BytesIO(data), name), [spec.name for spec in self.inputs], name)
+            arrays = select_inputs(stream_arrays(stream, name), [spec.name for spec in self.inputs], name)
         except UsageError as exc:
-            yield self.error_row(name, str(exc))
-            return
+            return [self.error_row(name, str(exc))]
         samples = arrays[0].shape[0]
         misfit = next((spec for spec, a in zip(self.inputs, arrays) if not spec.fits((1, *a.shape[1:]))), None)
         if misfit is not None:
             shape = (1, *arrays[self.inputs.index(misfit)].shape[1:])
             error = str(misfit.shape_error(shape))
-            yield self._table([f"{name}:{row}" for row in range(samples)], None, [error] * samples)
-            return
+            return [self._table([f"{name}:{row}" for row in range(samples)], None, [error] * samples)]
         arrays = [np.ascontiguousarray(a, dtype=spec.dtype) for spec, a in zip(self.inputs, arrays)]
         per_block = max(1, BLOCK_BYTES // max(1, sum(a[0].nbytes for a in arrays)))
+        blocks = []
         for start in range(0, samples, per_block):
             stop = min(samples, start + per_block)
             items = [f"{name}:{row}" for row in range(start, stop)]
-            yield self._table(items, [a[start:stop] for a in arrays], [None] * len(items))
+            blocks.append(self._table(items, [a[start:stop] for a in arrays], [None] * len(items)))
+        return blocks
 
     def error_row(self, name: str, error: str) -> pa.Table:
         return self._table([name], None, [error])
