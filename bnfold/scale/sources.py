@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from ray.data import DataContext, Dataset, read_datasource, read_parquet
+from ray.data import Dataset, read_datasource, read_parquet
 from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 from ray.data.extensions import ArrowTensorArray
@@ -122,21 +122,7 @@ def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[Tensor
         source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(inputs))
     except (ValueError, OSError) as exc:
         raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
-    dataset = read_datasource(source, num_cpus=0, concurrency=concurrency, override_num_blocks=read_tasks(source))
-    return InputRows(dataset, kind, source)
-
-
-def read_tasks(source: FileBasedDatasource) -> int | None:
-    """A read task per file when there are fewer files than Ray Data's minimum number of blocks
-    (``DataContext.read_op_min_num_blocks``, 200); else ``None``, Ray's own choice.
-
-    With its own choice, Ray would split each file's rows into several blocks to reach that
-    minimum, and the actors would copy them together again into batches: reading the 40 files
-    of ``benchmarks/ray_predict.py`` (64 samples of 3x224x224 each) took a third more CPU so
-    (docs/performance.md). A file's rows still come in blocks of at most ``BLOCK_BYTES``."""
-    least = DataContext.get_current().read_op_min_num_blocks
-    files = len(source.get_read_tasks(least))
-    return files if files < least else None
+    return InputRows(read_datasource(source, num_cpus=0, concurrency=concurrency), kind, source)
 
 
 class _NamedFiles(FileBasedDatasource):

@@ -15,7 +15,6 @@ from torch import nn
 
 import bnfold
 from bnfold.scale import predict_dataset, write_predictions
-from bnfold.scale.sources import read_inputs
 
 # Scores of the same model on the same inputs, in batches of other sizes and other thread counts.
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-5
@@ -123,15 +122,6 @@ def test_a_corrupt_first_file_is_a_row_with_its_error_and_the_job_goes_on(ray_cl
     rows = rows_of(tmp_path / "p.parquet")
     assert (summary.rows, summary.errors) == (4, 1)
     assert rows[str(tmp_path / "a.npy")]["error"].startswith(str(tmp_path / "a.npy"))
-
-
-def test_fewer_files_than_rays_minimum_of_blocks_are_a_block_each_not_split(
-    ray_cluster, shapes_onnx, shapes_x, tmp_path
-):
-    for i in range(3):
-        np.save(tmp_path / f"x{i}.npy", shapes_x[8 * i : 8 * i + 8])
-    dataset = read_inputs([tmp_path], bnfold.Predictor(shapes_onnx, device="cpu").inputs, 2).dataset.materialize()
-    assert (dataset.num_blocks(), dataset.count()) == (3, 24)
 
 
 # What would fail every row fails before the job, with the Predictor's errors.
