@@ -51,8 +51,8 @@ def stream_arrays(stream: BinaryIO, label: str) -> dict[str, np.ndarray]:
     ``.npz`` file whole, then unzipped.
 
     ``np.load`` on the bytes of a ``.npy`` file copies them again, chunk by chunk, into pages
-    the array touches for the first time: 60-135 ms of CPU for a 38 MB file where reading it
-    into the array takes 4-6 ms (see docs/performance.md). An ``OSError`` of the stream is
+    the array touches for the first time: 48-76 ms of CPU for a 38 MB file where reading it
+    into the array takes 4.4 ms (``benchmarks/ray_read_cost.py``, docs/performance.md). An ``OSError`` of the stream is
     raised as it is (the file could not be read); what it holds that is not an array is a
     :class:`UsageError`."""
     try:
