@@ -47,41 +47,45 @@ def load_arrays(file: str | os.PathLike[str] | BinaryIO, label: str) -> dict[str
 
 def stream_arrays(stream: BinaryIO, label: str) -> dict[str, np.ndarray]:
     """:func:`load_arrays` for a binary stream read once from its start (a file system's input
-    stream, which need not seek): a ``.npy`` array is read straight into its own memory, a
-    ``.npz`` file whole, then unzipped.
+    stream, which need not seek): a ``.npy`` array of numbers is read straight into its own
+    memory; any other file (``.npz``, other dtypes, format version 3.0) is read whole and given
+    to ``np.load``.
 
     ``np.load`` on the bytes of a ``.npy`` file copies them again, chunk by chunk, into pages
     the array touches for the first time: 48-76 ms of CPU for a 38 MB file where reading it
-    into the array takes 4.4 ms (``benchmarks/ray_read_cost.py``, docs/performance.md). An ``OSError`` of the stream is
-    raised as it is (the file could not be read); what it holds that is not an array is a
-    :class:`UsageError`."""
+    into the array takes 4.4 ms (``benchmarks/ray_read_cost.py``, docs/performance.md). An
+    ``OSError`` of the stream is raised as it is (the file could not be read); what it holds that
+    is not an array is a :class:`UsageError`."""
     try:
-        prefix = _read_up_to(stream, len(NPY_MAGIC) + 2)
-        if len(prefix) < len(NPY_MAGIC) + 2 or not prefix.startswith(NPY_MAGIC):
-            return load_arrays(io.BytesIO(prefix + stream.read()), label)
-        return {"": _read_npy(stream, prefix)}
-    except (ValueError, MemoryError) as exc:  # MemoryError: a header that claims a huge array
+        head = _read_up_to(stream, len(NPY_MAGIC) + 2)
+        if len(head) == len(NPY_MAGIC) + 2 and head.startswith(NPY_MAGIC) and (head[-2], head[-1]) in NPY_READ_HERE:
+            head += _read_exactly(stream, 2 if head[-2] == 1 else 4)  # the header's length
+            head += _read_exactly(stream, int.from_bytes(head[len(NPY_MAGIC) + 2 :], "little"))
+            header = io.BytesIO(head)
+            version = np.lib.format.read_magic(header)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read(header)
+            if dtype.kind in NUMBER_KINDS:
+                return {"": _read_into_array(stream, shape, fortran_order, dtype)}
+        return load_arrays(io.BytesIO(head + stream.read()), label)
+    except (OSError, UsageError):
+        raise
+    except Exception as exc:  # numpy's header parser raises ValueError, TypeError, IndexError...
         raise _unreadable(label, exc) from exc
 
 
-# .npy files start with the magic string and the format's version (numpy.lib.format).
+# .npy files start with the magic string and the format's version (numpy.lib.format); versions
+# 1.0 and 2.0 have latin-1 headers, which numpy's public functions parse (3.0: UTF-8 field names).
 NPY_MAGIC = b"\x93NUMPY"
-NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))
+NPY_READ_HERE = ((1, 0), (2, 0))
+# Booleans, integers, floats, complex numbers: dtypes whose bytes are the array's (no fields,
+# sub-arrays, objects or zero-size items).
+NUMBER_KINDS = "biufc"
 
 
-def _read_npy(stream: BinaryIO, prefix: bytes) -> np.ndarray:
-    """The array of a ``.npy`` stream after its first bytes ``prefix`` (magic and version): its
-    header parsed by numpy, its data read into the array; a ``ValueError`` if it is not one."""
-    version = (prefix[-2], prefix[-1])
-    if version not in NPY_VERSIONS:
-        raise ValueError(f"unknown .npy format version {version}")
-    size = _read_exactly(stream, 2 if version == (1, 0) else 4)  # of the header, little-endian
-    header = io.BytesIO(prefix + size + _read_exactly(stream, int.from_bytes(size, "little")))
-    np.lib.format.read_magic(header)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(header)
-    if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+def _read_into_array(stream: BinaryIO, shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype) -> np.ndarray:
+    """The array of ``shape`` and ``dtype`` whose bytes come next in ``stream``; a ``ValueError``
+    if it ends before."""
     array = np.empty(shape[::-1] if fortran_order else shape, dtype)
     view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
     while done < array.nbytes:
