@@ -152,7 +152,8 @@ class _NamedFiles(FileBasedDatasource):
 
     def rows(self, name: str, stream: Any) -> list[pa.Table]:
         """The rows of the file ``name``, read whole from the binary ``stream`` (an ``OSError``
-        if it cannot be)."""
+        if it cannot be): all of them before the first leaves, so a file that fails while being
+        read is one row with its error, never some of its rows and then that row."""
         raise NotImplementedError
 
     def error_row(self, name: str, error: str) -> pa.Table:
