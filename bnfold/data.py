@@ -106,14 +106,16 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 def _read_up_to(stream: BinaryIO, size: int) -> bytes:
     """``size`` bytes of ``stream``, fewer if it ends before (a read may return fewer bytes
-    than asked for without being at the end)."""
-    data = b""
-    while len(data) < size:
-        more = stream.read(size - len(data))
+    than asked for without being at the end; the chunks are joined once, not one by one, which
+    would copy a corrupt header's claimed megabytes again at every short read)."""
+    chunks, got = [], 0
+    while got < size:
+        more = stream.read(size - got)
         if not more:
             break
-        data += more
-    return data
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
 
 
 def _unreadable(label: str, exc: Exception) -> UsageError:
