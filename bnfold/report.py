@@ -61,12 +61,48 @@ class BatchNormEntry:
         return f"kept: {self.reason}"
 
 
+@dataclass(frozen=True)
+class ProofReport:
+    """The check that the folded program computes the same function as the original: in float64
+    (exact up to rounding), or in float32 when the model cannot run in float64 (``note`` says why)."""
+
+    dtype: str
+    """``"float64"``, or ``"float32"`` for the fallback."""
+    inputs: int
+    """Input sets compared: the example inputs and the seeded probes."""
+    samples: int
+    """Samples (batch rows) in all of them."""
+    max_deviation: float
+    """Largest normwise deviation of any output: ``max|y_folded - y| / max|y|``."""
+    bound: float
+    """The largest deviation allowed."""
+    undone: list[str] = field(default_factory=list)
+    """Batch-norms whose rewrite the proof found wrong: undone and kept."""
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_deviation <= self.bound
+
+    def __str__(self) -> str:
+        what = "Float64 proof" if self.dtype == "float64" else "Float32 check (NOT a float64 proof)"
+        line = (
+            f"{what}: the folded model matches the original on {self.inputs} inputs ({self.samples} samples), "
+            f"max deviation {self.max_deviation:.2e} of the output scale (bound {self.bound:g})"
+        )
+        if self.undone:
+            line += f"; {len(self.undone)} rewrite(s) found wrong and undone: {', '.join(self.undone)}"
+        return line + (f"; {self.note}" if self.note else "")
+
+
 @dataclass
 class FoldReport:
-    """Every batch-norm of the model: folded into which layer, or kept and why."""
+    """Every batch-norm of the model: folded into which layer, or kept and why; and the proof
+    that the fold computes the same function."""
 
     entries: list[BatchNormEntry] = field(default_factory=list)
     dynamic_batch: bool = True
+    proof: ProofReport | None = None
 
     @property
     def folded_count(self) -> int:
@@ -100,6 +136,7 @@ class FoldReport:
             "kept": self.kept_count,
             "kept_by_reason": self.kept_by_reason(),
             "dynamic_batch": self.dynamic_batch,
+            "proof": None if self.proof is None else _json_safe(asdict(self.proof)),
             "entries": [asdict(e) for e in self.entries],
         }
 
@@ -111,6 +148,8 @@ class FoldReport:
         kept = self.kept_by_reason()
         if kept:
             lines.append("  kept, by reason: " + "; ".join(f"{reason}: {count}" for reason, count in kept.items()))
+        if self.proof is not None:
+            lines.append(f"  {self.proof}")
         return "\n".join(lines)
 
 

@@ -73,18 +73,20 @@ def random_input(*shape: int, seed: int = 1) -> torch.Tensor:
 
 
 def corrupt_output_folds(monkeypatch) -> None:
-    """Make every output-side fold scale one channel 1% wrong: an export that must fail
-    verification, whatever the tolerances and float64 arbitration allow."""
-    from bnfold.fold import math as fold_math
+    """Make every folded weight come out with one channel 1% wrong *after* the float64 proof
+    passed (a bug in the final cast): an export that must fail verification, whatever the
+    tolerances and float64 arbitration allow."""
+    from bnfold.fold.store import TensorStore
 
-    real = fold_math.scale_output_channels
+    real = TensorStore.finalize
 
-    def wrong(*args, **kwargs):
-        weight, bias = real(*args, **kwargs)
-        weight[0] *= 1.01
-        return weight, bias
+    def wrong(self):
+        weights = [target for target in self.pending if target.endswith("_weight")]
+        real(self)
+        for target in weights:
+            self.program.constants[target][0] *= 1.01
 
-    monkeypatch.setattr(fold_math, "scale_output_channels", wrong)
+    monkeypatch.setattr(TensorStore, "finalize", wrong)
 
 
 def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:

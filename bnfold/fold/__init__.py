@@ -1,5 +1,6 @@
-"""Batch-norm folding: capture the model once as a ``torch.export`` program, rewrite it with the
-fold rules, report every batch-norm."""
+"""Batch-norm folding: capture the model once as a ``torch.export`` program, rewrite a copy of it
+with the fold rules, prove the copy computes the same function in float64, report every
+batch-norm."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 from ..modes import module_types
-from ..report import FoldReport
+from ..report import FoldReport, ProofReport
 from .capture import capture
-from .driver import fold_program
+from .driver import PROOF_CATEGORY, fold_program
+from .proof import Prover, proven_fold
 
 
 @dataclass
@@ -29,18 +31,29 @@ class FoldResult:
         original module in eval mode)."""
         return self.program.module()
 
+    @property
+    def proof(self) -> ProofReport:
+        """The float64 proof that :attr:`module` computes the same function as the original."""
+        return self.report.proof
+
 
 def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = True) -> FoldResult:
     """Fold the batch-norms of ``module`` (evaluated in eval mode) into neighbouring layers.
 
     ``module`` itself is left untouched (it is not even run); the result is a new program
-    computing the same function as ``module.eval()``. ``example_inputs`` give the input shapes
-    and dtypes; with ``dynamic_batch`` the batch axis stays free.
+    computing the same function as ``module.eval()``, proven in float64 on ``example_inputs``
+    and seeded probes (:mod:`bnfold.fold.proof`): a rewrite the proof finds wrong is undone and
+    its batch-norm kept with the reason. ``example_inputs`` give the input shapes and dtypes;
+    with ``dynamic_batch`` the batch axis stays free.
     """
     program = capture(module, example_inputs, dynamic_batch=dynamic_batch)
-    report = fold_program(program, module_types(module))
+    types = module_types(module)
+    prover = Prover(program, example_inputs, dynamic_batch)
+    result, check = proven_fold(program, lambda copy, skip: fold_program(copy, types, skip), prover)
+    report = result.report
     report.dynamic_batch = dynamic_batch
-    return FoldResult(program, report)
+    report.proof = prover.report(check, [e.name for e in report.entries if e.category == PROOF_CATEGORY])
+    return FoldResult(result.program, report)
 
 
 __all__ = ["FoldResult", "fold"]

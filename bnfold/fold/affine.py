@@ -40,10 +40,13 @@ def activation_operand(node: fx.Node, constant: object) -> int | None:
     return None
 
 
-def _same_dtype(value: object, activation: fx.Node) -> bool:
-    """A tensor constant of another dtype would promote the result (float32 · float64 → float64)."""
+def same_dtype(store: TensorStore, constant: object, activation: fx.Node) -> bool:
+    """Whether ``constant`` (a stored tensor's node, or a number) keeps ``activation``'s dtype: a
+    tensor constant of another dtype would promote the result (float32 · float64 → float64)."""
     val = activation.meta.get("val")
-    return not isinstance(value, Tensor) or not isinstance(val, Tensor) or value.dtype == val.dtype
+    if not isinstance(constant, fx.Node) or not isinstance(val, Tensor):
+        return True
+    return store.dtype(constant) == val.dtype
 
 
 def per_channel(value: object, channels: int, dims: int) -> Tensor | None:
@@ -154,7 +157,7 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
                 i is None
                 or module_path(current) != module
                 or per_channel(value, channels, dims) is None
-                or not _same_dtype(value, current.args[i])
+                or not same_dtype(store, other, current.args[i])
             ):
                 break
             chain.append(current)

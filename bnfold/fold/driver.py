@@ -1,11 +1,13 @@
 """The fold pass: every batch-norm of a captured program is folded by the first rule that
 matches it, or kept with the reasons of the rules that refused it; then multi-branch blocks are
-merged. The program is rewritten in place; tensors are added, never changed."""
+merged. The program is rewritten in place; tensors are added, never changed. Each rewrite is
+named by the graph node it starts from (a batch-norm, an affine map's first op, a merged Add),
+so that the float64 proof can undo one by passing its name in ``skip``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from torch import fx
 from torch.export import ExportedProgram
@@ -22,6 +24,28 @@ from .store import TensorStore
 OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn, through_out)
 # The batch-norm feeds a weight layer or another batch-norm (input side), in the order tried.
 INPUT_SIDE_RULES = (bn_bn, bn_conv, through_in)
+
+
+PROOF_CATEGORY = "float64 proof failed"
+
+
+@dataclass
+class FoldPass:
+    """What one fold pass did: the report, the rewrites applied in order (their node names), and
+    the store whose new tensors :meth:`TensorStore.finalize` casts once the fold is proven."""
+
+    report: FoldReport
+    store: TensorStore
+    applied: list[str] = field(default_factory=list)
+
+    @property
+    def program(self) -> ExportedProgram:
+        """The folded program."""
+        return self.store.program
+
+    def finalize(self) -> None:
+        """Cast the new tensors, held exact in float64, to their dtypes."""
+        self.store.finalize()
 
 
 def _preconditions(site: Site, store: TensorStore) -> str | None:
@@ -55,10 +79,15 @@ def _input_side_default(site: Site) -> Refusal:
     return Refusal(f"its output feeds '{op_name(users[0])}', not a conv/linear layer")
 
 
-def fold_site(site: Site, edit: GraphEdit) -> tuple[BatchNormEntry, set[fx.Node]]:
-    """Fold one batch-norm by the first rule that matches it, or keep it with every reason;
-    also the weight-layer calls it was folded into (for the report of a later merge)."""
+def fold_site(
+    site: Site, edit: GraphEdit, skip: Mapping[str, str] | None = None
+) -> tuple[BatchNormEntry, set[fx.Node]]:
+    """Fold one batch-norm by the first rule that matches it, or keep it with every reason (or
+    the reason ``skip`` gives for its node); also the weight-layer calls it was folded into (for
+    the report of a later merge)."""
     site.num_channels = site.channels(edit.store)
+    if skip and site.node.name in skip:
+        return kept_entry(site, skip[site.node.name], PROOF_CATEGORY), set()
     reason = _preconditions(site, edit.store)
     if reason:
         return kept_entry(site, reason), set()
@@ -85,14 +114,17 @@ def _layer_calls(found: object) -> set[fx.Node]:
     return {layer.node for layer in layers if layer is not None}
 
 
-def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = None) -> FoldReport:
+def fold_program(
+    program: ExportedProgram, types: Mapping[str, str] | None = None, skip: Mapping[str, str] | None = None
+) -> FoldPass:
     """Fold every foldable batch-norm of ``program`` by rewriting its graph, in place.
 
     Folded weights are new stored tensors, so a layer used at several call sites keeps its
     original weights at the others, and the user's module (whose tensors the program shares)
     is never modified. ``types`` (module path -> class name) names the layers when the graph
-    does not record its modules (e.g. converted TorchScript). Returns the report of every
-    batch-norm.
+    does not record its modules (e.g. converted TorchScript). ``skip`` (node name -> reason)
+    names rewrites not to apply. Returns the report of every batch-norm, the rewrites applied
+    and the store (its new tensors still float64 until finalized).
     """
     store = TensorStore(program)
     edit = GraphEdit(store)
@@ -109,35 +141,57 @@ def fold_program(program: ExportedProgram, types: Mapping[str, str] | None = Non
             site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
         if isinstance(site, BatchNormSite) and not site.uses_batch_stats:
             check_statistics(store, site)
-    entries, into = map(list, zip(*(fold_site(site, edit) for site in sites))) if sites else ([], [])
+    folded = FoldPass(FoldReport(), store)
+    entries: list[BatchNormEntry] = []
+    into: list[set[fx.Node]] = []
+    for site in sites:
+        name = site.node.name
+        entry, layers = fold_site(site, edit, skip)
+        entries.append(entry)
+        into.append(layers)
+        if entry.status != KEPT:
+            folded.applied.append(name)
     while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)
         kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
-        if not _merge_blocks(edit, entries, kept, into):
+        if not _merge_blocks(edit, entries, kept, into, skip or {}, folded.applied):
             break
         for i, site in enumerate(sites):
             if site.node in kept and entries[i].status == KEPT and not site.node._erased:
-                entries[i], into[i] = fold_site(site, edit)
+                name = site.node.name
+                entries[i], into[i] = fold_site(site, edit, skip)
+                if entries[i].status != KEPT:
+                    folded.applied.append(name)
     store.drop_unused()
     store.graph.lint()
     program.graph_module.recompile()
-    return FoldReport(entries=entries)
+    folded.report.entries = entries
+    return folded
 
 
 def _merge_blocks(
-    edit: GraphEdit, entries: list[BatchNormEntry], kept: dict[object, int], into: list[set[fx.Node]]
+    edit: GraphEdit,
+    entries: list[BatchNormEntry],
+    kept: dict[object, int],
+    into: list[set[fx.Node]],
+    skip: Mapping[str, str],
+    applied: list[str],
 ) -> bool:
-    """Merge every multi-branch conv block, updating the report entries of its batch-norms;
-    returns whether any block was merged."""
+    """Merge every multi-branch conv block (except those ``skip`` names), updating the report
+    entries of its batch-norms; returns whether any block was merged."""
     merged = False
     for root in multibranch.roots(edit.graph):
         if root._erased:  # an earlier merge removed it
             continue
         found = multibranch.match(root, edit)
+        if found is not None and not isinstance(found, Refusal) and root.name in skip:
+            sites = tuple(b.site.node for b in found.branches if b.site is not None)
+            found = multibranch.BlockRefusal(skip[root.name], PROOF_CATEGORY, sites)
         if isinstance(found, multibranch.BlockRefusal):
             for node in found.batchnorms:
                 if node in kept:
                     entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
         elif found is not None:
+            applied.append(root.name)
             shared = multibranch.rewrite(found, edit)
             multibranch.report_merge(found, entries, kept, into, shared)
             merged = True

@@ -53,7 +53,9 @@ def store_computed_parameters(edit: GraphEdit) -> None:
             value = evaluate(store, computed)
             if not isinstance(value, Tensor):
                 continue
-            stored = store.add(value.detach().clone(), "computed")
+            val = computed.meta.get("val")
+            dtype = val.dtype if isinstance(val, Tensor) else value.dtype
+            stored = store.add(value.detach().clone(), "computed", dtype, f"the computed tensor '{computed.name}'")
             node.replace_input_with(computed, stored)
             edit.erase_unused(computed)
 

@@ -226,18 +226,6 @@ def describe_source(node: fx.Node) -> str:
     return f"its input comes from {node.op} '{node.target}', not a conv/linear layer"
 
 
-def cast_checked(value: Tensor, like: Tensor, what: str) -> Tensor:
-    """``value`` (float64) cast to ``like``'s dtype; a value that overflows it is a FoldError."""
-    cast = value.to(like.dtype)
-    if not cast.isfinite().all():
-        big = float(value.abs().max())
-        raise FoldError(
-            f"{what} does not fit {like.dtype} (largest magnitude {big:.3g}): the batch-norm has a "
-            "tiny running_var with a large weight; fix the statistics or export in a wider dtype."
-        )
-    return cast
-
-
 class GraphEdit:
     """The edits fold rules make to a captured program, and the report entries they produce."""
 
@@ -257,15 +245,17 @@ class GraphEdit:
         return f"the weight of {role}{layer.kind} '{layer.name}' is computed at run time, not stored"
 
     def set_weights(self, layer: WeightLayer, weight: Tensor, bias: Tensor | None, what: str) -> bool:
-        """Give ``layer`` new weights, cast to its current dtype; the originals stay for any
-        other call site. Returns whether the layer is called at other sites (weights copied)."""
-        old_weight, old_bias = self.layer_tensors(layer)
+        """Give ``layer`` new weights (float64, cast to its current dtype once the fold is
+        proven); the originals stay for any other call site. Returns whether the layer is called
+        at other sites (weights copied)."""
+        store = self.store
+        weight_dtype = store.dtype(layer.weight)
         shared = len(layer.weight.users) > 1
         args = list(layer.node.args)
-        args[1] = self.store.add(cast_checked(weight, old_weight, f"{what}: the weight"), "weight")
+        args[1] = store.add(weight, "weight", weight_dtype, f"{what}: the weight")
         if bias is not None:
-            like = old_weight if old_bias is None else old_bias
-            new_bias = self.store.add(cast_checked(bias, like, f"{what}: the bias"), "bias")
+            bias_dtype = weight_dtype if layer.bias is None else store.dtype(layer.bias)
+            new_bias = store.add(bias, "bias", bias_dtype, f"{what}: the bias")
             if len(args) > 2:
                 args[2] = new_bias
             else:

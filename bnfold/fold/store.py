@@ -3,7 +3,10 @@
 A ``torch.export`` program lifts parameters, buffers and tensor constants into placeholders of its
 graph, named by its signature and held in ``state_dict``/``constants``. Folding rewrites the
 graph and adds new tensors beside the old ones; it never changes a tensor in place, since the
-program shares its tensors with the user's module. New tensors are lifted constants.
+program shares its tensors with the user's module. New tensors are lifted constants, held exact
+(float64, as the fold computed them) until :meth:`TensorStore.finalize` casts each to the dtype of
+the tensor it replaces: later rewrites build on the exact values, and the float64 proof runs
+them before anything is rounded.
 """
 
 from __future__ import annotations
@@ -14,10 +17,39 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
+from ..errors import FoldError
 from .ops import mutated
 
 _STORED_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
 PREFIX = "bnfold_"
+F64 = torch.float64
+
+
+def cast_checked(value: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """``value`` (float64) cast to ``dtype``; a value that overflows it is a FoldError."""
+    cast = value.to(dtype)
+    if not cast.isfinite().all():
+        big = float(value.abs().max())
+        raise FoldError(
+            f"{what} does not fit {dtype} (largest magnitude {big:.3g}): the batch-norm has a "
+            "tiny running_var with a large weight; fix the statistics or export in a wider dtype."
+        )
+    return cast
+
+
+def lift_dtype(value: object) -> object:
+    """A floating dtype argument raised to float64 (``x.float()`` computes in float64 in the
+    proof); anything else unchanged."""
+    if isinstance(value, torch.dtype) and value.is_floating_point and value != F64:
+        return F64
+    return value
+
+
+def to_float64(value: object) -> object:
+    """A floating tensor as float64 (the same tensor when it already is); anything else unchanged."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(F64)
+    return value
 
 
 class TensorStore:
@@ -27,6 +59,8 @@ class TensorStore:
         self.program = program
         self.graph = program.graph_module.graph
         self._counter = 0
+        self.pending: dict[str, tuple[torch.dtype, str]] = {}
+        """New tensors held in float64: target -> (the dtype they take, what they are, for errors)."""
         # A buffer the forward changes (in place, or as a declared mutation) is state, not a constant.
         changed = set(program.graph_signature.buffers_to_mutate.values())
         changed |= {n.name for n in self.graph.nodes if n.op == "placeholder" and mutated(n)}
@@ -68,9 +102,17 @@ class TensorStore:
             return self.program.state_dict[target]
         return self.program.constants[target]
 
-    def add(self, value: Tensor, suffix: str) -> fx.Node:
-        """A new stored tensor holding ``value``, as a placeholder before the model inputs."""
+    def dtype(self, node: fx.Node) -> torch.dtype:
+        """The dtype of a stored tensor in the folded program (a new tensor's, once cast)."""
+        pending = self.pending.get(self.target(node))
+        return pending[0] if pending else self.value(node).dtype
+
+    def add(self, value: Tensor, suffix: str, dtype: torch.dtype | None = None, what: str = "") -> fx.Node:
+        """A new stored tensor holding ``value``, as a placeholder before the model inputs. With
+        ``dtype`` (other than ``value``'s), ``value`` stays exact until :meth:`finalize` casts it;
+        ``what`` names it in the error if it does not fit."""
         value = value.detach()
+        dtype = dtype or value.dtype
         names = set(self.program.state_dict) | set(self.program.constants)
         while f"{PREFIX}{self._counter}_{suffix}" in names:
             self._counter += 1
@@ -84,12 +126,22 @@ class TensorStore:
         with self.graph.inserting_before(anchor):
             node = self.graph.placeholder(target)
         fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
-        node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value
+        like = value if dtype == value.dtype else torch.empty(value.shape, dtype=dtype)
+        node.meta["val"] = fake_mode.from_tensor(like, static_shapes=True) if fake_mode else like
         spec = InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(node.name), target)
         specs.insert(index, spec)
         self._stored[node.name] = spec
         self.program.constants[target] = value
+        if dtype != value.dtype:
+            self.pending[target] = (dtype, what or f"the folded tensor '{target}'")
         return node
+
+    def finalize(self) -> None:
+        """Cast every new tensor still held in float64 to its dtype, one at a time (the float64
+        value is released as its cast is stored); one that overflows is a FoldError."""
+        for target, (dtype, what) in list(self.pending.items()):
+            self.program.constants[target] = cast_checked(self.program.constants[target], dtype, what)
+            del self.pending[target]
 
     def drop_unused(self) -> None:
         """Remove stored tensors that no op reads any more, from the graph and the program."""
@@ -104,6 +156,7 @@ class TensorStore:
             if not any(s.target == spec.target for s in specs):
                 self.program.state_dict.pop(spec.target, None)
                 self.program.constants.pop(spec.target, None)
+                self.pending.pop(spec.target, None)
 
 
 def constant_tensor(store: TensorStore, node: object, memo: dict[fx.Node, bool]) -> bool:
@@ -121,10 +174,12 @@ def constant_tensor(store: TensorStore, node: object, memo: dict[fx.Node, bool])
 
 
 def evaluate(store: TensorStore, node: fx.Node) -> object:
-    """The value of a node that :func:`constant_tensor` accepted, computed eagerly."""
+    """The value of a node that :func:`constant_tensor` accepted, computed eagerly in float64
+    (floating tensors and dtype arguments raised to it), as the float64 proof computes it."""
     if node.op == "placeholder":
-        return store.value(node)
-    args = fx.node.map_arg(node.args, lambda n: evaluate(store, n))
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: evaluate(store, n))
+        return to_float64(store.value(node))
+    lift = lambda a: evaluate(store, a) if isinstance(a, fx.Node) else lift_dtype(a)
+    args = torch.utils._pytree.tree_map(lift, node.args)
+    kwargs = torch.utils._pytree.tree_map(lift, node.kwargs)
     with torch.no_grad():
         return node.target(*args, **kwargs)

@@ -130,8 +130,11 @@ def graph_ops(result: FoldResult, name: str) -> int:
 
 
 def check_report(model: nn.Module, result: FoldResult, statuses: Sequence[str] | None) -> None:
-    """Statuses as expected, one entry per batch-norm module with its channel count, and as many
-    batch-norm ops left in the graph as the report keeps."""
+    """Statuses as expected, one entry per batch-norm module with its channel count, as many
+    batch-norm ops left in the graph as the report keeps, and no rewrite the float64 proof had
+    to undo (a rule that folds wrongly fails here, not only where the proof's net is visible)."""
+    undone = [e for e in result.report.entries if e.category == "float64 proof failed"]
+    assert not undone, f"the float64 proof undid wrong rewrites: {undone}"
     if statuses is not None:
         assert [e.status for e in result.report.entries] == list(statuses), result.report.entries
     sizes = sorted(bn.num_features for bn in batchnorms(model))

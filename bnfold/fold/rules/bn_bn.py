@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ...report import BatchNormEntry
 from .. import math as fold_math
-from ..sites import BatchNormSite, GraphEdit, batchnorm_site, cast_checked, folded_entry
+from ..sites import BatchNormSite, GraphEdit, batchnorm_site, folded_entry
 from . import Refusal
 
 
@@ -41,9 +41,10 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     var = edit.store.value(next_bn.var)
     gamma, beta, mean = fold_math.batchnorm_params_for(s, t, var, next_bn.eps)
     what = f"composing batch-norm '{site.name}' with '{next_bn.name}'"
+    dtype = edit.store.dtype(next_bn.var)
     args = list(next_bn.node.args)
     for index, value, suffix in ((1, gamma, "weight"), (2, beta, "bias"), (3, mean, "running_mean")):
-        args[index] = edit.store.add(cast_checked(value, var, what), suffix)
+        args[index] = edit.store.add(value, suffix, dtype, what)
     next_bn.node.args = tuple(args)
     edit.remove(site, site.source)
     return folded_entry(site, next_bn.name, f"{site.kind} → {next_bn.kind}, composed")

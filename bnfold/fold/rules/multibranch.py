@@ -22,7 +22,7 @@ from torch import fx
 
 from ...report import FOLDED, BatchNormEntry
 from .. import math as fold_math
-from ..affine import activation_operand, per_channel
+from ..affine import activation_operand, per_channel, same_dtype
 from ..ops import ADDS, AVG_POOLS, arg, aten, channels_of, rank
 from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
 from . import Refusal
@@ -92,7 +92,7 @@ def _linear_terms(
         own = node is root or len(node.users) == 1
         scale = activation_operand(node, edit.store.is_stored) if node.target is aten.mul.Tensor else None
         factor = None
-        if scale is not None and channels is not None:
+        if scale is not None and channels is not None and same_dtype(edit.store, node.args[1 - scale], node.args[scale]):
             factor = per_channel(edit.store.value(node.args[1 - scale]), channels, dims)
         # An in-place add changes its first operand: only a tensor nothing else reads may be summed away.
         in_place_ok = node.target is not aten.add_.Tensor or (

@@ -1,0 +1,291 @@
+"""The float64 proof that a folded program computes the same function as the original.
+
+Every rewrite is exact algebra (``s·(W∗x + b) + t = (s·W)∗x + (s·b + t)`` and the like), so in
+float64 the folded and the unfolded program agree up to float64 rounding: about 1e-16 of each
+output's scale, times the network's conditioning. A wrong rewrite (a wrong axis, offset, sign or
+guard) changes the function and shows many orders of magnitude above :data:`PROOF_RTOL`: it is
+caught with certainty, not judged against a tolerance.
+
+Both programs run on their lifted graphs with every floating tensor in float64 (stored tensors,
+the inputs, and floating dtype arguments such as ``x.float()``): the original is the program as
+captured, before folding; the folded one holds its new tensors exact (float64) until the proof
+passes. The inputs are the example inputs and seeded probes of other scales and signs
+(:data:`PROBES`), large enough to reach clamps and other data-dependent branches. A model that
+cannot run in float64 (an op without a double kernel) is checked in its own dtype instead, against
+verification's float32 tolerance, and the report says so.
+
+When the proof fails, the rewrite responsible is found by bisection over the rewrites in the
+order they were applied (folding only a prefix of them), undone (its batch-norm kept with the
+reason) and the rest proven again, until the proof passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..defaults import DEFAULT_ATOL, DEFAULT_RTOL
+from ..errors import FoldError, first_line
+from ..modes import quiet_torch
+from ..report import ProofReport
+from .ops import aten, mutated
+from .store import F64, lift_dtype, to_float64
+
+# Folded against original in float64, normwise per output: max|y - y_ref| <= PROOF_RTOL * max|y_ref|.
+PROOF_RTOL = 1e-10
+# Rows of the example inputs the proof uses when the batch is dynamic (all of them otherwise).
+EXAMPLE_ROWS = 2
+# Seeded probes beside the example: name -> values of a given shape. Large values reach clamps
+# (ReLU6, hardtanh) and saturations; all-negative values flip every sign-dependent branch.
+PROBES: dict[str, Callable[[tuple[int, ...], torch.Generator], Tensor]] = {
+    "large (1000·N(0, 1))": lambda shape, gen: 1000.0 * torch.randn(shape, generator=gen, dtype=F64),
+    "negative (U(-5, -1))": lambda shape, gen: -1.0 - 4.0 * torch.rand(shape, generator=gen, dtype=F64),
+}
+SEED = 0
+# Ops whose dtype argument reinterprets bits: never raised to float64.
+_BIT_VIEWS = {aten.view.dtype}
+
+Inputs = tuple[Tensor, ...]
+
+
+def probe_inputs(example_inputs: Sequence[Tensor], dynamic_batch: bool) -> tuple[list[Inputs], int, int]:
+    """The input sets the proof runs (one batch with a row of each probe when the batch is
+    dynamic, else the example and one full batch per probe), the number of inputs (example +
+    probes) and the number of samples in all."""
+    gen = torch.Generator().manual_seed(SEED)
+    example = tuple(example_inputs)
+    if dynamic_batch:
+        example = tuple(x[:EXAMPLE_ROWS] for x in example)
+    rows = 1 if dynamic_batch else None
+
+    def probe(make: Callable) -> Inputs:
+        out = []
+        for x in example:
+            shape = tuple(x.shape) if rows is None else (rows, *x.shape[1:])
+            out.append(make(shape, gen).to(x.dtype) if x.is_floating_point() else x[: shape[0]].clone())
+        return tuple(out)
+
+    probes = [probe(make) for make in PROBES.values()]
+    inputs = 1 + len(probes)
+    if dynamic_batch:
+        batch = tuple(torch.cat([x, *(p[i] for p in probes)]) for i, x in enumerate(example))
+        return [batch], inputs, int(batch[0].shape[0]) if batch else 0
+    return [example, *probes], inputs, sum(int(run[0].shape[0]) for run in [example, *probes] if run)
+
+
+def _float64_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose floating dtype arguments are float64."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target not in _BIT_VIEWS:
+            node.args = torch.utils._pytree.tree_map(lift_dtype, node.args)
+            node.kwargs = torch.utils._pytree.tree_map(lift_dtype, node.kwargs)
+    return fx.GraphModule(gm, graph)
+
+
+def run_program(program: ExportedProgram, runs: Sequence[Inputs], float64: bool) -> list[list[Tensor]]:
+    """The user outputs of ``program``'s lifted graph on each input set of ``runs``, in float64
+    (every floating tensor and dtype argument) or in the program's own dtypes. Nothing the
+    program holds is changed: tensors the graph writes in place are copied first."""
+    gm = _float64_graph(program.graph_module) if float64 else program.graph_module
+    placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"]
+    written = {n.name for n in placeholders if mutated(n)}
+    convert = to_float64 if float64 else (lambda v: v)
+    state: list[object] = []
+    for node, spec in zip(placeholders, program.graph_signature.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            state.append(None)
+            continue
+        if spec.kind == InputKind.TOKEN:
+            state.append(torch.tensor([]))
+            continue
+        value = program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]
+        value = convert(value)
+        state.append(value.clone() if node.name in written and value is not None and isinstance(value, Tensor) else value)
+    kinds = [spec.kind for spec in program.graph_signature.output_specs]
+    results = []
+    for inputs in runs:
+        given = iter(inputs)
+        args = [convert(next(given)).clone() if value is None else value for value in state]
+        with torch.no_grad(), quiet_torch():
+            out = gm(*args)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        results.append([o for o, kind in zip(out, kinds) if kind == OutputKind.USER_OUTPUT])
+    return results
+
+
+def deviation(ref: Tensor, got: Tensor) -> float:
+    """Normwise deviation of ``got`` from ``ref``: ``max|got - ref| / max|ref|`` over the finite
+    values; infinite when the shapes, the non-finite values, or any integer value differ."""
+    if not isinstance(got, Tensor) or ref.shape != got.shape:
+        return math.inf
+    if not ref.is_floating_point():
+        return 0.0 if torch.equal(ref, got) else math.inf
+    r, g = ref.detach().to(F64), got.detach().to(F64)
+    finite = torch.isfinite(r)
+    if not torch.equal(finite, torch.isfinite(g)) or not torch.equal(r.isnan(), g.isnan()):
+        return math.inf
+    infinite = torch.isinf(r)
+    if not torch.equal(r[infinite], g[infinite]):
+        return math.inf
+    if not finite.any():
+        return 0.0
+    error = float((r[finite] - g[finite]).abs().max())
+    scale = float(r[finite].abs().max())
+    if error == 0.0:
+        return 0.0
+    return error / scale if scale > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison of a folded program with the original: the largest deviation and where."""
+
+    deviation: float
+    where: str
+
+    def passed(self, bound: float) -> bool:
+        return self.deviation <= bound
+
+
+class Prover:
+    """Runs the original program once on the proof's inputs, then checks folded programs
+    against it. ``float64`` is False when the model could not run in float64 (then it checks in
+    the model's own dtypes with verification's float32 tolerance; ``note`` says why)."""
+
+    def __init__(self, program: ExportedProgram, example_inputs: Sequence[Tensor], dynamic_batch: bool) -> None:
+        self.runs, self.inputs, self.samples = probe_inputs(example_inputs, dynamic_batch)
+        self.names = ["the example and probes"] if dynamic_batch else ["the example", *PROBES]
+        self.float64, self.note = True, None
+        try:
+            self.reference = run_program(program, self.runs, float64=True)
+        except Exception as exc:  # an op without a float64 kernel raises whatever its backend raises
+            self.float64 = False
+            self.note = f"the model cannot run in float64 ({type(exc).__name__}: {first_line(exc)})"
+            warnings.warn(
+                f"bnfold: {self.note}; the fold is checked in float32 instead, which cannot prove it exact",
+                stacklevel=2,
+            )
+            try:
+                self.reference = run_program(program, self.runs, float64=False)
+            except Exception as exc2:
+                raise FoldError(
+                    f"the captured model fails on the proof's inputs: {type(exc2).__name__}: {first_line(exc2)}"
+                ) from exc2
+        self.bound = PROOF_RTOL if self.float64 else DEFAULT_RTOL
+
+    def check(self, program: ExportedProgram) -> Check:
+        """The largest deviation of ``program``'s outputs from the original's."""
+        got = run_program(program, self.runs, float64=self.float64)
+        worst = Check(0.0, "")
+        for name, refs, outs in zip(self.names, self.reference, got):
+            if len(refs) != len(outs):
+                return Check(math.inf, f"the number of outputs on {name} ({len(outs)} instead of {len(refs)})")
+            for i, (r, g) in enumerate(zip(refs, outs)):
+                dev = deviation(r, g)
+                if not self.float64 and math.isfinite(dev):  # float32: the tolerance's absolute part too
+                    scale = float(r.detach().abs().max()) if r.numel() else 0.0
+                    dev = max(0.0, float((r.double() - g.double()).abs().max()) - DEFAULT_ATOL) / max(scale, 1e-30)
+                if dev > worst.deviation or (math.isnan(dev) and not math.isnan(worst.deviation)):
+                    label = "the output" if len(refs) == 1 else f"output {i}"
+                    worst = Check(dev, f"{label} on {name}")
+        return worst
+
+    def report(self, check: Check, undone: Sequence[str] = ()) -> ProofReport:
+        return ProofReport(
+            dtype="float64" if self.float64 else "float32",
+            inputs=self.inputs,
+            samples=self.samples,
+            max_deviation=check.deviation,
+            bound=self.bound,
+            undone=list(undone),
+            note=self.note,
+        )
+
+
+def copy_program(program: ExportedProgram) -> ExportedProgram:
+    """A copy of ``program`` to fold: its own graph, signature and tensor tables; the tensors
+    themselves are shared (folding adds tensors, it never changes one)."""
+    with quiet_torch():  # copying pytree specs warns of torch's own deprecations
+        gm = copy.deepcopy(program.graph_module)
+        signature = copy.deepcopy(program.graph_signature)
+        # The copy may rename a node whose name shadows a builtin (``input`` -> ``input_1``).
+        renamed = {old.name: new.name for old, new in zip(program.graph.nodes, gm.graph.nodes) if old.name != new.name}
+        for spec in [*signature.input_specs, *signature.output_specs]:
+            name = getattr(spec.arg, "name", None)
+            if name in renamed:
+                spec.arg = dataclasses.replace(spec.arg, name=renamed[name])
+        return program._update(gm, signature, state_dict=dict(program.state_dict), constants=dict(program.constants))
+
+
+class Attempt(Protocol):
+    """One fold of a copy of the captured program: the folded copy, the rewrites it applied (in
+    order, by name), and ``finalize``, which casts its new tensors to their dtypes."""
+
+    @property
+    def program(self) -> ExportedProgram: ...
+
+    @property
+    def applied(self) -> list[str]: ...
+
+    def finalize(self) -> None: ...
+
+
+def proven_fold(
+    program: ExportedProgram,
+    fold_copy: Callable[[ExportedProgram, Mapping[str, str]], Attempt],
+    prover: Prover,
+) -> tuple[Attempt, Check]:
+    """Fold copies of ``program`` with ``fold_copy`` until the proof passes: each failure undoes
+    the rewrite responsible (found by bisection) with the reason "float64 proof failed: ...".
+    ``program`` itself is never changed. Returns the proven attempt, finalized (its new tensors
+    cast to their dtypes), and its check."""
+    skip: dict[str, str] = {}
+
+    def attempt(extra: Mapping[str, str] = {}) -> tuple[Attempt, Check]:
+        result = fold_copy(copy_program(program), {**skip, **extra})
+        if not prover.float64:
+            result.finalize()
+        return result, prover.check(result.program)
+
+    result, check = attempt()
+    checked_nothing_folded = False
+    while not check.passed(prover.bound):
+        applied = list(result.applied)
+        if not checked_nothing_folded:
+            _, bare = attempt(dict.fromkeys(applied, "bisecting"))
+            if not bare.passed(prover.bound):
+                raise FoldError(
+                    "the model does not compute the same outputs twice on the same inputs (its "
+                    f"{bare.where} differs by {bare.deviation:.3g}): it is not deterministic in eval "
+                    "mode, so no fold can be proven; remove the randomness from its forward"
+                )
+            checked_nothing_folded = True
+        low, high, failing = 0, len(applied), check  # folding applied[:low] passes, applied[:high] fails
+        while high - low > 1:
+            middle = (low + high) // 2
+            _, trial = attempt(dict.fromkeys(applied[middle:], "bisecting"))
+            if trial.passed(prover.bound):
+                low = middle
+            else:
+                high, failing = middle, trial
+        culprit = applied[high - 1]
+        skip[culprit] = (
+            f"float64 proof failed: with this rewrite, {failing.where} differed from the original by "
+            f"{failing.deviation:.3g} (bound {prover.bound:g}), so it was undone"
+        )
+        result, check = attempt()
+    if prover.float64:
+        result.finalize()
+    return result, check
