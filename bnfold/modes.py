@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -59,13 +60,21 @@ def module_types(module: nn.Module) -> dict[str, str]:
 @contextlib.contextmanager
 def attributes_restored(module: nn.Module) -> Iterator[nn.Module]:
     """Put back, after the block, every attribute, parameter and buffer entry of each submodule
-    of ``module``: a forward that caches state on its module (an anchor grid, the last input
-    shape) leaves it as it was. Tensors changed in place are not restored (an eval-mode forward
+    of ``module``, and the contents of its list, dict and set attributes: a forward that caches
+    state on its module (an anchor grid, the last input shape, a per-shape cache, a call log)
+    leaves it as it was. Tensors changed in place are not restored (an eval-mode forward
     has no reason to); TorchScript modules are left alone (their attributes are typed slots)."""
     if isinstance(module, torch.jit.ScriptModule):
         yield module
         return
     saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    # Lists, dicts and sets a forward may fill in place (a call log, a per-shape cache).
+    contents = [
+        (value, copy.copy(value))
+        for _, attributes, *_ in saved
+        for value in attributes.values()
+        if type(value) in (list, dict, set)
+    ]
     try:
         yield module
     finally:
@@ -75,6 +84,9 @@ def attributes_restored(module: nn.Module) -> Iterator[nn.Module]:
             for live, old in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
                 live.clear()
                 live.update(old)
+        for live, old in contents:
+            live.clear()
+            live.update(old) if isinstance(live, (dict, set)) else live.extend(old)
 
 
 def run_eval(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -39,8 +39,37 @@ original_scale_shift = fold_math.bn_scale_shift
 
 
 @pytest.mark.parametrize("broken", [drop_eps, misscale_channel], ids=["eps-dropped", "channel-misscaled"])
-def test_wrong_fold_fails_verification_and_writes_nothing(broken, tmp_path, monkeypatch):
+def test_a_wrong_fold_is_undone_by_the_float64_proof_and_the_export_passes(broken, tmp_path, monkeypatch):
     monkeypatch.setattr(fold_math, "bn_scale_shift", broken)
+    result = bnfold.export(small_model(), (random_input(1, 3, 6, 6),), tmp_path / "model.onnx")
+    (entry,) = result.fold_report.entries
+    assert entry.status == "kept" and entry.reason.startswith("float64 proof failed"), entry
+    assert result.verify_report.passed
+
+
+def corrupt_after_the_proof(monkeypatch, how: str) -> None:
+    """A bug after the float64 proof (in the final cast): the folded weight's first channel 1%
+    off, or its bias shifted by 5% of its scale."""
+    from bnfold.fold.store import TensorStore
+
+    real = TensorStore.finalize
+
+    def wrong(self):
+        targets = [t for t in self.pending if t.endswith("_" + how)]
+        real(self)
+        for target in targets:
+            value = self.program.constants[target]
+            if how == "weight":
+                value[0] *= 1.01
+            else:
+                value += 0.05 * float(value.abs().max())
+
+    monkeypatch.setattr(TensorStore, "finalize", wrong)
+
+
+@pytest.mark.parametrize("how", ["weight", "bias"], ids=["channel-misscaled", "bias-shifted"])
+def test_a_fold_corrupted_after_the_proof_fails_verification_and_writes_nothing(how, tmp_path, monkeypatch):
+    corrupt_after_the_proof(monkeypatch, how)
     target = tmp_path / "model.onnx"
     with pytest.raises(bnfold.VerificationError) as info:
         bnfold.export(small_model(), (random_input(1, 3, 6, 6),), target)
@@ -52,7 +81,7 @@ def test_wrong_fold_fails_verification_and_writes_nothing(broken, tmp_path, monk
 def test_wrong_fold_exits_1_from_the_cli(tmp_path, monkeypatch):
     model_file = tmp_path / "model.pt"
     torch.jit.save(torch.jit.trace(small_model(), random_input(2, 3, 6, 6)), str(model_file))
-    monkeypatch.setattr(fold_math, "bn_scale_shift", misscale_channel)
+    corrupt_after_the_proof(monkeypatch, "weight")
     result = CliRunner().invoke(main, ["export", str(model_file), "--input-shape", "1x3x6x6"])
     assert result.exit_code == 1
     assert "verification failed" in result.stderr and "Traceback" not in result.stderr

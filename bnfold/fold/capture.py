@@ -13,7 +13,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from ..errors import FoldError, first_line
-from ..modes import eval_mode, model_failures, quiet_torch, run_eval
+from ..modes import attributes_restored, eval_mode, model_failures, quiet_torch, run_eval
 from .batch_guard import batch_fixing_line
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
@@ -113,10 +113,16 @@ def capture(
     With ``dynamic_batch`` the batch axis (dim 0 of every input) stays symbolic; a model that
     cannot take a dynamic batch is a :class:`FoldError` that says to use a static batch. The
     module is never run itself (its forward may cache state, e.g. an anchor grid): a failed
-    capture is explained by running a copy.
+    capture is explained by running a copy, and whatever the trace assigns to the module's
+    attributes is put back (see :func:`attributes_restored`).
     """
-    inputs = tuple(example_inputs)
     module = unwrap(module)
+    with attributes_restored(module):
+        return _trace(module, tuple(example_inputs), dynamic_batch)
+
+
+def _trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> ExportedProgram:
+    inputs = example_inputs
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
     try:

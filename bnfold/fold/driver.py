@@ -14,16 +14,27 @@ from torch.export import ExportedProgram
 
 from ..report import KEPT, BatchNormEntry, FoldReport
 from .affine import affine_sites
-from .ops import aten, mutated, op_name
-from .prepare import check_statistics, drop_no_ops, store_computed_parameters
-from .rules import Refusal, bn_bn, bn_conv, concat_bn, conv_bn, multibranch, reshape_bn, through_in, through_out
+from .ops import BATCHNORM_OPS, mutated, op_name
+from .prepare import check_statistics, drop_no_ops, store_computed_parameters, store_constant_batchnorms
+from .rules import (
+    Refusal,
+    bn_bn,
+    bn_conv,
+    compose_affine,
+    concat_bn,
+    conv_bn,
+    multibranch,
+    reshape_bn,
+    through_in,
+    through_out,
+)
 from .sites import BatchNormSite, GraphEdit, Site, batchnorm_site, describe_source, kept_entry
 from .store import TensorStore
 
 # The batch-norm reads a weight layer (output side), in the order tried.
 OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn, through_out)
 # The batch-norm feeds a weight layer or another batch-norm (input side), in the order tried.
-INPUT_SIDE_RULES = (bn_bn, bn_conv, through_in)
+INPUT_SIDE_RULES = (bn_bn, compose_affine, bn_conv, through_in)
 
 
 PROOF_CATEGORY = "float64 proof failed"
@@ -56,7 +67,8 @@ def _preconditions(site: Site, store: TensorStore) -> str | None:
         if site.mean is not None and site.var is not None:
             return "called with training=True: it normalises with batch statistics at inference"
         return "track_running_stats=False: it normalises with batch statistics at inference"
-    if site.output is site.node and site.node.target is not aten.batch_norm.default:
+    returns_tuple = BATCHNORM_OPS.get(site.node.target, (None, 0, True))[2]
+    if site.output is site.node and returns_tuple:
         return "its saved mean/invstd outputs are used elsewhere"
     if not all(store.is_stored_or_absent(r) for r in site.tensors):
         return "its parameters are computed at run time, not stored"
@@ -129,13 +141,16 @@ def fold_program(
     store = TensorStore(program)
     edit = GraphEdit(store)
     drop_no_ops(store.graph)
+    constants = store_constant_batchnorms(edit)
     store_computed_parameters(edit)
     order = {node: i for i, node in enumerate(store.graph.nodes)}
     batchnorms = [s for s in (batchnorm_site(n, store) for n in list(store.graph.nodes)) if s is not None]
-    sites: list[Site] = sorted([*batchnorms, *affine_sites(store.graph, store)], key=lambda s: order[s.node])
+    affines = affine_sites(store.graph, store)
+    edit.affine_maps = {site.node: site for site in affines}
+    sites: list[Site] = sorted([*batchnorms, *affines], key=lambda s: order[s.node])
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
-        if site.kind == "batch_norm" and "BatchNorm" in (types or {}).get(site.name, ""):
+        if site.kind == "batch_norm" and "Norm" in (types or {}).get(site.name, ""):
             site.kind = types[site.name]
         if names.count(site.name) > 1:
             site.name = f"{site.name} (call {names[: i + 1].count(site.name)})"
@@ -164,7 +179,7 @@ def fold_program(
     store.drop_unused()
     store.graph.lint()
     program.graph_module.recompile()
-    folded.report.entries = entries
+    folded.report.entries = constants + entries
     return folded
 
 

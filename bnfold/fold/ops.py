@@ -5,6 +5,7 @@ module path, and the users that read its values)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor, fx
@@ -18,6 +19,9 @@ BATCHNORM_OPS: dict[object, tuple[int | None, int, bool]] = {
     aten._native_batch_norm_legit_no_training.default: (None, 6, True),
     aten._native_batch_norm_legit.default: (5, 7, True),
     aten.native_batch_norm.default: (5, 7, True),
+    # (input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
+    # in eval mode with track_running_stats=True, a batch-norm in all but name.
+    aten.instance_norm.default: (5, 7, False),
 }
 # Normalises with batch statistics and has no running statistics at all: (input, w, b, training, momentum, eps).
 BATCH_STATS_OPS = {aten._native_batch_norm_legit.no_stats}
@@ -38,6 +42,9 @@ VIEW_OPS = {
     aten.flatten.using_ints,
     aten.permute.default,
     aten.transpose.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
 }
 
 # Ops that read only the shape of one argument (its index here): folding changes values, not shapes.
@@ -118,7 +125,7 @@ def feature_axis_through(linear: fx.Node, chain: list[fx.Node]) -> int | None:
     dims = shape(linear)
     if dims is None:
         return None
-    axis, features = len(dims) - 1, dims[-1]
+    axis = len(dims) - 1
     for node in chain:
         out = shape(node)
         if out is None:
@@ -128,11 +135,26 @@ def feature_axis_through(linear: fx.Node, chain: list[fx.Node]) -> int | None:
         elif node.target is aten.transpose.int:
             d0, d1 = (int(d) % len(out) for d in node.args[1:3])
             axis = d1 if axis == d0 else d0 if axis == d1 else axis
-        else:  # view/reshape/flatten keep the axis only as the unchanged last dimension
-            if axis != len(shape(node.args[0])) - 1 or out[-1] != features:
+        else:  # view/reshape/flatten: the axis survives where its block of values does
+            axis = _axis_through_reshape(shape(node.args[0]), out, axis)
+            if axis is None:
                 return None
-            axis = len(out) - 1
     return axis
+
+
+def _axis_through_reshape(before: tuple, after: tuple, axis: int) -> int | None:
+    """Where axis ``axis`` of a row-major tensor of shape ``before`` is after a reshape to
+    ``after``: the output axis of the same size with as many values after it (the same stride),
+    so that unit axes may come and go around it; None when the reshape splits or merges it."""
+    trailing = before[axis + 1 :]
+    if not all(isinstance(d, int) for d in (before[axis], *trailing)):
+        return None
+    for index, size in enumerate(after):
+        rest = after[index + 1 :]
+        static = isinstance(size, int) and all(isinstance(d, int) for d in rest)
+        if static and size == before[axis] and math.prod(rest) == math.prod(trailing):
+            return index
+    return None
 
 
 def _alias_arguments(user: fx.Node, node: fx.Node) -> list[bool]:

@@ -1,5 +1,6 @@
-"""Before the fold rules run: take out eval-mode no-ops, store weights computed from stored
-tensors, and check every batch-norm's statistics."""
+"""Before the fold rules run: take out eval-mode no-ops, store batch-norms of stored tensors and
+weights computed from stored tensors as the constants they are, and check every batch-norm's
+statistics."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import torch
 from torch import Tensor, fx
 
 from ..errors import FoldError
+from ..report import BatchNormEntry
 from .affine import activation_operand
 from .ops import NO_OPS, arg, aten
-from .sites import BatchNormSite, GraphEdit, batchnorm_site, weight_layer
+from .sites import BatchNormSite, GraphEdit, batchnorm_site, folded_entry, weight_layer
 from .store import TensorStore, constant_tensor, evaluate
 
 
@@ -37,6 +39,39 @@ def _computed_operands(node: fx.Node, store: TensorStore, memo: dict[fx.Node, bo
     return () if index is None else (1 - index,)
 
 
+def _store_computed(edit: GraphEdit, computed: fx.Node, what: str) -> fx.Node | None:
+    """Evaluate ``computed`` (a node of stored tensors only) in float64 and store the result, cast
+    to its dtype once proven; None when it is not a tensor."""
+    value = evaluate(edit.store, computed)
+    if not isinstance(value, Tensor):
+        return None
+    val = computed.meta.get("val")
+    dtype = val.dtype if isinstance(val, Tensor) else value.dtype
+    return edit.store.add(value.detach().clone(), "computed", dtype, what)
+
+
+def store_constant_batchnorms(edit: GraphEdit) -> list[BatchNormEntry]:
+    """Replace every batch-norm of a stored tensor (a learned positional map, a constant input)
+    by its value, computed once: the report entries of those batch-norms."""
+    store, memo = edit.store, {}
+    entries = []
+    for node in list(store.graph.nodes):
+        site = batchnorm_site(node, store)
+        if site is None or node._erased or not all(constant_tensor(store, a, memo) for a in node.all_input_nodes):
+            continue
+        site.num_channels = site.channels(store)
+        if not site.uses_batch_stats:
+            check_statistics(store, site)
+        stored = _store_computed(edit, site.output, f"batch-norm '{site.name}' of a stored tensor")
+        if stored is None:
+            continue
+        source = site.source
+        edit.remove(site, stored)
+        edit.erase_unused(source)
+        entries.append(folded_entry(site, "a stored constant", f"{site.kind} of a stored tensor, computed once"))
+    return entries
+
+
 def store_computed_parameters(edit: GraphEdit) -> None:
     """Evaluate weights computed from stored tensors only (weight_norm, pruning masks,
     spectral_norm in eval mode, a frozen batch-norm's scale and shift) and store the results, so
@@ -50,12 +85,9 @@ def store_computed_parameters(edit: GraphEdit) -> None:
             computed = node.args[index] if index < len(node.args) else None
             if store.is_stored(computed) or not constant_tensor(store, computed, memo):
                 continue
-            value = evaluate(store, computed)
-            if not isinstance(value, Tensor):
+            stored = _store_computed(edit, computed, f"the computed tensor '{computed.name}'")
+            if stored is None:
                 continue
-            val = computed.meta.get("val")
-            dtype = val.dtype if isinstance(val, Tensor) else value.dtype
-            stored = store.add(value.detach().clone(), "computed", dtype, f"the computed tensor '{computed.name}'")
             node.replace_input_with(computed, stored)
             edit.erase_unused(computed)
 

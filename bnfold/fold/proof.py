@@ -112,7 +112,9 @@ def run_program(program: ExportedProgram, runs: Sequence[Inputs], float64: bool)
             continue
         value = program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]
         value = convert(value)
-        state.append(value.clone() if node.name in written and value is not None and isinstance(value, Tensor) else value)
+        state.append(
+            value.clone() if node.name in written and value is not None and isinstance(value, Tensor) else value
+        )
     kinds = [spec.kind for spec in program.graph_signature.output_specs]
     results = []
     for inputs in runs:

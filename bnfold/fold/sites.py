@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, fx
 
-from ..errors import FoldError
 from ..report import AFFINE_OP, BATCH_NORM_OP, FOLDED, KEPT, BatchNormEntry
 from . import math as fold_math
 from .affine import AffineSite
@@ -143,6 +142,8 @@ def batchnorm_site(node: fx.Node, store: TensorStore | None = None) -> BatchNorm
         (training_idx, eps_idx, returns_tuple), has_stats = BATCHNORM_OPS[node.target], True
     else:
         return None
+    if node.target is aten.instance_norm.default and node.args[5]:
+        return None  # normalises each sample by its own statistics: no batch-norm at all
     output = node
     if returns_tuple:
         # Only the normalised tensor (item 0) may be used for the batch-norm to be foldable.
@@ -153,7 +154,7 @@ def batchnorm_site(node: fx.Node, store: TensorStore | None = None) -> BatchNorm
     mean = node.args[3] if has_stats else None
     uses_batch_stats = not has_stats or training or mean is None or node.args[4] is None
     located = module_path(node)
-    if located and "BatchNorm" in located[1]:
+    if located and "Norm" in located[1]:
         name, kind = located
     elif store is not None and store.is_stored(mean):
         name, kind = store.target(mean).rsplit(".", 1)[0], "batch_norm"
@@ -232,6 +233,30 @@ class GraphEdit:
     def __init__(self, store: TensorStore) -> None:
         self.store = store
         self.graph = store.graph
+        self.affine_maps: dict[fx.Node, AffineSite] = {}
+        """Every constant affine map of the graph, by its first op."""
+
+    def set_affine(self, site: AffineSite, s: Tensor, t: Tensor, what: str) -> None:
+        """Make ``site`` compute ``s·x + t`` on its input: its ops become one multiplication (and
+        one addition unless ``t`` is 0) by new stored constants in the activation's dtype."""
+        source, last = site.source, site.output
+        val = source.meta["val"]
+        shape = (-1,) + (1,) * (val.dim() - 2)
+        ops = [(aten.mul.Tensor, self.store.add(s.reshape(shape), "scale", val.dtype, what))]
+        if bool((t != 0).any()):
+            ops.append((aten.add.Tensor, self.store.add(t.reshape(shape), "shift", val.dtype, what)))
+        nodes, current = [], source
+        with self.graph.inserting_before(last):
+            for target, constant in ops:
+                current = self.graph.call_function(target, (current, constant))
+                current.meta = dict(last.meta)
+                nodes.append(current)
+        last.replace_all_uses_with(current)
+        for node in reversed(site.nodes):
+            self.graph.erase_node(node)
+        del self.affine_maps[site.node]
+        site.nodes, site.operands, site.scale_shift_cache = nodes, [0] * len(nodes), None
+        self.affine_maps[site.node] = site
 
     def layer_tensors(self, layer: WeightLayer) -> tuple[Tensor, Tensor | None]:
         """The layer's stored weight and bias (``None`` when it has none)."""

@@ -14,9 +14,8 @@ from helpers import graph_batchnorm_ops
 from torch import Tensor, nn
 
 from bnfold import export
-from bnfold.fold import fold
+from bnfold.fold import fold, proof
 from bnfold.fold import math as fold_math
-from bnfold.fold import proof
 from bnfold.fold.commuting import CHANNEL_PRESERVING
 from bnfold.fold.ops import aten
 from bnfold.fold.rules import through_out

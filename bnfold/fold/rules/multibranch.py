@@ -23,7 +23,7 @@ from torch import fx
 from ...report import FOLDED, BatchNormEntry
 from .. import math as fold_math
 from ..affine import activation_operand, per_channel, same_dtype
-from ..ops import ADDS, AVG_POOLS, arg, aten, channels_of, rank
+from ..ops import ADDS, AVG_POOLS, arg, aten, channels_of, mutated, rank
 from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
 from . import Refusal
 
@@ -92,7 +92,11 @@ def _linear_terms(
         own = node is root or len(node.users) == 1
         scale = activation_operand(node, edit.store.is_stored) if node.target is aten.mul.Tensor else None
         factor = None
-        if scale is not None and channels is not None and same_dtype(edit.store, node.args[1 - scale], node.args[scale]):
+        if (
+            scale is not None
+            and channels is not None
+            and same_dtype(edit.store, node.args[1 - scale], node.args[scale])
+        ):
             factor = per_channel(edit.store.value(node.args[1 - scale]), channels, dims)
         # An in-place add changes its first operand: only a tensor nothing else reads may be summed away.
         in_place_ok = node.target is not aten.add_.Tensor or (
@@ -187,6 +191,8 @@ def _pool_problem(pool: fx.Node, kernel: tuple[int, ...], stride: tuple[int, ...
 def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: GraphEdit) -> str | None:
     if any(len(b.term.users) != 1 for b in branches if b.term is not b.source):  # a bare identity is the input
         return "a branch output is also used elsewhere"
+    if mutated(branches[0].source):
+        return "the block input is changed in place, so its branches may read different values"
     problem = next((p for p in (edit.stored_layer_problem(c.layer) for c in convs) if p), None)
     if problem:
         return problem
@@ -228,6 +234,10 @@ def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
     if len(terms) < 2:
         return None
     branches = [_classify(t, coeff, edit) for t, coeff in terms]
+    # A summand that is the input of the conv branches is the identity branch, even when it is
+    # itself a conv's output: conv_a(y) + conv_b(y) + y with y = stem(x).
+    inputs = {b.source for b in branches if b.layer is not None}
+    branches = [Branch(b.term, b.term, coeff=b.coeff) if b.term in inputs else b for b in branches]
     convs = [b for b in branches if b.layer is not None]
     if not convs or any(b.source is not convs[0].source for b in branches):
         return None  # not a block over one input (e.g. a plain residual of two paths)
