@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 from ..modes import module_types
 from ..report import FoldReport, ProofReport
 from .capture import capture
-from .driver import PROOF_CATEGORY, fold_program
+from .driver import fold_program
 from .proof import Prover, proven_fold
 
 
@@ -52,7 +52,7 @@ def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_b
     result, check = proven_fold(program, lambda copy, skip: fold_program(copy, types, skip), prover)
     report = result.report
     report.dynamic_batch = dynamic_batch
-    report.proof = prover.report(check, [e.name for e in report.entries if e.category == PROOF_CATEGORY])
+    report.proof = prover.report(check, result.undone)
     return FoldResult(result.program, report)
 
 

@@ -48,6 +48,14 @@ class FoldPass:
     report: FoldReport
     store: TensorStore
     applied: list[str] = field(default_factory=list)
+    undone_merges: list[str] = field(default_factory=list)
+    """The multi-branch merges ``skip`` named, by the conv they would have merged into."""
+
+    @property
+    def undone(self) -> list[str]:
+        """What ``skip`` undid: the batch-norms it kept and the merges it left out."""
+        kept = [e.name for e in self.report.entries if e.category == PROOF_CATEGORY]
+        return kept + self.undone_merges
 
     @property
     def program(self) -> ExportedProgram:
@@ -168,7 +176,7 @@ def fold_program(
             folded.applied.append(name)
     while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)
         kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
-        if not _merge_blocks(edit, entries, kept, into, skip or {}, folded.applied):
+        if not _merge_blocks(edit, entries, kept, into, skip or {}, folded):
             break
         for i, site in enumerate(sites):
             if site.node in kept and entries[i].status == KEPT and not site.node._erased:
@@ -189,7 +197,7 @@ def _merge_blocks(
     kept: dict[object, int],
     into: list[set[fx.Node]],
     skip: Mapping[str, str],
-    applied: list[str],
+    folded: FoldPass,
 ) -> bool:
     """Merge every multi-branch conv block (except those ``skip`` names), updating the report
     entries of its batch-norms; returns whether any block was merged."""
@@ -199,6 +207,7 @@ def _merge_blocks(
             continue
         found = multibranch.match(root, edit)
         if found is not None and not isinstance(found, Refusal) and root.name in skip:
+            folded.undone_merges.append(f"the branches merged into {found.main.kind} '{found.main.name}'")
             sites = tuple(b.site.node for b in found.branches if b.site is not None)
             found = multibranch.BlockRefusal(skip[root.name], PROOF_CATEGORY, sites)
         if isinstance(found, multibranch.BlockRefusal):
@@ -206,7 +215,7 @@ def _merge_blocks(
                 if node in kept:
                     entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
         elif found is not None:
-            applied.append(root.name)
+            folded.applied.append(root.name)
             shared = multibranch.rewrite(found, edit)
             multibranch.report_merge(found, entries, kept, into, shared)
             merged = True

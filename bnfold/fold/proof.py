@@ -233,13 +233,17 @@ def copy_program(program: ExportedProgram) -> ExportedProgram:
 
 class Attempt(Protocol):
     """One fold of a copy of the captured program: the folded copy, the rewrites it applied (in
-    order, by name), and ``finalize``, which casts its new tensors to their dtypes."""
+    order, by name), what the skipped names undid (for the report), and ``finalize``, which casts
+    its new tensors to their dtypes."""
 
     @property
     def program(self) -> ExportedProgram: ...
 
     @property
     def applied(self) -> list[str]: ...
+
+    @property
+    def undone(self) -> list[str]: ...
 
     def finalize(self) -> None: ...
 

@@ -171,3 +171,66 @@ def test_fp16_overflow_is_an_error_naming_the_layers():
     model = model.half()
     with pytest.raises(FoldError, match=r"batch-norm '1' into Conv2d '0'.*float16"):
         fold(model, (random_input(2, 3, 6, 6).half(),))
+
+
+# ------------------------------------------------------------- instance norms, stored tensors
+
+
+class ConvNorm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def _with_running_stats(norm: nn.InstanceNorm2d) -> nn.InstanceNorm2d:
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(4, generator=gen))
+        norm.running_var.copy_(torch.rand(4, generator=gen) + 0.2)
+        if norm.affine:
+            norm.weight.copy_(torch.randn(4, generator=gen))
+            norm.bias.copy_(torch.randn(4, generator=gen))
+    return norm
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_eval_instance_norm_with_running_stats_folds_like_a_batchnorm_and_exports(affine, tmp_path):
+    from fold_checks import assert_onnx_matches
+
+    norm = _with_running_stats(nn.InstanceNorm2d(4, affine=affine, track_running_stats=True))
+    model = ConvNorm(norm).eval()
+    result = assert_fold_exact(model, random_input(2, 3, 6, 6), ["folded"])
+    assert result.report.entries[0].kind == "InstanceNorm2d"
+    assert_onnx_matches(model, random_input(2, 3, 6, 6), tmp_path / "m.onnx")
+
+
+def test_an_instance_norm_of_each_sample_is_no_batchnorm_and_exports(tmp_path):
+    from fold_checks import assert_onnx_matches
+
+    model = ConvNorm(nn.InstanceNorm2d(4, affine=True)).eval()
+    assert fold(model, (random_input(2, 3, 6, 6),)).report.entries == []
+    assert_onnx_matches(model, random_input(2, 3, 6, 6), tmp_path / "m.onnx")
+
+
+class NormalisedConstant(nn.Module):
+    """A batch-norm of a learned positional map, added to the features or gated."""
+
+    def __init__(self, gated: bool) -> None:
+        super().__init__()
+        self.gated = gated
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pos = nn.Parameter(torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        pos = self.bn(self.pos)
+        return self.conv(x) * torch.sigmoid(pos) if self.gated else self.conv(x) + pos
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["added", "gated"])
+def test_a_batchnorm_of_a_stored_tensor_is_computed_once_and_in_the_report(gated):
+    result = assert_fold_exact(with_statistics(NormalisedConstant(gated)), random_input(2, 3, 5, 5), ["folded"])
+    (entry,) = result.report.entries
+    assert entry.into == "a stored constant" and entry.name == "bn"

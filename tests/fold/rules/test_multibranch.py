@@ -221,3 +221,77 @@ def test_onnx_export_of_a_merged_block(tmp_path):
     model = with_statistics(nn.Sequential(rep_block(4, 4, pool=True), nn.Conv2d(4, 2, 1)))
     assert_onnx_matches(model, random_input(2, 4, 8, 8), tmp_path / "model.onnx")
     assert onnx_ops(tmp_path / "model.onnx", "Conv") == 2 and onnx_ops(tmp_path / "model.onnx", "Add") == 0
+
+
+# ------------------------------------------------- the block input, in place writes, dtypes
+
+
+class OnAConvOutput(nn.Module):
+    """A RepVGG block whose input is itself a conv's output: stem → (3x3 + 1x1 + identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block([{"kernel_size": 3, "padding": 1}, {"kernel_size": 1}], identity=True)
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def test_a_block_whose_input_is_a_conv_output_is_still_merged():
+    result = assert_fold_exact(with_statistics(OnAConvOutput()), random_input(2, 3, 6, 7))
+    assert graph_ops(result, "conv") == 2 and graph_ops(result, "add") == 0
+
+
+class WrittenBetweenBranches(nn.Module):
+    """``a = conv_a(y); y.mul_(2); b = conv_b(y)``: the branches read different values of ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.stem(x)
+        a = self.a(y)
+        y[:, :2].mul_(2.0)
+        return a + self.b(y)
+
+
+def test_kept_block_whose_input_is_written_in_place_between_its_branches(monkeypatch):
+    model = with_statistics(WrittenBetweenBranches())
+    result = assert_fold_exact(model, random_input(2, 3, 5, 5))
+    assert graph_ops(result, "conv") == 3  # the stem and both branches: no merge
+    from bnfold.fold import fold
+    from bnfold.fold.rules import multibranch
+
+    monkeypatch.setattr(multibranch, "mutated", lambda node: False)
+
+    result = fold(model.double(), (random_input(2, 3, 5, 5).double(),))
+    assert result.proof.undone == ["the branches merged into Conv2d 'a.0'"]
+    assert graph_ops(result, "conv") == 3
+
+
+class ScaledInFloat64(nn.Module):
+    """``x + gamma·(conv(x) - bn(x))`` with a float64 layer scale in a float32 model: the sum is
+    float64, a merged conv would be float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.norm = nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.rand(4, 1, 1, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        return x + self.gamma * (self.conv(x) - self.norm(x))
+
+
+def test_a_layer_scale_of_another_dtype_is_no_merge_and_the_output_keeps_its_dtype():
+    from bnfold.fold import fold
+
+    model, x = with_statistics(ScaledInFloat64()).float(), random_input(2, 4, 5, 5)
+    model.gamma.data = model.gamma.data.double()
+    result = fold(model, (x,))
+    assert run(result.module, x)[0].dtype == run(model, x)[0].dtype == torch.float64
+    assert graph_ops(result, "add") >= 1

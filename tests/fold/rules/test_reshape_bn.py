@@ -106,3 +106,25 @@ def test_kept_reshaped_linear_output_used_elsewhere():
 # ------------------------------------------------------------------------------ ONNX layer
 def test_onnx_export_of_a_reshape_fold(tmp_path):
     assert_onnx_matches(with_statistics(LinearBN("flatten")), random_input(2, 4, 6), tmp_path / "model.onnx")
+
+
+class UnitAxes(nn.Module):
+    """A Linear's ``[N, F]`` output given unit axes before BatchNorm1d: the features stay on dim 1."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.fc, self.bn = how, nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.how == "view":
+            return self.bn(y.view(y.shape[0], 5, 1))
+        if self.how == "unsqueeze":
+            return self.bn(y.unsqueeze(-1))
+        return self.bn(y.unsqueeze(1).transpose(1, 2))  # "unsqueeze+transpose"
+
+
+@pytest.mark.parametrize("how", ["view", "unsqueeze", "unsqueeze+transpose"])
+def test_a_linear_output_given_unit_axes_keeps_its_features_on_the_channel_axis_and_folds(how):
+    result = assert_fold_exact(with_statistics(UnitAxes(how)), random_input(3, 6), ["folded"])
+    assert result.report.entries[0].into == "fc"
