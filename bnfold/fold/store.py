@@ -28,7 +28,7 @@ F64 = torch.float64
 def cast_checked(value: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     """``value`` (float64) cast to ``dtype``; a value that overflows it is a FoldError."""
     cast = value.to(dtype)
-    if not cast.isfinite().all():
+    if cast.numel() and not all(torch.isfinite(v) for v in torch.aminmax(cast)):  # NaN/inf show in either
         big = float(value.abs().max())
         raise FoldError(
             f"{what} does not fit {dtype} (largest magnitude {big:.3g}): the batch-norm has a "
