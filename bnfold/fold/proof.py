@@ -127,9 +127,12 @@ def run_program(program: ExportedProgram, runs: Sequence[Inputs], float64: bool)
     return results
 
 
-def deviation(ref: Tensor, got: Tensor) -> float:
-    """Normwise deviation of ``got`` from ``ref``: ``max|got - ref| / max|ref|`` over the finite
-    values; infinite when the shapes, the non-finite values, or any integer value differ."""
+def deviation(ref: Tensor, got: Tensor, atol: float = 0.0) -> float:
+    """Normwise deviation of ``got`` from ``ref``: ``(max|got - ref| - atol) / max|ref|`` over the finite
+    values; infinite when the shapes, the non-finite values, or any integer value differ (or, for
+    an output that is no tensor, when it differs at all)."""
+    if not isinstance(ref, Tensor):
+        return 0.0 if ref == got else math.inf
     if not isinstance(got, Tensor) or ref.shape != got.shape:
         return math.inf
     if not ref.is_floating_point():
@@ -143,7 +146,7 @@ def deviation(ref: Tensor, got: Tensor) -> float:
         return math.inf
     if not finite.any():
         return 0.0
-    error = float((r[finite] - g[finite]).abs().max())
+    error = max(0.0, float((r[finite] - g[finite]).abs().max()) - atol)
     scale = float(r[finite].abs().max())
     if error == 0.0:
         return 0.0
@@ -195,10 +198,7 @@ class Prover:
             if len(refs) != len(outs):
                 return Check(math.inf, f"the number of outputs on {name} ({len(outs)} instead of {len(refs)})")
             for i, (r, g) in enumerate(zip(refs, outs)):
-                dev = deviation(r, g)
-                if not self.float64 and math.isfinite(dev):  # float32: the tolerance's absolute part too
-                    scale = float(r.detach().abs().max()) if r.numel() else 0.0
-                    dev = max(0.0, float((r.double() - g.double()).abs().max()) - DEFAULT_ATOL) / max(scale, 1e-30)
+                dev = deviation(r, g, atol=0.0 if self.float64 else DEFAULT_ATOL)
                 if dev > worst.deviation or (math.isnan(dev) and not math.isnan(worst.deviation)):
                     label = "the output" if len(refs) == 1 else f"output {i}"
                     worst = Check(dev, f"{label} on {name}")
