@@ -23,19 +23,33 @@ from .store import TensorStore
 
 F64 = torch.float64
 AFFINE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor}
+# The same ops written in place (timm's ``LayerScale(inplace=True)``): reported, never rewritten.
+IN_PLACE_AFFINE_OPS = {
+    aten.mul_.Tensor: aten.mul.Tensor,
+    aten.div_.Tensor: aten.div.Tensor,
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.sub_.Tensor: aten.sub.Tensor,
+}
 
 
-def activation_operand(node: fx.Node, constant: object) -> int | None:
-    """Which operand (0 or 1) of an element-wise op is the activation when the other is
-    ``constant`` (a predicate on operands), or None when the op is no affine step."""
-    if node.op != "call_function" or node.target not in AFFINE_OPS or node.kwargs.get("alpha", 1) != 1:
+def activation_operand(node: fx.Node, constant: object, ops: object = AFFINE_OPS) -> int | None:
+    """Which operand (0 or 1) of an element-wise op of ``ops`` is the activation when the other
+    is ``constant`` (a predicate on operands), or None when the op is no affine step."""
+    if node.op != "call_function" or node.target not in ops or node.kwargs.get("alpha", 1) != 1:
         return None
     if len(node.args) != 2:
         return None
     a, b = node.args
     if isinstance(a, fx.Node) and constant(b) and not constant(a):
         return 0
-    if isinstance(b, fx.Node) and constant(a) and not constant(b) and node.target is not aten.div.Tensor:
+    in_place = node.target in IN_PLACE_AFFINE_OPS  # writes its first operand: that is the activation
+    if (
+        isinstance(b, fx.Node)
+        and constant(a)
+        and not constant(b)
+        and node.target is not aten.div.Tensor
+        and not in_place
+    ):
         return 1
     return None
 
@@ -75,6 +89,8 @@ class AffineSite:
     num_channels: int = 0
     uses_batch_stats: bool = False
     scale_shift_cache: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    refusal: str | None = None
+    """Why no rule may rewrite it (an op written in place, a constant of a wider dtype), if so."""
 
     @property
     def node(self) -> fx.Node:
@@ -123,9 +139,33 @@ def _kind(site: AffineSite, module_class: str | None, store: TensorStore) -> str
         return module_class
     if site.source.op == "placeholder" and not store.is_stored(site.source):
         return "input normalisation"
-    if all(n.target in (aten.mul.Tensor, aten.div.Tensor) for n in site.nodes):
+    if all(IN_PLACE_AFFINE_OPS.get(n.target, n.target) in (aten.mul.Tensor, aten.div.Tensor) for n in site.nodes):
         return "layer scale" if any(store.is_parameter(c) for c in site.tensors) else "per-channel scale"
     return "per-channel affine"
+
+
+def _stored_names(site: AffineSite, store: TensorStore) -> list[str]:
+    return [store.name(c) for c in site.tensors if store.is_stored(c)]
+
+
+def _refused_site(node: fx.Node, index: int, store: TensorStore, channels: int, dims: int) -> AffineSite | None:
+    """A per-channel affine op by a stored tensor that no rule may rewrite, as a site to report:
+    one written in place, or one whose constant is of a wider dtype than the activation (it
+    promotes the result: folding it would change the output dtype)."""
+    other = node.args[1 - index]
+    if not store.is_stored(other) or per_channel(store.value(other), channels, dims) is None:
+        return None
+    if node.target in IN_PLACE_AFFINE_OPS:
+        reason = f"it is written in place ('{node.target.__name__.split('.')[0]}'), which bnfold does not rewrite"
+    elif not same_dtype(store, other, node.args[index]):
+        activation = node.args[index].meta["val"].dtype
+        reason = (
+            f"its constant is {store.dtype(other)}, the activation {activation}: the result is "
+            f"{store.dtype(other)}, and folding would change the output dtype"
+        )
+    else:
+        return None
+    return AffineSite([node], [index], node.name, "", channels, refusal=reason)
 
 
 def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
@@ -140,7 +180,7 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
     for node in graph.nodes:
         if node in taken:
             continue
-        index = activation_operand(node, constant)
+        index = activation_operand(node, constant, AFFINE_OPS | IN_PLACE_AFFINE_OPS.keys())
         if index is None:
             continue
         source = node.args[index]
@@ -148,6 +188,12 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
         if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
             continue
         channels, dims, module = int(shape[1]), len(shape), module_path(node)
+        refused = _refused_site(node, index, store, channels, dims)
+        if refused is not None:
+            refused.name = module[0] if module and module[0] else ", ".join(_stored_names(refused, store))
+            refused.kind = _kind(refused, module[1] if module and module[0] else None, store)
+            sites.append(refused)
+            continue
         chain, operands, current = [], [], node
         while True:
             i = activation_operand(current, constant)
@@ -170,8 +216,7 @@ def affine_sites(graph: fx.Graph, store: TensorStore) -> list[AffineSite]:
         if not chain or not any(store.is_stored(c) for c in site.tensors):
             continue
         taken.update(chain)
-        stored = [store.target(c) for c in site.tensors if store.is_stored(c)]
-        site.name = module[0] if module and module[0] else ", ".join(stored)
+        site.name = module[0] if module and module[0] else ", ".join(_stored_names(site, store))
         site.kind = _kind(site, module[1] if module and module[0] else None, store)
         sites.append(site)
     return sites

@@ -70,7 +70,7 @@ class FoldPass:
 def _preconditions(site: Site, store: TensorStore) -> str | None:
     """Why no rule can fold the batch-norm, whatever its neighbours, if so."""
     if not isinstance(site, BatchNormSite):
-        return None  # an affine map's constants are stored by construction
+        return site.refusal  # an affine map's constants are stored by construction
     if site.uses_batch_stats:
         if site.mean is not None and site.var is not None:
             return "called with training=True: it normalises with batch statistics at inference"
@@ -185,10 +185,26 @@ def fold_program(
                 if entries[i].status != KEPT:
                     folded.applied.append(name)
     store.drop_unused()
+    store.own_changed_state()
     store.graph.lint()
     program.graph_module.recompile()
-    folded.report.entries = constants + entries
+    folded.report.entries = constants + entries + _in_branches(program)
     return folded
+
+
+def _in_branches(program: ExportedProgram) -> list[BatchNormEntry]:
+    """Batch-norms inside control-flow branches (``torch.cond``, ``torch.map``): kept, named."""
+    entries = []
+    for path, sub in program.graph_module.named_modules():
+        if not path or not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            site = batchnorm_site(node)
+            if site is not None:
+                site.num_channels = site.channels(TensorStore(program))
+                reason = "it is inside a control-flow branch (torch.cond, torch.map), which bnfold does not rewrite"
+                entries.append(kept_entry(site, reason, "inside a control-flow branch"))
+    return entries
 
 
 def _merge_blocks(

@@ -9,7 +9,7 @@ from torch import Tensor, fx
 
 from ..errors import FoldError
 from ..report import BatchNormEntry
-from .affine import activation_operand
+from .affine import AFFINE_OPS, IN_PLACE_AFFINE_OPS, activation_operand
 from .ops import NO_OPS, arg, aten
 from .sites import BatchNormSite, GraphEdit, batchnorm_site, folded_entry, weight_layer
 from .store import TensorStore, constant_tensor, evaluate
@@ -35,7 +35,8 @@ def _computed_operands(node: fx.Node, store: TensorStore, memo: dict[fx.Node, bo
         return (1, 2)
     if batchnorm_site(node) is not None:
         return (1, 2, 3, 4)
-    index = activation_operand(node, lambda v: isinstance(v, fx.Node) and constant_tensor(store, v, memo))
+    constant = lambda v: isinstance(v, fx.Node) and constant_tensor(store, v, memo)
+    index = activation_operand(node, constant, AFFINE_OPS | IN_PLACE_AFFINE_OPS.keys())
     return () if index is None else (1 - index,)
 
 
@@ -47,7 +48,21 @@ def _store_computed(edit: GraphEdit, computed: fx.Node, what: str) -> fx.Node | 
         return None
     val = computed.meta.get("val")
     dtype = val.dtype if isinstance(val, Tensor) else value.dtype
-    return edit.store.add(value.detach().clone(), "computed", dtype, what)
+    stored = edit.store.add(value.detach().clone(), "computed", dtype, what)
+    edit.store.derive(stored, _stored_inputs(computed))
+    return stored
+
+
+def _stored_inputs(node: fx.Node) -> list[fx.Node]:
+    """The placeholders a constant node is computed from, in graph order."""
+    found: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            found[current] = None
+        stack.extend(current.all_input_nodes)
+    return sorted(found, key=lambda n: n.name)
 
 
 def store_constant_batchnorms(edit: GraphEdit) -> list[BatchNormEntry]:
@@ -104,6 +119,11 @@ def check_statistics(store: TensorStore, site: BatchNormSite) -> None:
             raise FoldError(
                 f"batch-norm '{site.name}' has {int(bad.sum())} NaN/inf value(s) in its {label}: "
                 "the checkpoint is corrupt or training diverged; re-train or recalibrate it."
+            )
+        if label == "running_var" and ((value.double() + site.eps) == 0).any():
+            raise FoldError(
+                f"batch-norm '{site.name}' has {int(((value.double() + site.eps) == 0).sum())} zero running_var "
+                "value(s) with eps=0: it divides by zero; the checkpoint is corrupt (or set eps > 0)."
             )
         if label == "running_var" and (value < 0).any():
             raise FoldError(

@@ -186,7 +186,11 @@ class Prover:
                 self.reference = run_program(program, self.runs, float64=False)
             except Exception as exc2:
                 raise FoldError(
-                    f"the captured model fails on the proof's inputs: {type(exc2).__name__}: {first_line(exc2)}"
+                    "the program torch.export captured from the model fails when run "
+                    f"({type(exc2).__name__}: {first_line(exc2)}), so it does not compute what the model "
+                    "does. A forward that assigns a registered buffer (an anchor grid made on the first "
+                    "call) is captured as an in-place copy into it: register the buffer with its final "
+                    "shape, or run the model once before exporting it"
                 ) from exc2
         self.bound = PROOF_RTOL if self.float64 else DEFAULT_RTOL
 
@@ -273,8 +277,8 @@ def proven_fold(
             _, bare = attempt(dict.fromkeys(applied, "bisecting"))
             if not bare.passed(prover.bound):
                 raise FoldError(
-                    "the model does not compute the same outputs twice on the same inputs (its "
-                    f"{bare.where} differs by {bare.deviation:.3g}): it is not deterministic in eval "
+                    "the model does not compute the same outputs twice on the same inputs "
+                    f"({bare.where} differs by {bare.deviation:.3g}): it is not deterministic in eval "
                     "mode, so no fold can be proven; remove the randomness from its forward"
                 )
             checked_nothing_folded = True

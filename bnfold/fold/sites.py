@@ -157,7 +157,7 @@ def batchnorm_site(node: fx.Node, store: TensorStore | None = None) -> BatchNorm
     if located and "Norm" in located[1]:
         name, kind = located
     elif store is not None and store.is_stored(mean):
-        name, kind = store.target(mean).rsplit(".", 1)[0], "batch_norm"
+        name, kind = store.name(mean).split(", ")[0].rsplit(".", 1)[0], "batch_norm"
     else:
         name, kind = node.name, "batch_norm"
     return BatchNormSite(node, output, float(node.args[eps_idx]), uses_batch_stats, name or node.name, kind)
@@ -186,7 +186,7 @@ def weight_layer(node: object, store: TensorStore | None = None) -> WeightLayer 
     if located and located[0]:
         name = located[0]
     elif store is not None and store.is_stored(weight):
-        name = store.target(weight).rsplit(".", 1)[0]
+        name = store.name(weight).split(", ")[0].rsplit(".", 1)[0]
     else:
         name = node.name
     return WeightLayer(node, transposed, groups, kind, name)

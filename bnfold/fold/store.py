@@ -61,9 +61,13 @@ class TensorStore:
         self._counter = 0
         self.pending: dict[str, tuple[torch.dtype, str]] = {}
         """New tensors held in float64: target -> (the dtype they take, what they are, for errors)."""
+        self._origins: dict[str, tuple[str, bool]] = {}
+        """Tensors computed from stored ones: target -> (the names they came from, whether any
+        of them is a parameter)."""
         # A buffer the forward changes (in place, or as a declared mutation) is state, not a constant.
         changed = set(program.graph_signature.buffers_to_mutate.values())
         changed |= {n.name for n in self.graph.nodes if n.op == "placeholder" and mutated(n)}
+        self._changed = changed
         self._stored = {
             spec.arg.name: spec
             for spec in program.graph_signature.input_specs
@@ -87,9 +91,22 @@ class TensorStore:
         return node is None or self.is_stored(node)
 
     def is_parameter(self, node: object) -> bool:
-        """Whether ``node`` is a stored trainable parameter (not a buffer or a constant)."""
+        """Whether ``node`` is a stored trainable parameter (not a buffer or a constant), or was
+        computed from one (``gamma[:, None, None]``)."""
         spec = self._spec(node)
-        return spec is not None and spec.kind == InputKind.PARAMETER
+        return spec is not None and (spec.kind == InputKind.PARAMETER or self._origins.get(spec.target, ("", False))[1])
+
+    def name(self, node: fx.Node) -> str:
+        """A stored tensor's name for the report: its state-dict name, or for a tensor computed
+        from stored ones (``self.gamma[:, None, None]``, ``weight * mask``), theirs."""
+        target = self.target(node)
+        return self._origins.get(target, (target, False))[0]
+
+    def derive(self, node: fx.Node, sources: list[fx.Node]) -> None:
+        """Record that the stored tensor ``node`` was computed from the stored ``sources``."""
+        names = [self.name(n) for n in sources if self.is_stored(n)]
+        if names:
+            self._origins[self.target(node)] = (", ".join(names), any(self.is_parameter(n) for n in sources))
 
     def target(self, node: fx.Node) -> str:
         """The state-dict name of a stored tensor (``layer1.0.conv1.weight``)."""
@@ -135,6 +152,17 @@ class TensorStore:
         if dtype != value.dtype:
             self.pending[target] = (dtype, what or f"the folded tensor '{target}'")
         return node
+
+    def own_changed_state(self) -> None:
+        """Give the program its own copy of every tensor its forward changes (a counter, batch
+        statistics updated at test time), so that running the folded program never writes to
+        the user's model, with which it shares its other tensors."""
+        for spec in self.program.graph_signature.input_specs:
+            if spec.target is None or not (spec.arg.name in self._changed or spec.target in self._changed):
+                continue
+            for table in (self.program.state_dict, self.program.constants):
+                if spec.target in table and isinstance(table[spec.target], Tensor):
+                    table[spec.target] = table[spec.target].detach().clone()
 
     def finalize(self) -> None:
         """Cast every new tensor still held in float64 to its dtype, one at a time (the float64

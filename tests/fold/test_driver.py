@@ -234,3 +234,55 @@ def test_a_batchnorm_of_a_stored_tensor_is_computed_once_and_in_the_report(gated
     result = assert_fold_exact(with_statistics(NormalisedConstant(gated)), random_input(2, 3, 5, 5), ["folded"])
     (entry,) = result.report.entries
     assert entry.into == "a stored constant" and entry.name == "bn"
+
+
+def test_a_zero_running_var_with_eps_0_is_an_error_naming_the_layer():
+    model = _bn_model()
+    model[1].eps = 0.0
+    model[1].running_var[1] = 0.0
+    with pytest.raises(FoldError, match=r"batch-norm '1' has 1 zero running_var value\(s\) with eps=0"):
+        fold(model, (random_input(2, 3, 6, 6),))
+
+
+class WritesItsState(nn.Module):
+    """A counter incremented in forward, and batch statistics updated at test time after use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        y = self.bn(self.conv(x))
+        with torch.no_grad():
+            self.bn.running_mean.mul_(0.9)
+        return y
+
+
+def test_running_the_folded_module_never_writes_to_the_users_model():
+    model = with_statistics(WritesItsState())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold(model, (random_input(2, 3, 6, 6),)).module
+    for _ in range(2):
+        folded(random_input(2, 3, 6, 6))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cond(y.sum() > 0, lambda t: self.bn(t), lambda t: self.bn2(t) * 2, (y,))
+
+
+def test_batchnorms_inside_control_flow_branches_are_reported_kept_and_export(tmp_path):
+    from bnfold import export
+
+    model = with_statistics(Branches())
+    result = fold(model, (random_input(2, 3, 5, 5),))
+    assert [(e.status, e.category) for e in result.report.entries] == [("kept", "inside a control-flow branch")] * 2
+    assert export(model, (random_input(2, 3, 5, 5),), tmp_path / "m.onnx").verify_report.passed

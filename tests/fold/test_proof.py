@@ -225,3 +225,30 @@ def test_deviation_is_normwise_and_infinite_for_any_structural_difference():
     assert proof.deviation(ref, torch.tensor([1.0, -4.0, math.inf, 0.0], dtype=F64)) == math.inf
     assert proof.deviation(ref, ref[:3]) == math.inf
     assert proof.deviation(torch.tensor([1, 2]), torch.tensor([1, 3])) == math.inf
+
+
+class AssignsABuffer(nn.Module):
+    """YOLO-style anchors: a registered buffer replaced by one of another shape on the first
+    call. torch.export records that as an in-place copy into the buffer, so the captured program
+    does not compute what the model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.register_buffer("anchors", torch.zeros(1, 2, 1, 1), persistent=False)
+        self.initialised = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x))
+        if not self.initialised:
+            self.anchors = torch.ones(1, 2, *y.shape[2:]) * 0.5
+            self.initialised = True
+        return y[:, :2] * self.anchors
+
+
+def test_a_captured_program_that_fails_when_run_is_an_error_that_says_why():
+    from bnfold.errors import FoldError
+
+    message = "register the buffer with its final shape, or run the model once"
+    with pytest.raises(FoldError, match=message), pytest.warns(UserWarning):
+        fold(with_statistics(AssignsABuffer()), (x_input(2, 4, 6, 6),))

@@ -105,7 +105,7 @@ def test_an_unbatched_conv_is_not_folded_into():
     assert_fold_exact(with_statistics(Unbatched()), random_input(1, C, C), ["kept"], dynamic_batch=False)
 
 
-def test_an_affine_constant_of_a_wider_dtype_is_no_affine_site():
+def test_an_affine_constant_of_a_wider_dtype_is_kept_and_reported_with_its_reason():
     class Promotes(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -118,7 +118,9 @@ def test_an_affine_constant_of_a_wider_dtype_is_no_affine_site():
     model = Promotes().eval()
     x = random_input(2, C, 6, 6)
     result = fold(model, [x])
-    assert result.report.entries == [] and result.module(x).dtype == model(x).dtype == torch.float64
+    (entry,) = result.report.entries
+    assert entry.status == "kept" and "would change the output dtype" in entry.reason
+    assert result.module(x).dtype == model(x).dtype == torch.float64
 
 
 def test_a_permute_with_negative_dims_between_linear_and_batchnorm():

@@ -26,7 +26,7 @@ class Match:
 def match(site: Site, edit: GraphEdit) -> Match | Refusal | None:
     users = list(site.output.users)
     next_map = edit.affine_maps.get(users[0]) if len(users) == 1 else None
-    if next_map is None or next_map.source is not site.output:
+    if next_map is None or next_map.source is not site.output or next_map.refusal:
         return None
     if next_map.num_channels != site.num_channels:
         return Refusal("channel mismatch with the following affine map")

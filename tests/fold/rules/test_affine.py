@@ -149,3 +149,41 @@ def test_frozen_batchnorm_after_an_activation_is_kept_with_its_reason():
     )
     [entry] = result.report.entries
     assert entry.status == "kept" and entry.category == "after relu"
+
+
+class Scaled(nn.Module):
+    """conv → BN → a layer scale written as users write it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        dtype = torch.float64 if how == "float64" else torch.float32
+        self.gamma = nn.Parameter(torch.rand(4, dtype=dtype) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        if self.how == "in place":  # timm's LayerScale(inplace=True)
+            return y.mul_(self.gamma[:, None, None])
+        return self.gamma[:, None, None] * y
+
+
+def test_a_layer_scale_indexed_from_its_parameter_is_named_after_it():
+    result = assert_fold_exact(with_statistics(Scaled("indexed")), random_input(2, 3, 5, 5), ["folded", "kept"])
+    assert (result.report.entries[1].name, result.report.entries[1].kind) == ("gamma", "layer scale")
+
+
+def test_a_layer_scale_written_in_place_is_reported_and_kept():
+    result = assert_fold_exact(with_statistics(Scaled("in place")), random_input(2, 3, 5, 5), ["folded", "kept"])
+    assert "written in place" in kept_entry(result).reason and kept_entry(result).kind == "layer scale"
+
+
+def test_a_float64_layer_scale_on_a_float32_model_is_reported_and_kept():
+    from bnfold.fold import fold
+
+    model, x = with_statistics(Scaled("float64")), random_input(2, 3, 5, 5)
+    model.conv.float(), model.bn.float()
+    result = fold(model, (x,))
+    assert [e.status for e in result.report.entries] == ["folded", "kept"]
+    assert "would change the output dtype" in kept_entry(result).reason
+    assert run(result.module, x)[0].dtype == torch.float64
