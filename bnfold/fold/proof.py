@@ -176,12 +176,6 @@ class Prover:
         try:
             self.reference = run_program(program, self.runs, float64=True)
         except Exception as exc:  # an op without a float64 kernel raises whatever its backend raises
-            self.float64 = False
-            self.note = f"the model cannot run in float64 ({type(exc).__name__}: {first_line(exc)})"
-            warnings.warn(
-                f"bnfold: {self.note}; the fold is checked in float32 instead, which cannot prove it exact",
-                stacklevel=2,
-            )
             try:
                 self.reference = run_program(program, self.runs, float64=False)
             except Exception as exc2:
@@ -192,6 +186,12 @@ class Prover:
                     "call) is captured as an in-place copy into it: register the buffer with its final "
                     "shape, or run the model once before exporting it"
                 ) from exc2
+            self.float64 = False
+            self.note = f"the model cannot run in float64 ({type(exc).__name__}: {first_line(exc)})"
+            warnings.warn(
+                f"bnfold: {self.note}; the fold is checked in float32 instead, which cannot prove it exact",
+                stacklevel=2,
+            )
         self.bound = PROOF_RTOL if self.float64 else DEFAULT_RTOL
 
     def check(self, program: ExportedProgram) -> Check:

@@ -250,5 +250,5 @@ def test_a_captured_program_that_fails_when_run_is_an_error_that_says_why():
     from bnfold.errors import FoldError
 
     message = "register the buffer with its final shape, or run the model once"
-    with pytest.raises(FoldError, match=message), pytest.warns(UserWarning):
+    with pytest.raises(FoldError, match=message):
         fold(with_statistics(AssignsABuffer()), (x_input(2, 4, 6, 6),))
