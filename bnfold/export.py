@@ -141,6 +141,8 @@ def export(
     preprocess: Preprocess | None = None,
     source: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    rules: Sequence[str] | None = None,
+    skip_rules: Sequence[str] | None = None,
 ) -> ExportResult:
     """Fold ``module``'s batch-norms, export it to ONNX at ``path`` and verify it.
 
@@ -156,7 +158,8 @@ def export(
     then converts; inputs and outputs are float16 unless ``keep_io_types``. ``rtol``/``atol``
     default to the float32 or float16 tolerances (see :mod:`bnfold.verify`); ``reference`` is
     passed to :func:`bnfold.verify`. ``labels`` (one per class of the first output) and
-    ``preprocess`` are stored in the ONNX metadata for :class:`bnfold.Predictor`.
+    ``preprocess`` are stored in the ONNX metadata for :class:`bnfold.Predictor`. ``rules`` and
+    ``skip_rules`` choose the fold rules by name, as for :func:`bnfold.fold`.
     """
     if keep_io_types and not fp16:
         raise UsageError("`keep_io_types=True` only applies with `fp16=True`")
@@ -179,6 +182,8 @@ def export(
             labels=labels,
             preprocess=preprocess,
             progress=progress,
+            rules=rules,
+            skip_rules=skip_rules,
         )
         if verify:
             # The folded graph and the exporter's program (reference cycles) hold a copy of the
@@ -222,13 +227,15 @@ def _fold_and_write(
     labels: Sequence[str] | None,
     preprocess: Preprocess | None,
     progress: Progress,
+    rules: Sequence[str] | None,
+    skip_rules: Sequence[str] | None,
 ) -> tuple[ExportResult, Staged]:
     """Fold, export and write the ONNX file to a temporary name beside ``out``: the result so
     far (no verification yet) and the staged file, which the caller commits; its removal is
     registered on ``cleanup`` as soon as it exists. Only the small result leaves this function:
     the folded module and the ONNX IR die with it."""
     progress.start("Folding batch-norms")
-    folded = fold(module, example_inputs, dynamic_batch=dynamic_batch)
+    folded = fold(module, example_inputs, dynamic_batch=dynamic_batch, rules=rules, skip_rules=skip_rules)
     progress.finish()
     _check_preprocess(preprocess, example_inputs)
     progress.start("Exporting to ONNX")

@@ -24,6 +24,8 @@ PARAMETER_FLAGS: dict[str, str] = {
     "dynamic_batch=False": "--static-batch",
     "input_shapes": "--input-shape",
     "opset": "--opset",
+    "rules": "--rules",
+    "skip_rules": "--skip-rules",
     # loading
     "arch": "--arch",
     "arch_kwargs": "--arch-kwargs",

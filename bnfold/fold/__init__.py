@@ -4,7 +4,7 @@ batch-norm."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ from ..report import FoldReport, ProofReport
 from .capture import capture
 from .driver import fold_program
 from .proof import Prover, proven_fold
+from .rules import select
 
 
 @dataclass
@@ -37,19 +38,29 @@ class FoldResult:
         return self.report.proof
 
 
-def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = True) -> FoldResult:
+def fold(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    dynamic_batch: bool = True,
+    rules: Iterable[str] | None = None,
+    skip_rules: Iterable[str] | None = None,
+) -> FoldResult:
     """Fold the batch-norms of ``module`` (evaluated in eval mode) into neighbouring layers.
 
     ``module`` itself is left untouched (it is not even run); the result is a new program
     computing the same function as ``module.eval()``, proven in float64 on ``example_inputs``
     and seeded probes (:mod:`bnfold.fold.proof`): a rewrite the proof finds wrong is undone and
     its batch-norm kept with the reason. ``example_inputs`` give the input shapes and dtypes;
-    with ``dynamic_batch`` the batch axis stays free.
+    with ``dynamic_batch`` the batch axis stays free. ``rules`` (names; all by default) and
+    ``skip_rules`` choose the fold rules applied (``bnfold.fold.rules.all_rules()`` lists them),
+    e.g. to apply one rule alone or to switch one off while hunting a problem.
     """
+    chosen = select(rules, skip_rules)
     program = capture(module, example_inputs, dynamic_batch=dynamic_batch)
     types = module_types(module)
     prover = Prover(program, example_inputs, dynamic_batch)
-    result, check = proven_fold(program, lambda copy, skip: fold_program(copy, types, skip), prover)
+    result, check = proven_fold(program, lambda copy, skip: fold_program(copy, types, skip, chosen), prover)
     report = result.report
     report.dynamic_batch = dynamic_batch
     report.proof = prover.report(check, result.undone)

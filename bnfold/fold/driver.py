@@ -1,6 +1,6 @@
-"""The fold pass: every batch-norm of a captured program is folded by the first rule that
-matches it, or kept with the reasons of the rules that refused it; then multi-branch blocks are
-merged. The program is rewritten in place; tensors are added, never changed. Each rewrite is
+"""The fold pass: every batch-norm of a captured program is folded by the first registered rule
+(:mod:`.rules`) that matches it, or kept with the reasons of every rule that refused it; then
+blocks of parallel branches are merged. The driver knows no rule by name. The program is rewritten in place; tensors are added, never changed. Each rewrite is
 named by the graph node it starts from (a batch-norm, an affine map's first op, a merged Add),
 so that the float64 proof can undo one by passing its name in ``skip``."""
 
@@ -16,26 +16,9 @@ from ..report import KEPT, BatchNormEntry, FoldReport
 from .affine import affine_sites
 from .ops import BATCHNORM_OPS, mutated, op_name
 from .prepare import check_statistics, drop_no_ops, store_computed_parameters, store_constant_batchnorms
-from .rules import (
-    Refusal,
-    bn_bn,
-    bn_conv,
-    compose_affine,
-    concat_bn,
-    conv_bn,
-    multibranch,
-    reshape_bn,
-    through_in,
-    through_out,
-)
+from .rules import BLOCK, INPUT, OUTPUT, BlockRefusal, Refusal, RuleSet, select
 from .sites import BatchNormSite, GraphEdit, Site, batchnorm_site, describe_source, kept_entry
 from .store import TensorStore
-
-# The batch-norm reads a weight layer (output side), in the order tried.
-OUTPUT_SIDE_RULES = (concat_bn, reshape_bn, conv_bn, through_out)
-# The batch-norm feeds a weight layer or another batch-norm (input side), in the order tried.
-INPUT_SIDE_RULES = (bn_bn, compose_affine, bn_conv, through_in)
-
 
 PROOF_CATEGORY = "float64 proof failed"
 
@@ -83,13 +66,17 @@ def _preconditions(site: Site, store: TensorStore) -> str | None:
     return None
 
 
-def _first_match(rules: tuple, site: Site, edit: GraphEdit) -> tuple[object, object]:
-    """(rule, its match or refusal) of the first rule in ``rules`` that applies to ``site``."""
-    for rule in rules:
+def _apply_first(rules: RuleSet, side: str, site: Site, edit: GraphEdit) -> tuple[object, list[Refusal]]:
+    """Try every rule of ``side`` on ``site`` in priority order: the first match is rewritten,
+    and its result (the report entry, with its match) returned; else ``None`` and every refusal."""
+    refusals = []
+    for rule in rules.of(side):
         found = rule.match(site, edit)
-        if found is not None:
-            return rule, found
-    return None, None
+        if isinstance(found, Refusal):
+            refusals.append(found)
+        elif found is not None:
+            return (rule.rewrite(found, edit), found), refusals
+    return None, refusals
 
 
 def _input_side_default(site: Site) -> Refusal:
@@ -100,30 +87,31 @@ def _input_side_default(site: Site) -> Refusal:
 
 
 def fold_site(
-    site: Site, edit: GraphEdit, skip: Mapping[str, str] | None = None
+    site: Site, edit: GraphEdit, rules: RuleSet, skip: Mapping[str, str] | None = None
 ) -> tuple[BatchNormEntry, set[fx.Node]]:
-    """Fold one batch-norm by the first rule that matches it, or keep it with every reason (or
-    the reason ``skip`` gives for its node); also the weight-layer calls it was folded into (for
-    the report of a later merge)."""
+    """Fold one batch-norm by the first of ``rules`` that matches it, or keep it with every
+    reason (or the reason ``skip`` gives for its node); also the weight-layer calls it was folded
+    into (for the report of a later merge)."""
     site.num_channels = site.channels(edit.store)
     if skip and site.node.name in skip:
         return kept_entry(site, skip[site.node.name], PROOF_CATEGORY), set()
     reason = _preconditions(site, edit.store)
     if reason:
         return kept_entry(site, reason), set()
-    output_rule, output_side = _first_match(OUTPUT_SIDE_RULES, site, edit)
-    if output_rule is not None and not isinstance(output_side, Refusal):
-        return output_rule.rewrite(output_side, edit), _layer_calls(output_side)
-    if mutated(site.source):  # the layer after it would read the changed tensor instead
-        input_rule, input_side = (
-            None,
-            Refusal("its input is changed in place afterwards, so nothing can read it instead"),
-        )
-    else:
-        input_rule, input_side = _first_match(INPUT_SIDE_RULES, site, edit)
-    if input_rule is not None and not isinstance(input_side, Refusal):
-        return input_rule.rewrite(input_side, edit), _layer_calls(input_side)
-    refusals = [output_side or Refusal(describe_source(site.source)), input_side or _input_side_default(site)]
+    done, output_refusals = _apply_first(rules, OUTPUT, site, edit)
+    input_refusals: list[Refusal] = []
+    if done is None:
+        if mutated(site.source):  # the layer after it would read the changed tensor instead
+            input_refusals = [Refusal("its input is changed in place afterwards, so nothing can read it instead")]
+        else:
+            done, input_refusals = _apply_first(rules, INPUT, site, edit)
+    if done is not None:
+        entry, found = done
+        return entry, _layer_calls(found)
+    refusals = [
+        *(output_refusals or [Refusal(describe_source(site.source))]),
+        *(input_refusals or [_input_side_default(site)]),
+    ]
     category = next((r.category for r in refusals if r.category), None)
     return kept_entry(site, "; ".join(r.reason for r in refusals), category), set()
 
@@ -135,7 +123,10 @@ def _layer_calls(found: object) -> set[fx.Node]:
 
 
 def fold_program(
-    program: ExportedProgram, types: Mapping[str, str] | None = None, skip: Mapping[str, str] | None = None
+    program: ExportedProgram,
+    types: Mapping[str, str] | None = None,
+    skip: Mapping[str, str] | None = None,
+    rules: RuleSet | None = None,
 ) -> FoldPass:
     """Fold every foldable batch-norm of ``program`` by rewriting its graph, in place.
 
@@ -143,9 +134,11 @@ def fold_program(
     original weights at the others, and the user's module (whose tensors the program shares)
     is never modified. ``types`` (module path -> class name) names the layers when the graph
     does not record its modules (e.g. converted TorchScript). ``skip`` (node name -> reason)
-    names rewrites not to apply. Returns the report of every batch-norm, the rewrites applied
-    and the store (its new tensors still float64 until finalized).
+    names rewrites not to apply; ``rules`` the rules to apply (every registered rule by default).
+    Returns the report of every batch-norm, the rewrites applied and the store (its new tensors
+    still float64 until finalized).
     """
+    rules = rules or select()
     store = TensorStore(program)
     edit = GraphEdit(store)
     drop_no_ops(store.graph)
@@ -169,19 +162,19 @@ def fold_program(
     into: list[set[fx.Node]] = []
     for site in sites:
         name = site.node.name
-        entry, layers = fold_site(site, edit, skip)
+        entry, layers = fold_site(site, edit, rules, skip)
         entries.append(entry)
         into.append(layers)
         if entry.status != KEPT:
             folded.applied.append(name)
     while True:  # a merged block can give a kept batch-norm its conv: bn(conv_a(x) + conv_b(x) + x)
         kept = {site.node: i for i, (site, entry) in enumerate(zip(sites, entries)) if entry.status == KEPT}
-        if not _merge_blocks(edit, entries, kept, into, skip or {}, folded):
+        if not _merge_blocks(edit, rules, entries, kept, into, skip or {}, folded):
             break
         for i, site in enumerate(sites):
             if site.node in kept and entries[i].status == KEPT and not site.node._erased:
                 name = site.node.name
-                entries[i], into[i] = fold_site(site, edit, skip)
+                entries[i], into[i] = fold_site(site, edit, rules, skip)
                 if entries[i].status != KEPT:
                     folded.applied.append(name)
     store.drop_unused()
@@ -209,30 +202,31 @@ def _in_branches(program: ExportedProgram) -> list[BatchNormEntry]:
 
 def _merge_blocks(
     edit: GraphEdit,
+    rules: RuleSet,
     entries: list[BatchNormEntry],
     kept: dict[object, int],
     into: list[set[fx.Node]],
     skip: Mapping[str, str],
     folded: FoldPass,
 ) -> bool:
-    """Merge every multi-branch conv block (except those ``skip`` names), updating the report
-    entries of its batch-norms; returns whether any block was merged."""
+    """Apply every ``BLOCK`` rule to each of its candidate nodes (except those ``skip`` names),
+    updating the report entries of the blocks' batch-norms; returns whether any block was merged."""
     merged = False
-    for root in multibranch.roots(edit.graph):
-        if root._erased:  # an earlier merge removed it
-            continue
-        found = multibranch.match(root, edit)
-        if found is not None and not isinstance(found, Refusal) and root.name in skip:
-            folded.undone_merges.append(f"the branches merged into {found.main.kind} '{found.main.name}'")
-            sites = tuple(b.site.node for b in found.branches if b.site is not None)
-            found = multibranch.BlockRefusal(skip[root.name], PROOF_CATEGORY, sites)
-        if isinstance(found, multibranch.BlockRefusal):
-            for node in found.batchnorms:
-                if node in kept:
-                    entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
-        elif found is not None:
-            folded.applied.append(root.name)
-            shared = multibranch.rewrite(found, edit)
-            multibranch.report_merge(found, entries, kept, into, shared)
-            merged = True
+    for rule in rules.of(BLOCK):
+        for root in rule.candidates(edit.graph):
+            if root._erased:  # an earlier merge removed it
+                continue
+            found = rule.match(root, edit)
+            if found is not None and not isinstance(found, Refusal) and root.name in skip:
+                folded.undone_merges.append(f"the branches merged into {found.into}")
+                found = BlockRefusal(skip[root.name], PROOF_CATEGORY, found.batchnorms)
+            if isinstance(found, Refusal):
+                for node in getattr(found, "batchnorms", ()):
+                    if node in kept:
+                        entries[kept[node]] = replace(entries[kept[node]], reason=found.reason, category=found.category)
+            elif found is not None:
+                folded.applied.append(root.name)
+                shared = rule.rewrite(found, edit)
+                rule.report(found, entries, kept, into, shared)
+                merged = True
     return merged

@@ -57,6 +57,11 @@ from bnfold.staging import check_output_path
     show_default=True,
     help="Batch size of the recalibration pass.",
 )
+@click.option(
+    "--rules",
+    help="Apply only these fold rules (comma-separated names; default: all; an unknown name lists them).",
+)
+@click.option("--skip-rules", help="Apply every fold rule except these (comma-separated names).")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full fold + verify report as JSON here.")
 def export_command(
     model: str,
@@ -68,6 +73,8 @@ def export_command(
     keep_io_types: bool,
     recalibrate_data: str | None,
     recalibrate_batch_size: int,
+    rules: str | None,
+    skip_rules: str | None,
     report_path: str | None,
     *,
     loading: ModelOptions,
@@ -112,6 +119,8 @@ def export_command(
             preprocess=preprocess,
             source=model,
             progress=progress,
+            rules=_names(rules),
+            skip_rules=_names(skip_rules),
             **verification.kwargs(),
         )
     except VerificationError as exc:
@@ -124,3 +133,8 @@ def export_command(
         extra = {"recalibration": recalibration.to_dict()} if recalibration else {}
         write_json(report_path, {"model": model, "format": loaded.format, **result.to_dict(), **extra})
     click.echo(f"Wrote {result.path}")
+
+
+def _names(value: str | None) -> list[str] | None:
+    """A comma-separated option's names."""
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]

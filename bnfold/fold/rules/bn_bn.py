@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ...report import BatchNormEntry
 from .. import math as fold_math
 from ..sites import BatchNormSite, GraphEdit, batchnorm_site, folded_entry
-from . import Refusal
+from . import INPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -48,3 +48,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     next_bn.node.args = tuple(args)
     edit.remove(site, site.source)
     return folded_entry(site, next_bn.name, f"{site.kind} → {next_bn.kind}, composed")
+
+
+register(Rule("bn_bn", INPUT, 10, match, rewrite))

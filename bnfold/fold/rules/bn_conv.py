@@ -17,7 +17,7 @@ from torch import fx
 from ...report import BatchNormEntry
 from ..ops import arg, aten, rank
 from ..sites import BatchNormSite, GraphEdit, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import INPUT, Refusal, Rule, register
 
 # Padding modes that commute with a per-channel affine map (the padded values are input values).
 AFFINE_COMMUTING_PAD_MODES = {"reflect", "replicate", "circular"}
@@ -68,3 +68,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     edit.remove(site, site.source)
     through = f", through {arg(m.pad, 2, 'mode')} padding" if m.pad is not None else ""
     return folded_entry(site, layer.name, f"{site.kind} → {layer.kind}, input side{through}", shared)
+
+
+register(Rule("bn_conv", INPUT, 30, match, rewrite))

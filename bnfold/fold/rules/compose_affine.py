@@ -14,7 +14,7 @@ from ...report import BatchNormEntry
 from .. import math as fold_math
 from ..affine import AffineSite
 from ..sites import GraphEdit, Site, folded_entry
-from . import Refusal
+from . import INPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -39,3 +39,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     edit.set_affine(next_map, s, t, f"composing '{site.name}' with '{next_map.name}'")
     edit.remove(site, site.source)
     return folded_entry(site, next_map.name, f"{site.kind} → {next_map.kind}, composed")
+
+
+register(Rule("compose_affine", INPUT, 20, match, rewrite))

@@ -15,7 +15,7 @@ from torch import fx
 from ...report import BatchNormEntry
 from ..ops import arg, aten, channels_of, rank
 from ..sites import BatchNormSite, GraphEdit, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import OUTPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -59,3 +59,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     edit.remove(m.site, m.concat)
     names = ", ".join(layer.name for layer in m.layers)
     return folded_entry(m.site, names, f"{len(m.layers)} convs → Concat → {m.site.kind}, one slice each", shared)
+
+
+register(Rule("concat_bn", OUTPUT, 10, match, rewrite))

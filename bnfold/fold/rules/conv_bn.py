@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ...report import BatchNormEntry
 from ..ops import rank
 from ..sites import BatchNormSite, GraphEdit, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import OUTPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -40,3 +40,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     shared = edit.scale_output(m.site, m.layer, s, t)
     edit.remove(m.site, m.layer.node)
     return folded_entry(m.site, m.layer.name, f"{m.layer.kind} → {m.site.kind}", shared)
+
+
+register(Rule("conv_bn", OUTPUT, 30, match, rewrite))

@@ -25,7 +25,7 @@ from .. import math as fold_math
 from ..affine import activation_operand, per_channel, same_dtype
 from ..ops import ADDS, AVG_POOLS, arg, aten, channels_of, mutated, rank
 from ..sites import SHARED_NOTE, BatchNormSite, GraphEdit, WeightLayer, batchnorm_site, weight_layer
-from . import Refusal
+from . import BLOCK, BlockRefusal, Rule, register
 
 CATEGORY = "multi-branch block that cannot be merged"
 
@@ -54,12 +54,15 @@ class Match:
     main: WeightLayer
     kernel: tuple[int, ...]
 
+    @property
+    def batchnorms(self) -> tuple[fx.Node, ...]:
+        """The batch-norm ops of its identity and pool branches."""
+        return tuple(b.site.node for b in self.branches if b.site is not None)
 
-@dataclass(frozen=True)
-class BlockRefusal(Refusal):
-    """A refusal that applies to every batch-norm branch of the block."""
-
-    batchnorms: tuple[fx.Node, ...] = ()
+    @property
+    def into(self) -> str:
+        """What the block merges into, for messages."""
+        return f"{self.main.kind} '{self.main.name}'"
 
 
 def _is_sum(node: object) -> bool:
@@ -318,3 +321,6 @@ def report_merge(
                 reason=None,
                 category=None,
             )
+
+
+register(Rule("multibranch", BLOCK, 10, match, rewrite, candidates=roots, report=report_merge))

@@ -14,7 +14,7 @@ from torch import fx
 from ...report import BatchNormEntry
 from ..ops import VIEW_OPS, feature_axis_through, op_name, value_users
 from ..sites import BatchNormSite, GraphEdit, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import OUTPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -51,3 +51,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     shared = edit.scale_output(m.site, m.layer, s, t)
     edit.remove(m.site, m.reshape)
     return folded_entry(m.site, m.layer.name, f"Linear → {op_name(m.reshape)} → {m.site.kind}", shared)
+
+
+register(Rule("reshape_bn", OUTPUT, 20, match, rewrite))

@@ -17,7 +17,7 @@ from ...report import BatchNormEntry
 from ..commuting import CHANNEL_PRESERVING, commute_problem, flatten_factor
 from ..ops import op_name, rank
 from ..sites import GraphEdit, Site, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import INPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -79,3 +79,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     edit.remove(site, site.source)
     ops = " → ".join(op_name(op) for op in m.chain)
     return folded_entry(site, layer.name, f"{site.kind} → {ops} → {layer.kind}, input side", shared)
+
+
+register(Rule("through_in", INPUT, 40, match, rewrite))

@@ -17,7 +17,7 @@ from ...report import BatchNormEntry
 from ..commuting import CHANNEL_PRESERVING, commute_problem
 from ..ops import op_name, value_users
 from ..sites import GraphEdit, Site, WeightLayer, folded_entry, weight_layer
-from . import Refusal
+from . import OUTPUT, Refusal, Rule, register
 
 
 @dataclass
@@ -56,3 +56,6 @@ def rewrite(m: Match, edit: GraphEdit) -> BatchNormEntry:
     edit.remove(m.site, m.site.source)
     ops = " → ".join(op_name(op) for op in m.chain)
     return folded_entry(m.site, m.layer.name, f"{m.layer.kind} → {ops} → {m.site.kind}", shared)
+
+
+register(Rule("through_out", OUTPUT, 40, match, rewrite))
