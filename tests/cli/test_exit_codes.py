@@ -151,3 +151,14 @@ def test_130_sigint_during_verification_leaves_no_partial_file(tmp_path, externa
     assert proc.returncode == 130, (stdout, stderr)
     assert stderr.strip().splitlines() == ["bnfold: error: interrupted; nothing was written"]
     assert list(out.iterdir()) == []
+
+
+def test_2_an_unknown_fold_rule_names_the_flag_and_lists_the_rules(tmp_path):
+    line = assert_one_line_error(run_cli("export", DIGITS, "--skip-rules", "conv_bn,nope"), 2, "--skip-rules", "nope")
+    assert "conv_bn" in line and "multibranch" in line
+
+
+def test_skip_rules_switches_a_rule_off_from_the_cli(tmp_path):
+    result = run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--skip-rules", "conv_bn")
+    assert result.exit_code == 0, result.stderr
+    assert "Fold report: 4 batch-norm(s): 0 folded, 4 kept" in result.stdout
