@@ -234,9 +234,9 @@ def _fold_and_write(
     far (no verification yet) and the staged file, which the caller commits; its removal is
     registered on ``cleanup`` as soon as it exists. Only the small result leaves this function:
     the folded module and the ONNX IR die with it."""
-    progress.start("Folding batch-norms")
-    folded = fold(module, example_inputs, dynamic_batch=dynamic_batch, rules=rules, skip_rules=skip_rules)
-    progress.finish()
+    folded = fold(
+        module, example_inputs, dynamic_batch=dynamic_batch, rules=rules, skip_rules=skip_rules, progress=progress
+    )
     _check_preprocess(preprocess, example_inputs)
     progress.start("Exporting to ONNX")
     exported, example = folded.program, tuple(example_inputs)

@@ -126,8 +126,16 @@ class InterruptedAfter(bnfold.progress.Progress):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("step", ["Exporting to ONNX", "Verifying in ONNX Runtime"])
-def test_an_interrupt_after_the_file_is_staged_leaves_nothing(tmp_path, step):
+@pytest.mark.parametrize(
+    "step",
+    [
+        "Capturing the model (torch.export)",
+        "Folding batch-norms, proven in float64",
+        "Exporting to ONNX",
+        "Verifying in ONNX Runtime",
+    ],
+)
+def test_an_interrupt_at_any_step_leaves_nothing(tmp_path, step):
     with pytest.raises(KeyboardInterrupt):
         bnfold.export(model(), (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", progress=InterruptedAfter(step))
     assert list(tmp_path.iterdir()) == []

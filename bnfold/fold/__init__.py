@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 from ..modes import module_types
+from ..progress import Progress
 from ..report import FoldReport, ProofReport
 from .capture import capture
 from .driver import fold_program
@@ -45,6 +46,7 @@ def fold(
     dynamic_batch: bool = True,
     rules: Iterable[str] | None = None,
     skip_rules: Iterable[str] | None = None,
+    progress: Progress | None = None,
 ) -> FoldResult:
     """Fold the batch-norms of ``module`` (evaluated in eval mode) into neighbouring layers.
 
@@ -54,13 +56,19 @@ def fold(
     its batch-norm kept with the reason. ``example_inputs`` give the input shapes and dtypes;
     with ``dynamic_batch`` the batch axis stays free. ``rules`` (names; all by default) and
     ``skip_rules`` choose the fold rules applied (``bnfold.fold.rules.all_rules()`` lists them),
-    e.g. to apply one rule alone or to switch one off while hunting a problem.
+    e.g. to apply one rule alone or to switch one off while hunting a problem. ``progress``
+    reports the two steps: the capture, and the fold with its proof.
     """
     chosen = select(rules, skip_rules)
+    progress = progress or Progress()
+    progress.start("Capturing the model (torch.export)")
     program = capture(module, example_inputs, dynamic_batch=dynamic_batch)
+    progress.finish()
+    progress.start("Folding batch-norms, proven in float64")
     types = module_types(module)
     prover = Prover(program, example_inputs, dynamic_batch)
     result, check = proven_fold(program, lambda copy, skip: fold_program(copy, types, skip, chosen), prover)
+    progress.finish()
     report = result.report
     report.dynamic_batch = dynamic_batch
     report.proof = prover.report(check, result.undone)
