@@ -18,14 +18,22 @@ from .errors import BnfoldError, ExportError, UsageError, VerificationError, fir
 from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .fold.precision import to_float16, with_float32_io
-from .metadata import Preprocess, metadata_props
+from .metadata import (
+    FOLD_REPORT_KEY,
+    INPUT_NAMES_KEY,
+    OUTPUT_NAMES_KEY,
+    VERSION_KEY,
+    WEIGHT_DTYPE_KEY,
+    Preprocess,
+    metadata_props,
+)
 from .modes import module_dtype, quiet_torch
 from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
 from .onnx_writer import release_weights
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from .staging import EXTERNAL_DATA_THRESHOLD, Staged, check_output_path, collect_garbage, interrupts_held
-from .verify import WEIGHT_DTYPE_KEY, InputsArg, default_tolerances
+from .verify import InputsArg, default_tolerances
 from .verify import verify as verify_onnx
 
 
@@ -100,12 +108,12 @@ def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) ->
     model.metadata_props.update(
         {
             **extra,
-            "bnfold_version": __version__,
-            "bnfold_fold_report": json.dumps(
+            VERSION_KEY: __version__,
+            FOLD_REPORT_KEY: json.dumps(
                 {k: v for k, v in report.to_dict().items() if k != "entries"}, separators=(",", ":")
             ),
-            "bnfold_input_names": json.dumps([v.name for v in model.graph.inputs]),
-            "bnfold_output_names": json.dumps([v.name for v in model.graph.outputs]),
+            INPUT_NAMES_KEY: json.dumps([v.name for v in model.graph.inputs]),
+            OUTPUT_NAMES_KEY: json.dumps([v.name for v in model.graph.outputs]),
             WEIGHT_DTYPE_KEY: weight_dtype(model),
         }
     )

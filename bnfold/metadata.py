@@ -1,8 +1,10 @@
-"""What an exported model carries besides its graph: class labels and image preprocessing.
+"""What an exported model carries besides its graph, and every ONNX ``metadata_props`` key
+bnfold writes: the bnfold version, the fold report (counts, kept reasons, the float64 proof),
+input and output names, the weights' dtype, class labels and image preprocessing.
 
-Both are stored as JSON in the ONNX ``metadata_props`` (keys below) and read back by the
-Predictor; model files may carry them too (TorchScript/torch.export ``bnfold.json`` extra file,
-checkpoint-dict keys ``labels`` / ``preprocess``).
+Labels and preprocessing are stored as JSON and read back by the Predictor; model files may carry
+them too (TorchScript/torch.export ``bnfold.json`` extra file, checkpoint-dict keys ``labels`` /
+``preprocess``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from typing import Any
 
 from .errors import UsageError
 
+VERSION_KEY = "bnfold_version"
+FOLD_REPORT_KEY = "bnfold_fold_report"
+INPUT_NAMES_KEY = "bnfold_input_names"
+OUTPUT_NAMES_KEY = "bnfold_output_names"
+WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
+"""The dtype of the model's weights (``float32``, ``float16``): picks ``bnfold verify``'s tolerances."""
 LABELS_KEY = "bnfold_labels"
 PREPROCESS_KEY = "bnfold_preprocess"
 CHANNEL_ORDERS = ("RGB", "BGR", "L")

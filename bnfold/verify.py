@@ -17,6 +17,7 @@ from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
 from .errors import BnfoldError, UsageError
+from .metadata import WEIGHT_DTYPE_KEY
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
@@ -31,9 +32,6 @@ RANDOM_BATCH_SIZES = (1, 3)
 # 2.2 times (tests/test_verify.py); a fold with one channel 0.1% off is 280 to 680 times as far.
 FLOAT32_ERROR_FACTOR = 4.0
 DATA_CHUNK = 64
-# ONNX metadata key under which bnfold's export records its weights' dtype (see
-# :func:`bnfold.onnx_ir.weight_dtype`), so verification need not read the weights to find it.
-WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
 LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 InputsArg = ArraysArg | None

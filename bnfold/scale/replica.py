@@ -27,14 +27,13 @@ from ray import serve
 
 from .. import __version__
 from ..batching import plan_batches
+from ..metadata import FOLD_REPORT_KEY, VERSION_KEY
 from ..predictor import Predictor, TensorSpec
 from .cluster import actor_device, actor_threads
 from .http import ApiSettings, build_api
 from .run_queue import RunQueue, rows_of
 
 # ONNX metadata that bnfold.export writes beside labels and preprocessing.
-EXPORTED_WITH_KEY = "bnfold_version"
-FOLD_REPORT_KEY = "bnfold_fold_report"
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class ModelReplica:
             "preprocessing": asdict(preprocess) if preprocess is not None else None,
             "device": {"device": predictor.device, "providers": predictor.providers, "threads": self.threads},
             "bnfold_version": __version__,
-            "exported_with": meta.get(EXPORTED_WITH_KEY),
+            "exported_with": meta.get(VERSION_KEY),
             "fold_report": _json_or_none(meta.get(FOLD_REPORT_KEY)),
             "batching": {
                 "max_batch_size": self.settings.max_batch_size,
