@@ -6,10 +6,10 @@ so that the float64 proof can undo one by passing its name in ``skip``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from torch import fx
+from torch import Tensor, fx
 from torch.export import ExportedProgram
 
 from ..report import KEPT, BatchNormEntry, FoldReport
@@ -48,6 +48,10 @@ class FoldPass:
     def finalize(self) -> None:
         """Cast the new tensors, held exact in float64, to their dtypes."""
         self.store.finalize()
+
+    def exact_values(self) -> dict[str, Callable[[], Tensor]]:
+        """The new tensors held as functions giving their exact value, by target."""
+        return self.store.exact_values()
 
 
 def _preconditions(site: Site, store: TensorStore) -> str | None:

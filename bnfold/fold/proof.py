@@ -27,7 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, fx
@@ -83,22 +83,49 @@ def probe_inputs(example_inputs: Sequence[Tensor], dynamic_batch: bool) -> tuple
     return [example, *probes], inputs, sum(int(run[0].shape[0]) for run in [example, *probes] if run)
 
 
-def _float64_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose floating dtype arguments are float64."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target not in _BIT_VIEWS:
-            node.args = torch.utils._pytree.tree_map(lift_dtype, node.args)
-            node.kwargs = torch.utils._pytree.tree_map(lift_dtype, node.kwargs)
-    return fx.GraphModule(gm, graph)
+class _Stored:
+    """A stored tensor the run computes (or converts) only when an op reads it."""
+
+    def __init__(self, fetch: Callable[[], Tensor]) -> None:
+        self.fetch = fetch
 
 
-def run_program(program: ExportedProgram, runs: Sequence[Inputs], float64: bool) -> list[list[Tensor]]:
+def _materialize(value: object) -> object:
+    return value.fetch() if isinstance(value, _Stored) else value
+
+
+class _Run(fx.Interpreter):
+    """Runs a lifted graph with each stored tensor materialised for the op that reads it and
+    released after, so that a float64 run never holds a float64 copy of the whole model; in
+    float64, floating dtype arguments are raised to float64 too."""
+
+    def __init__(self, gm: fx.GraphModule, float64: bool) -> None:
+        super().__init__(gm)
+        self.float64 = float64
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        args = torch.utils._pytree.tree_map(_materialize, args)
+        kwargs = torch.utils._pytree.tree_map(_materialize, kwargs)
+        if self.float64 and target not in _BIT_VIEWS:
+            args = torch.utils._pytree.tree_map(lift_dtype, args)
+            kwargs = torch.utils._pytree.tree_map(lift_dtype, kwargs)
+        return target(*args, **kwargs)
+
+    def output(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return torch.utils._pytree.tree_map(_materialize, args[0])
+
+
+def run_program(
+    program: ExportedProgram,
+    runs: Sequence[Inputs],
+    float64: bool,
+    exact: Mapping[str, Callable[[], Tensor]] | None = None,
+) -> list[list[Tensor]]:
     """The user outputs of ``program``'s lifted graph on each input set of ``runs``, in float64
-    (every floating tensor and dtype argument) or in the program's own dtypes. Nothing the
-    program holds is changed: tensors the graph writes in place are copied first."""
-    gm = _float64_graph(program.graph_module) if float64 else program.graph_module
+    (every floating tensor and dtype argument) or in the program's own dtypes. ``exact`` gives
+    the stored tensors held as functions (a fold's new weights, float64). Nothing the program
+    holds is changed: tensors the graph writes in place are copied first."""
+    exact = exact or {}
     placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"]
     written = {n.name for n in placeholders if mutated(n)}
     convert = to_float64 if float64 else (lambda v: v)
@@ -110,18 +137,19 @@ def run_program(program: ExportedProgram, runs: Sequence[Inputs], float64: bool)
         if spec.kind == InputKind.TOKEN:
             state.append(torch.tensor([]))
             continue
-        value = program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]
-        value = convert(value)
-        state.append(
-            value.clone() if node.name in written and value is not None and isinstance(value, Tensor) else value
-        )
+        if spec.target in exact:
+            fetch = exact[spec.target]
+        else:
+            table = program.state_dict if spec.target in program.state_dict else program.constants
+            fetch = lambda value=table[spec.target]: convert(value)
+        state.append(fetch().clone() if node.name in written else _Stored(fetch))
     kinds = [spec.kind for spec in program.graph_signature.output_specs]
     results = []
     for inputs in runs:
         given = iter(inputs)
         args = [convert(next(given)).clone() if value is None else value for value in state]
         with torch.no_grad(), quiet_torch():
-            out = gm(*args)
+            out = _Run(program.graph_module, float64).run(*args)
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         results.append([o for o, kind in zip(out, kinds) if kind == OutputKind.USER_OUTPUT])
     return results
@@ -194,9 +222,10 @@ class Prover:
             )
         self.bound = PROOF_RTOL if self.float64 else DEFAULT_RTOL
 
-    def check(self, program: ExportedProgram) -> Check:
-        """The largest deviation of ``program``'s outputs from the original's."""
-        got = run_program(program, self.runs, float64=self.float64)
+    def check(self, program: ExportedProgram, exact: Mapping[str, Callable[[], Tensor]] | None = None) -> Check:
+        """The largest deviation of ``program``'s outputs (its new tensors given by ``exact``)
+        from the original's."""
+        got = run_program(program, self.runs, float64=self.float64, exact=exact)
         worst = Check(0.0, "")
         for name, refs, outs in zip(self.names, self.reference, got):
             if len(refs) != len(outs):
@@ -249,6 +278,8 @@ class Attempt(Protocol):
     @property
     def undone(self) -> list[str]: ...
 
+    def exact_values(self) -> dict[str, Callable[[], Tensor]]: ...
+
     def finalize(self) -> None: ...
 
 
@@ -267,7 +298,7 @@ def proven_fold(
         result = fold_copy(copy_program(program), {**skip, **extra})
         if not prover.float64:
             result.finalize()
-        return result, prover.check(result.program)
+        return result, prover.check(result.program, result.exact_values())
 
     result, check = attempt()
     checked_nothing_folded = False

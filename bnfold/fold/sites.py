@@ -9,6 +9,7 @@ rule is only its match and its algebra.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, fx
@@ -258,26 +259,28 @@ class GraphEdit:
         site.nodes, site.operands, site.scale_shift_cache = nodes, [0] * len(nodes), None
         self.affine_maps[site.node] = site
 
-    def layer_tensors(self, layer: WeightLayer) -> tuple[Tensor, Tensor | None]:
-        """The layer's stored weight and bias (``None`` when it has none)."""
-        bias = None if layer.bias is None else self.store.value(layer.bias)
-        return self.store.value(layer.weight), bias
-
     def stored_layer_problem(self, layer: WeightLayer, role: str = "") -> str | None:
         """Why ``layer``'s weights cannot be rewritten, if they cannot: computed at run time."""
         if self.store.is_stored(layer.weight) and self.store.is_stored_or_absent(layer.bias):
             return None
         return f"the weight of {role}{layer.kind} '{layer.name}' is computed at run time, not stored"
 
-    def set_weights(self, layer: WeightLayer, weight: Tensor, bias: Tensor | None, what: str) -> bool:
-        """Give ``layer`` new weights (float64, cast to its current dtype once the fold is
-        proven); the originals stay for any other call site. Returns whether the layer is called
-        at other sites (weights copied)."""
+    def layer_sources(self, layer: WeightLayer) -> tuple[Callable[[], Tensor], Callable[[], Tensor | None]]:
+        """Functions giving the layer's weight and bias (``None`` when it has none) as they are
+        now (see :meth:`TensorStore.source`), for a rewrite's ``compute``."""
+        return self.store.source(layer.weight), self.store.source(layer.bias)
+
+    def set_weights(self, layer: WeightLayer, compute: Callable[[], tuple[Tensor, Tensor | None]], what: str) -> bool:
+        """Give ``layer`` the new weights ``compute`` gives (float64, cast to its current dtype
+        once the fold is proven; the weight is held as ``compute`` itself, the bias as a value);
+        the originals stay for any other call site. Returns whether the layer is called at other
+        sites (weights copied)."""
         store = self.store
+        weight, bias = compute()
         weight_dtype = store.dtype(layer.weight)
         shared = len(layer.weight.users) > 1
         args = list(layer.node.args)
-        args[1] = store.add(weight, "weight", weight_dtype, f"{what}: the weight")
+        args[1] = store.add(weight, "weight", weight_dtype, f"{what}: the weight", lambda: compute()[0])
         if bias is not None:
             bias_dtype = weight_dtype if layer.bias is None else store.dtype(layer.bias)
             new_bias = store.add(bias, "bias", bias_dtype, f"{what}: the bias")
@@ -296,7 +299,7 @@ class GraphEdit:
         problem = self.stored_layer_problem(layer)
         if problem:
             return problem
-        out_channels = layer.out_channels(self.store.value(layer.weight))
+        out_channels = layer.out_channels(self.store.like(layer.weight))
         if out_channels != channels:
             return (
                 f"channel mismatch: {layer.kind} '{layer.name}' has {out_channels} outputs, the batch-norm {channels}"
@@ -306,14 +309,13 @@ class GraphEdit:
     def scale_output(self, site: Site, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
         """Scale ``layer``'s output channels by ``s`` and shift them by ``t``; returns whether
         its weights were shared with other call sites (and so were copied)."""
-        weight, bias = self.layer_tensors(layer)
+        weight, bias = self.layer_sources(layer)
         if layer.transposed:
-            new_w, new_b = fold_math.scale_transposed_output_channels(weight, bias, s, t, layer.groups)
+            groups = layer.groups
+            compute = lambda: fold_math.scale_transposed_output_channels(weight(), bias(), s, t, groups)
         else:
-            new_w, new_b = fold_math.scale_output_channels(weight, bias, s, t)
-        return self.set_weights(
-            layer, new_w, new_b, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'"
-        )
+            compute = lambda: fold_math.scale_output_channels(weight(), bias(), s, t)
+        return self.set_weights(layer, compute, f"folding batch-norm '{site.name}' into {layer.kind} '{layer.name}'")
 
     def input_fold_problem(self, layer: WeightLayer, t: Tensor, kind: str) -> str | None:
         """Why ``layer`` cannot absorb an affine map on its input with shift ``t``, if it cannot:
@@ -333,12 +335,13 @@ class GraphEdit:
     def scale_input(self, site: Site, layer: WeightLayer, s: Tensor, t: Tensor) -> bool:
         """Fold ``s·x + t`` on ``layer``'s input channels into it; returns whether its weights
         were shared with other call sites (and so were copied)."""
-        weight, bias = self.layer_tensors(layer)
+        weight, bias = self.layer_sources(layer)
+        groups = layer.groups
         if layer.transposed:
-            new_w, new_b = fold_math.scale_transposed_input_channels(weight, bias, s)
+            compute = lambda: fold_math.scale_transposed_input_channels(weight(), bias(), s)
         else:
-            new_w, new_b = fold_math.scale_input_channels(weight, bias, s, t, layer.groups)
-        return self.set_weights(layer, new_w, new_b, f"folding '{site.name}' into {layer.kind} '{layer.name}'")
+            compute = lambda: fold_math.scale_input_channels(weight(), bias(), s, t, groups)
+        return self.set_weights(layer, compute, f"folding '{site.name}' into {layer.kind} '{layer.name}'")
 
     def remove(self, site: Site, replacement: fx.Node) -> None:
         """Take the batch-norm or affine map out: its readers read ``replacement`` instead."""

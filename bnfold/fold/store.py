@@ -6,10 +6,14 @@ graph and adds new tensors beside the old ones; it never changes a tensor in pla
 program shares its tensors with the user's module. New tensors are lifted constants, held exact
 (float64, as the fold computed them) until :meth:`TensorStore.finalize` casts each to the dtype of
 the tensor it replaces: later rewrites build on the exact values, and the float64 proof runs
-them before anything is rounded.
+them before anything is rounded. A new weight is held as the function that computes it from the
+tensors it was folded from (a weight-sized float64 copy of every folded layer at once would double
+the model's memory); small tensors are held as values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx
@@ -61,6 +65,8 @@ class TensorStore:
         self._counter = 0
         self.pending: dict[str, tuple[torch.dtype, str]] = {}
         """New tensors held in float64: target -> (the dtype they take, what they are, for errors)."""
+        self._compute: dict[str, Callable[[], Tensor]] = {}
+        """New tensors held as the function that computes their exact value."""
         self._origins: dict[str, tuple[str, bool]] = {}
         """Tensors computed from stored ones: target -> (the names they came from, whether any
         of them is a parameter)."""
@@ -113,21 +119,52 @@ class TensorStore:
         return self._spec(node).target
 
     def value(self, node: fx.Node) -> Tensor:
-        """The tensor a stored-tensor placeholder stands for."""
+        """The tensor a stored-tensor placeholder stands for (a new one's exact float64 value)."""
         target = self.target(node)
+        if target in self._compute:
+            return self._compute[target]()
         if target in self.program.state_dict:
             return self.program.state_dict[target]
         return self.program.constants[target]
+
+    def like(self, node: fx.Node) -> Tensor:
+        """A tensor of the stored tensor's shape (its recorded fake value), without computing a
+        new tensor's value."""
+        val = node.meta.get("val")
+        return val if isinstance(val, Tensor) else self.value(node)
+
+    def source(self, node: fx.Node | None) -> Callable[[], Tensor | None]:
+        """A function giving the value :meth:`value` gives now, whatever becomes of ``node``
+        later (a rewrite that builds on it captures this, not the node)."""
+        if node is None:
+            return lambda: None
+        target = self.target(node)
+        if target in self._compute:
+            return self._compute[target]
+        value = self.value(node)
+        return lambda: value
+
+    def exact_values(self) -> dict[str, Callable[[], Tensor]]:
+        """The new tensors held as functions, by target (for the proof to compute one at a time)."""
+        return dict(self._compute)
 
     def dtype(self, node: fx.Node) -> torch.dtype:
         """The dtype of a stored tensor in the folded program (a new tensor's, once cast)."""
         pending = self.pending.get(self.target(node))
         return pending[0] if pending else self.value(node).dtype
 
-    def add(self, value: Tensor, suffix: str, dtype: torch.dtype | None = None, what: str = "") -> fx.Node:
+    def add(
+        self,
+        value: Tensor,
+        suffix: str,
+        dtype: torch.dtype | None = None,
+        what: str = "",
+        compute: Callable[[], Tensor] | None = None,
+    ) -> fx.Node:
         """A new stored tensor holding ``value``, as a placeholder before the model inputs. With
         ``dtype`` (other than ``value``'s), ``value`` stays exact until :meth:`finalize` casts it;
-        ``what`` names it in the error if it does not fit."""
+        ``what`` names it in the error if it does not fit. With ``compute`` (a function giving
+        ``value`` again), only the function is held until then."""
         value = value.detach()
         dtype = dtype or value.dtype
         names = set(self.program.state_dict) | set(self.program.constants)
@@ -151,6 +188,9 @@ class TensorStore:
         self.program.constants[target] = value
         if dtype != value.dtype:
             self.pending[target] = (dtype, what or f"the folded tensor '{target}'")
+            if compute is not None:
+                self._compute[target] = compute
+                self.program.constants[target] = torch.empty(value.shape, dtype=dtype, device="meta")
         return node
 
     def own_changed_state(self) -> None:
@@ -168,7 +208,9 @@ class TensorStore:
         """Cast every new tensor still held in float64 to its dtype, one at a time (the float64
         value is released as its cast is stored); one that overflows is a FoldError."""
         for target, (dtype, what) in list(self.pending.items()):
-            self.program.constants[target] = cast_checked(self.program.constants[target], dtype, what)
+            compute = self._compute.pop(target, None)
+            value = compute() if compute is not None else self.program.constants[target]
+            self.program.constants[target] = cast_checked(value, dtype, what)
             del self.pending[target]
 
     def drop_unused(self) -> None:
@@ -185,6 +227,7 @@ class TensorStore:
                 self.program.state_dict.pop(spec.target, None)
                 self.program.constants.pop(spec.target, None)
                 self.pending.pop(spec.target, None)
+                self._compute.pop(spec.target, None)
 
 
 def constant_tensor(store: TensorStore, node: object, memo: dict[fx.Node, bool]) -> bool:

@@ -112,3 +112,50 @@ def test_a_mean_commutes_only_over_spatial_axes_whatever_the_form_of_its_dims(ca
     result = assert_fold_exact(model, random_input(2, 4, 3, 5), [status])
     if status == "kept":
         assert "mixes the channels" in kept_reason(result)
+
+
+@pytest.mark.parametrize(
+    "pool, status",
+    [
+        (lambda y: F.avg_pool2d(y, 2, divisor_override=3), "kept"),
+        (lambda y: F.avg_pool2d(y, 3, 2, ceil_mode=True), "kept"),  # the last window is partial
+        (lambda y: F.avg_pool2d(y, 3, 2, 1, count_include_pad=False), "folded"),
+        (lambda y: F.avg_pool2d(y, 2), "folded"),
+    ],
+    ids=["divisor_override", "ceil_mode", "padding not counted", "plain"],
+)
+def test_an_average_pool_passes_a_shift_only_when_it_divides_by_what_it_sums(pool, status):
+    model = with_statistics(Between(nn.BatchNorm2d(4), pool, nn.Identity(), nn.Conv2d(4, 3, 1), True))
+    assert_fold_exact(model, random_input(2, 4, 7, 7), [status])
+
+
+class LinearThenPool(nn.Module):
+    """Linear on [N, T, F] → a pool over F → BatchNorm1d over T: the BN's channels are tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(F.avg_pool1d(self.fc(x), 2))
+
+
+def test_kept_after_a_linear_and_a_pool_since_the_linear_features_are_not_the_channels():
+    assert_fold_exact(with_statistics(LinearThenPool()), random_input(2, 8, 8), ["kept"])
+
+
+class PooledAlsoReturned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        pooled = F.max_pool2d(self.conv(x), 2)
+        return self.bn(pooled), pooled
+
+
+def test_kept_when_the_pooled_tensor_between_the_conv_and_the_batchnorm_is_also_returned():
+    model = with_statistics(PooledAlsoReturned())
+    with torch.no_grad():
+        model.bn.weight.abs_()
+    assert_fold_exact(model, random_input(2, 3, 8, 8), ["kept"])

@@ -286,3 +286,38 @@ def test_batchnorms_inside_control_flow_branches_are_reported_kept_and_export(tm
     result = fold(model, (random_input(2, 3, 5, 5),))
     assert [(e.status, e.category) for e in result.report.entries] == [("kept", "inside a control-flow branch")] * 2
     assert export(model, (random_input(2, 3, 5, 5),), tmp_path / "m.onnx").verify_report.passed
+
+
+class WrittenThroughAView(nn.Module):
+    """``h[:, :2].mul_(0)`` after the BN read ``h``: the write goes through a slice view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.conv = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.conv(self.bn(h))
+        h[:, :2].mul_(0.0)
+        return y + h
+
+
+def test_an_input_written_through_a_view_after_the_batchnorm_is_not_read_instead():
+    result = assert_fold_exact(with_statistics(WrittenThroughAView()), random_input(2, 3, 5, 5), ["kept"])
+    assert "changed in place" in kept_reason(result)
+
+
+class ComputedBias(nn.Module):
+    """A conv whose weight and bias are both computed from stored tensors (as parametrizations do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("gain", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.conv.weight * self.gain, self.conv.bias * self.gain))
+
+
+def test_a_conv_with_a_computed_bias_folds():
+    assert_fold_exact(with_statistics(ComputedBias()), random_input(2, 3, 6, 6), ["folded"])

@@ -44,7 +44,7 @@ def match(site: BatchNormSite, edit: GraphEdit) -> Match | Refusal | None:
     problem = edit.stored_layer_problem(layer, "the following ")
     if problem:
         return Refusal(problem)
-    weight, _ = edit.layer_tensors(layer)
+    weight = edit.store.like(layer.weight)
     if layer.in_channels(weight) != site.num_channels:
         return Refusal(
             f"channel mismatch: the following {layer.kind} '{layer.name}' takes {layer.in_channels(weight)} channels"

@@ -130,7 +130,7 @@ def match_input(site: Site, edit: GraphEdit) -> Match | Refusal | None:
     if perm is None:
         return None
     problem = edit.stored_layer_problem(layer, "the following ")
-    weight, _ = edit.layer_tensors(layer)
+    weight = edit.store.like(layer.weight)
     if problem is None and layer.in_channels(weight) != site.num_channels:
         problem = (
             f"channel mismatch: the following {layer.kind} '{layer.name}' takes {layer.in_channels(weight)} channels"

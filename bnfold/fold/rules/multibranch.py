@@ -163,7 +163,7 @@ def _ints(value: object, dims: int, default: int) -> tuple[int, ...]:
 
 def _conv_geometry(layer: WeightLayer, edit: GraphEdit) -> tuple[tuple[int, ...], ...]:
     """(kernel, stride, padding, dilation) of a conv layer."""
-    kernel = tuple(edit.store.value(layer.weight).shape[2:])
+    kernel = tuple(edit.store.like(layer.weight).shape[2:])
     dims = len(kernel)
     stride = _ints(arg(layer.node, 3, "stride", 1), dims, 1)
     padding = arg(layer.node, 4, "padding", 0)
@@ -201,7 +201,7 @@ def _problem(branches: list[Branch], convs: list[Branch], main: int, edit: Graph
         return problem
     geometry = [_conv_geometry(c.layer, edit) for c in convs]
     kernel, stride, padding, _ = geometry[main]
-    weights = [edit.store.value(c.layer.weight) for c in convs]
+    weights = [edit.store.like(c.layer.weight) for c in convs]
     ref, groups = weights[main], convs[main].layer.groups
     for c, (k, s, p, d), w in zip(convs, geometry, weights):
         if c.layer.groups != groups or w.shape[:2] != ref.shape[:2]:
@@ -245,7 +245,7 @@ def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
     if not convs or any(b.source is not convs[0].source for b in branches):
         return None  # not a block over one input (e.g. a plain residual of two paths)
     kernels = [
-        tuple(edit.store.value(c.layer.weight).shape[2:]) if edit.store.is_stored(c.layer.weight) else () for c in convs
+        tuple(edit.store.like(c.layer.weight).shape[2:]) if edit.store.is_stored(c.layer.weight) else () for c in convs
     ]
     main = max(range(len(convs)), key=lambda i: math.prod(kernels[i]))
     problem = _problem(branches, convs, main, edit)
@@ -258,17 +258,15 @@ def match(root: fx.Node, edit: GraphEdit) -> Match | BlockRefusal | None:
 def rewrite(m: Match, edit: GraphEdit) -> bool:
     """Merge the block into its main conv; returns whether that conv's weights were shared."""
     main, kernel = m.main, m.kernel
-    ref = edit.store.value(main.weight)
-    out_channels = ref.shape[0]
-    weight = torch.zeros(out_channels, ref.shape[1], *kernel, dtype=torch.float64)
-    bias = torch.zeros(out_channels, dtype=torch.float64)
+    ref = edit.store.like(main.weight)
+    out_channels, cin_per_group = ref.shape[0], ref.shape[1]
+    # Each branch's contribution, from what its tensors are now: (coeff, weight source, bias
+    # source) for a conv, (coeff, per-channel scale, shift, pool box) for an identity or pool.
+    convs, channel_wise = [], []
     for b in m.branches:
         coeff = torch.ones(out_channels, dtype=torch.float64) if b.coeff is None else b.coeff
         if b.layer is not None:
-            w, b_ = edit.layer_tensors(b.layer)
-            weight += coeff.reshape(-1, *[1] * (weight.dim() - 1)) * fold_math.pad_kernel(w, kernel)
-            if b_ is not None:
-                bias += coeff * b_.to(torch.float64)
+            convs.append((coeff, *edit.layer_sources(b.layer)))
             continue
         scale, shift = b.site.scale_shift(edit.store) if b.site is not None else (1.0, None)
         values = None
@@ -276,10 +274,22 @@ def rewrite(m: Match, edit: GraphEdit) -> bool:
             k = _ints(arg(b.pool, 1, "kernel_size", 1), len(kernel), 1)
             box = torch.full((1, 1, *k), 1.0 / math.prod(k), dtype=torch.float64)
             values = fold_math.pad_kernel(box, kernel)[0, 0]
-        weight += fold_math.channel_kernel(coeff * scale, ref.shape[1], kernel, values)
-        if shift is not None:
-            bias += coeff * shift
-    shared = edit.set_weights(main, weight, bias, f"merging the branches of {main.kind} '{main.name}'")
+        channel_wise.append((coeff, scale, shift, values))
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.zeros(out_channels, cin_per_group, *kernel, dtype=torch.float64)
+        bias = torch.zeros(out_channels, dtype=torch.float64)
+        for coeff, w, b_ in convs:
+            weight += coeff.reshape(-1, *[1] * (weight.dim() - 1)) * fold_math.pad_kernel(w(), kernel)
+            if b_() is not None:
+                bias += coeff * b_().to(torch.float64)
+        for coeff, scale, shift, values in channel_wise:
+            weight += fold_math.channel_kernel(coeff * scale, cin_per_group, kernel, values)
+            if shift is not None:
+                bias += coeff * shift
+        return weight, bias
+
+    shared = edit.set_weights(main, compute, f"merging the branches of {main.kind} '{main.name}'")
     m.root.replace_all_uses_with(main.node)
     for node in m.inner:  # root first: each op's only user is the one before it
         edit.graph.erase_node(node)

@@ -58,7 +58,7 @@ def match(site: Site, edit: GraphEdit) -> Match | Refusal | None:
     through = next((p for p in (commute_problem(op, s, t) for op in chain) if p), None)
     if through:
         return Refusal(f"it does not commute with the ops before the following {layer.kind}: {through}")
-    weight, _ = edit.layer_tensors(layer)
+    weight = edit.store.like(layer.weight)
     if layer.in_channels(weight) != site.num_channels * repeat:
         return Refusal(
             f"channel mismatch: the following {layer.kind} '{layer.name}' takes {layer.in_channels(weight)} channels"

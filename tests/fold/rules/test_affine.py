@@ -4,6 +4,7 @@ fold under the same rules as a batch-norm; each is reported as its own kind. Exa
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fold_checks import (
     assert_fold_exact,
@@ -187,3 +188,40 @@ def test_a_float64_layer_scale_on_a_float32_model_is_reported_and_kept():
     assert [e.status for e in result.report.entries] == ["folded", "kept"]
     assert "would change the output dtype" in kept_entry(result).reason
     assert run(result.module, x)[0].dtype == torch.float64
+
+
+# ------------------------------------------- operand order, scalar-like constants, c - x, c / x
+
+
+class ConvThen(nn.Module):
+    """conv → ``op(self, y)`` with a buffer ``c`` of shape ``shape``."""
+
+    def __init__(self, op, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.op, self.conv = op, nn.Conv2d(3, 4, 3)
+        gen = torch.Generator().manual_seed(7)
+        self.register_buffer("c", torch.rand(shape, generator=gen) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self, self.conv(x))
+
+
+@pytest.mark.parametrize(
+    "op, shape",
+    [
+        (lambda m, y: m.c - y, (1, 4, 1, 1)),  # c - x: s = -1, t = c
+        (lambda m, y: y * m.c, ()),  # a 0-dim constant broadcasts to every channel
+        (lambda m, y: y * m.c, (1,)),
+        (lambda m, y: (y - m.c) / m.c, (4, 1, 1)),
+    ],
+    ids=["c - x", "0-dim scale", "[1] scale", "(x - c) / c"],
+)
+def test_an_affine_map_in_every_operand_order_and_broadcast_folds_into_the_conv(op, shape):
+    result = assert_fold_exact(ConvThen(op, shape).eval(), random_input(2, 3, 5, 5), ["folded"])
+    assert graph_ops(result, "sub") + graph_ops(result, "mul") + graph_ops(result, "div") == 0
+
+
+def test_a_constant_divided_by_the_activation_is_no_affine_map():
+    """``c / x`` is not ``x / c``: no site, and the division stays."""
+    result = assert_fold_exact(ConvThen(lambda m, y: m.c / y, (1, 4, 1, 1)).eval(), random_input(2, 3, 5, 5), [])
+    assert graph_ops(result, "div") == 1

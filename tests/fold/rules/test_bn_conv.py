@@ -169,3 +169,37 @@ def test_onnx_export_of_input_side_folds(tmp_path):
         nn.Conv2d(4, 2, 3, padding=1),
     )
     assert_onnx_matches(with_statistics(model), random_input(2, 3, 8, 8), tmp_path / "model.onnx")
+
+
+# ------------------------------------------------------- zero padding on either side of its guard
+
+
+class BNPadConv(nn.Module):
+    """BN → (optional ``F.pad``) → conv with ``padding``."""
+
+    def __init__(self, padding, pad: tuple[int, ...] | None = None, mode: str = "constant") -> None:
+        super().__init__()
+        self.pad, self.mode = pad, mode
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, (3, 1), padding=padding)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.conv(F.pad(y, self.pad, mode=self.mode) if self.pad else y)
+
+
+def test_kept_before_a_conv_that_zero_pads_only_its_second_spatial_axis():
+    model = with_statistics(BNPadConv(padding=(0, 1)))
+    assert "zero-pads its input" in kept_entry(assert_fold_exact(model, random_input(2, 4, 7, 6), ["kept"])).reason
+
+
+def test_kept_when_only_some_channels_have_a_zero_shift_before_a_zero_padded_conv():
+    model = with_statistics(BNPadConv(padding=(1, 0)))
+    with torch.no_grad():  # channel 0's shift is exactly zero, the others' are not
+        model.bn.running_mean[0], model.bn.bias[0] = 0.0, 0.0
+    assert "zero-pads its input" in kept_entry(assert_fold_exact(model, random_input(2, 4, 7, 6), ["kept"])).reason
+
+
+@pytest.mark.parametrize("mode, status", [("constant", "kept"), ("reflect", "folded")])
+def test_an_explicit_zero_pad_before_a_conv_is_not_a_reflect_pad(mode, status):
+    model = with_statistics(BNPadConv(padding=0, pad=(1, 1, 1, 1), mode=mode))
+    assert_fold_exact(model, random_input(2, 4, 7, 6), [status])

@@ -295,3 +295,52 @@ def test_a_layer_scale_of_another_dtype_is_no_merge_and_the_output_keeps_its_dty
     result = fold(model, (x,))
     assert run(result.module, x)[0].dtype == run(model, x)[0].dtype == torch.float64
     assert graph_ops(result, "add") >= 1
+
+
+# ------------------------------------------------- each geometry guard, on both sides
+
+
+GEOMETRY = {
+    # (the block, input size, merged?): strided convs that dilate differently, or pool branches
+    # whose windows sit elsewhere, give outputs of the same shape but of other positions.
+    "dilated along one axis": (
+        lambda: Block(
+            [dict(kernel_size=3, stride=3, padding=1), dict(kernel_size=3, stride=3, padding=1, dilation=(2, 1))]
+        ),
+        9,
+        False,
+    ),
+    "stride-2 MobileOne with a pool branch": (lambda: rep_block(4, 4, stride=2, identity=False, pool=True), 8, True),
+    "a pool of another stride": (
+        lambda: Block([dict(kernel_size=3, stride=2, padding=1)], pool=dict(kernel_size=3, stride=3, padding=1)),
+        4,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", GEOMETRY)
+def test_a_block_merges_exactly_when_its_branches_sample_the_same_positions(name):
+    make, size, merged = GEOMETRY[name]
+    result = assert_fold_exact(with_statistics(make()), random_input(2, 4, size, size))
+    assert (graph_ops(result, "aten.add") == 0) == merged, result.report
+
+
+class SumIntoARead(nn.Module):
+    """``a = conv3x3(x); r = relu(a); a += conv1x1(x)``: the in-place sum changes a tensor that
+    ``r`` already read, so it cannot become one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        r = torch.relu(a)
+        a += self.b(x)
+        return a, r
+
+
+def test_an_in_place_sum_into_a_tensor_other_ops_read_is_no_block():
+    result = assert_fold_exact(SumIntoARead().eval(), random_input(2, 4, 5, 5), [])
+    assert graph_ops(result, "aten.conv") == 2

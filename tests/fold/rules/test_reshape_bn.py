@@ -128,3 +128,20 @@ class UnitAxes(nn.Module):
 def test_a_linear_output_given_unit_axes_keeps_its_features_on_the_channel_axis_and_folds(how):
     result = assert_fold_exact(with_statistics(UnitAxes(how)), random_input(3, 6), ["folded"])
     assert result.report.entries[0].into == "fc"
+
+
+class Scrambled(nn.Module):
+    """Linear(16, 8) on [2, 5, 16] → view(2, 8, 5): each BN channel gets features of several
+    tokens (the sizes match, the values do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(16, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.bn(y.view(y.shape[0], 8, 5))
+
+
+def test_kept_when_a_view_gives_the_feature_axis_its_size_but_not_its_values():
+    assert_fold_exact(with_statistics(Scrambled()), random_input(2, 5, 16), ["kept"])
