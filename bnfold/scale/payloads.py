@@ -67,7 +67,7 @@ def _json_arrays(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarr
     except orjson.JSONDecodeError:
         try:  # what json.loads also reads: NaN and Infinity (Python's json.dumps writes them), a BOM, UTF-16
             data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise UsageError(f"{BODY}: not valid JSON ({first_line(exc)})") from exc
     if not isinstance(data, dict) or "inputs" not in data:
         raise UsageError(f'{BODY}: expected a JSON object {{"inputs": ...}}')

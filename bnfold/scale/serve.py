@@ -121,6 +121,8 @@ def model_server(
 
     On a local instance the model is first opened here (on the CPU) and CUDA checked when the
     replicas want GPUs, so that what would stop every replica fails at once with its reason."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"`port` must be between 0 and 65535 (got {port})")
     checked = ServeOptions(**options)
     serve = require_serve()
     import ray

@@ -120,6 +120,8 @@ def test_a_port_in_use_is_refused_naming_the_flag_before_ray_starts(digits_onnx)
         (["--max-body-mb", "0"], "--max-body-mb must be positive"),
         (["--cpus-per-replica", "0"], "--cpus-per-replica must be positive"),
         (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--port", "70000"], "--port must be between 0 and 65535 (got 70000)"),
+        (["--port", "-1"], "--port must be between 0 and 65535 (got -1)"),
     ],
 )
 def test_bad_options_exit_2_naming_the_flag(args, message, tmp_path):

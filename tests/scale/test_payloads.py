@@ -96,6 +96,7 @@ def test_several_inputs_by_name_in_json_and_npz(pair):
     [
         (b"{not json", JSON, "request body: not valid JSON"),
         (b"\xff\xfe", JSON, "request body: not valid JSON"),
+        (b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", JSON, "request body: not valid JSON"),
         (b"[1, 2]", JSON, 'expected a JSON object {"inputs": ...}'),
         (b'{"x": [1]}', JSON, 'expected a JSON object {"inputs": ...}'),
         (b'{"inputs": [[[[1, 2], [3]]]]}', JSON, "input 'x' is not a rectangular nested list of numbers"),
