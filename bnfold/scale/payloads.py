@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ..data import load_arrays, select_inputs
+from ..data import INPUT_KEYS, load_arrays, select_inputs
 from ..errors import UsageError, first_line
 from ..images import load_image
 from ..predictor import Predictor, TensorSpec, class_label, top_k
@@ -54,10 +54,28 @@ def decode_body(body: bytes, kind: str, predictor: Predictor) -> dict[str, np.nd
             raise UsageError(f"{BODY}: an image is one input, but this model has {len(specs)}: send JSON or .npz")
         arrays = [load_image(io.BytesIO(body), predictor.image_preprocessing(), name=BODY)[None]]
     elif kind == ARRAYS:
-        arrays = select_inputs(load_arrays(io.BytesIO(body), BODY), [s.name for s in specs], BODY)
+        arrays = select_inputs(_known(load_arrays(io.BytesIO(body), BODY), specs), [s.name for s in specs], BODY)
     else:
-        arrays = select_inputs(_json_arrays(body, specs), [s.name for s in specs], BODY)
-    return {spec.name: predictor.check_input(spec, array) for spec, array in zip(specs, arrays)}
+        arrays = select_inputs(_known(_json_arrays(body, specs), specs), [s.name for s in specs], BODY)
+    feeds = {spec.name: predictor.check_input(spec, array) for spec, array in zip(specs, arrays)}
+    for name, array in feeds.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UsageError(f"{BODY}: input '{name}' holds NaN or infinite values, which the model gives no meaning")
+    return feeds
+
+
+def _known(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """``arrays`` when every name is one the model takes (an input's name; for a single-input
+    model also a usual one such as ``x``, or none, as a bare ``.npy`` or JSON list has); a name
+    it does not take is a UsageError, never silently dropped."""
+    names = [s.name for s in specs]
+    allowed = {*names, *(INPUT_KEYS if len(names) == 1 else ()), ""}
+    unknown = sorted(set(arrays) - allowed)
+    if unknown:
+        raise UsageError(
+            f"{BODY}: unknown input name(s) {', '.join(unknown)}; the model's inputs are {', '.join(names)}"
+        )
+    return arrays
 
 
 def _json_arrays(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

@@ -34,6 +34,12 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -107,6 +113,10 @@ def test_several_inputs_by_name_in_json_and_npz(pair):
         (npy(np.ones((1, 1, 2, 2), dtype=np.int64)), ARRAYS, "has dtype int64; expected floats"),
         (npy(np.ones((1, 1, 3, 2), dtype=np.float32)), ARRAYS, "expected shape Nx1x2x2, got 1x1x3x2"),
         (b"GIF89a broken", IMAGE, "request body: not a readable image"),
+        (b'{"inputs": {"nope": [[[[1, 2], [3, 4]]]]}}', JSON, "unknown input name(s) nope; the model's inputs are x"),
+        (npz(x=np.ones((1, 1, 2, 2), np.float32), y=np.ones(1)), ARRAYS, "unknown input name(s) y"),
+        (b'{"inputs": [[[[1, NaN], [3, 4]]]]}', JSON, "input 'x' holds NaN or infinite values"),
+        (npy(np.full((1, 1, 2, 2), np.inf, np.float32)), ARRAYS, "input 'x' holds NaN or infinite values"),
     ],
 )
 def test_bad_bodies_are_one_line_usage_errors(classifier, body, kind, message):
@@ -170,8 +180,8 @@ def test_json_answers_read_back_to_the_same_values(array):
         assert len(text) < len(json.dumps({"outputs": array.tolist()}))
 
 
-def test_json_bodies_with_nan_and_infinity_as_python_writes_them_are_read(classifier):
+def test_json_bodies_with_nan_and_infinity_as_python_writes_them_are_read_and_refused_by_name(classifier):
     x = X.copy()
     x[0, 0, 0, 0], x[1, 0, 1, 1] = np.nan, np.inf
-    feeds = decode_body(json.dumps({"inputs": x.tolist()}).encode(), JSON, classifier)
-    np.testing.assert_array_equal(next(iter(feeds.values())), x)
+    with pytest.raises(bnfold.UsageError, match="input 'x' holds NaN or infinite values"):
+        decode_body(json.dumps({"inputs": x.tolist()}).encode(), JSON, classifier)
