@@ -168,12 +168,14 @@ def assert_fold_exact(
 
 
 def assert_fold_float32(model: nn.Module, inputs: Inputs, statuses: Sequence[str] | None = None) -> FoldResult:
-    """Fold ``model`` in its own dtype; the folded graph matches eval mode normwise (looser)."""
+    """Fold ``model`` in its own dtype; the folded graph matches eval mode normwise (looser), in
+    the same dtype output by output (a fold never changes an output's dtype)."""
     inputs = as_inputs(inputs)
     result = fold(model, inputs)
     check_report(model, result, statuses)
     for batch in (inputs, other_batch(inputs)):
         for r, g in zip(run(model.eval(), batch), run(result.module, batch), strict=True):
+            assert g.dtype == r.dtype, f"the fold changed an output's dtype from {r.dtype} to {g.dtype}"
             assert_normwise_close(r, g, FLOAT32_RTOL, FLOAT32_ATOL)
     return result
 

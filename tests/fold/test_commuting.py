@@ -159,3 +159,24 @@ def test_kept_when_the_pooled_tensor_between_the_conv_and_the_batchnorm_is_also_
     with torch.no_grad():
         model.bn.weight.abs_()
     assert_fold_exact(model, random_input(2, 3, 8, 8), ["kept"])
+
+
+class TwoPools(nn.Module):
+    """ReLU → BN (one negative scale) → average pool → max pool → flatten → Linear: the max pool
+    is the second op of the chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.avg_pool2d(self.bn(torch.relu(x)), 2), 2)
+        return self.fc(y.flatten(1))
+
+
+def test_every_op_of_a_chain_is_checked_not_only_the_first():
+    model = with_statistics(TwoPools())
+    with torch.no_grad():
+        model.bn.weight.abs_()
+        model.bn.weight[1] = -model.bn.weight[1]
+    assert "max pool" in kept_reason(assert_fold_exact(model, random_input(2, 4, 8, 8), ["kept"]))

@@ -321,3 +321,27 @@ class ComputedBias(nn.Module):
 
 def test_a_conv_with_a_computed_bias_folds():
     assert_fold_exact(with_statistics(ComputedBias()), random_input(2, 3, 6, 6), ["folded"])
+
+
+class SavedStatistics(nn.Module):
+    """``native_batch_norm`` whose saved mean and invstd are returned too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        b = self.bn
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            self.conv(x), b.weight, b.bias, b.running_mean, b.running_var, False, 0.1, b.eps
+        )
+        return out, mean, invstd
+
+
+def test_kept_when_the_saved_statistics_outputs_are_used():
+    model, x = with_statistics(SavedStatistics()), random_input(2, 3, 5, 5)
+    result = fold(model, (x,))
+    assert [e.status for e in result.report.entries] == ["kept"]
+    assert "saved mean/invstd" in kept_reason(result)
+    for r, g in zip(run(model, x), run(result.module, x), strict=True):
+        assert torch.equal(r, g) or torch.allclose(r, g, rtol=1e-5, atol=1e-6)

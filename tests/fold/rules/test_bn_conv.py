@@ -203,3 +203,9 @@ def test_kept_when_only_some_channels_have_a_zero_shift_before_a_zero_padded_con
 def test_an_explicit_zero_pad_before_a_conv_is_not_a_reflect_pad(mode, status):
     model = with_statistics(BNPadConv(padding=0, pad=(1, 1, 1, 1), mode=mode))
     assert_fold_exact(model, random_input(2, 4, 7, 6), [status])
+
+
+def test_kept_before_a_same_padded_conv_with_an_even_kernel():
+    """``padding="same"`` with kernel 2 pads one side: zeros the shift would have changed."""
+    model = with_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 2, padding="same")))
+    assert "zero-pads its input" in kept_entry(assert_fold_exact(model, random_input(2, 3, 6, 5), ["kept"])).reason

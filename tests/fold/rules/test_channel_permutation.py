@@ -81,3 +81,28 @@ def test_the_permutation_rules_are_off_when_skipped():
     model = with_statistics(Shuffled(SHUFFLE, bn_first=False))
     result = fold(model.double(), (random_input(2, CHANNELS, 6, 7).double(),), skip_rules=["permutation_bn"])
     assert result.report.entries[0].status == "kept"
+
+
+def test_an_index_select_that_repeats_a_channel_is_no_permutation():
+    repeat = lambda m, x: x.index_select(1, m.order)
+    model = with_statistics(Shuffled(repeat, bn_first=False))
+    with torch.no_grad():
+        model.order.copy_(torch.tensor([0, 0, *range(1, CHANNELS - 1)]))
+    assert_fold_exact(model, random_input(2, CHANNELS, 6, 7), ["kept"])
+
+
+class TokensThenLinear(nn.Module):
+    """BatchNorm1d on [N, C, T] → transpose to [N, T, C] → Linear over C: the channels move to the
+    last axis, where the Linear reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(torch.relu(x)).transpose(1, 2))
+
+
+def test_a_batchnorm_whose_channels_a_transpose_hands_to_a_linear_folds_into_it():
+    result = assert_fold_exact(with_statistics(TokensThenLinear()), random_input(2, 4, 6), ["folded"])
+    assert result.report.entries[0].pattern == "BatchNorm1d → transpose → Linear, input side, channels permuted"

@@ -46,3 +46,13 @@ def test_a_batchnorm_whose_output_is_also_read_elsewhere_does_not_compose():
             return torch.relu(self.scale(y)) + y
 
     assert_fold_exact(with_statistics(Both()), random_input(2, 4, 3, 3), ["kept", "kept"])
+
+
+def test_a_batchnorm_does_not_compose_into_a_layer_scale_of_a_wider_dtype():
+    """The float64 scale promotes the float32 activation: composing the BN into it (float32
+    constants) would give a float32 output."""
+    from fold_checks import assert_fold_float32
+
+    model = with_statistics(Chain(nn.BatchNorm2d(4), LayerScale(4))).float()
+    model.maps[0].gamma.data = model.maps[0].gamma.data.double()
+    assert_fold_float32(model, random_input(2, 4, 3, 5), ["kept", "kept"])

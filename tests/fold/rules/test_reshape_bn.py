@@ -45,6 +45,7 @@ class LinearBN(nn.Module):
 def test_linear_reshape_batchnorm1d_is_folded(how, channel_dim):
     result = fold_checked(with_statistics(LinearBN(how)), random_input(2, 4, 6), ["folded"], channel_dim=channel_dim)
     assert result.report.entries[0].into == "fc"
+    assert result.report.entries[0].pattern == f"Linear → {how} → BatchNorm1d"  # reshape_bn's own pattern
 
 
 # ------------------------------------------------------------- kept, and why folding would be wrong
@@ -145,3 +146,19 @@ class Scrambled(nn.Module):
 
 def test_kept_when_a_view_gives_the_feature_axis_its_size_but_not_its_values():
     assert_fold_exact(with_statistics(Scrambled()), random_input(2, 5, 16), ["kept"])
+
+
+class ChannelsLast(nn.Module):
+    """A Linear over the channels of an NHWC map, permuted back to NCHW for a BatchNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).permute(0, 3, 1, 2))
+
+
+def test_a_channels_last_linear_permuted_back_folds_by_the_reshape_rule():
+    result = assert_fold_exact(with_statistics(ChannelsLast()), random_input(2, 3, 5, 4), ["folded"])
+    assert result.report.entries[0].pattern == "Linear → permute → BatchNorm2d"
