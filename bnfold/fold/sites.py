@@ -147,10 +147,13 @@ def batchnorm_site(node: fx.Node, store: TensorStore | None = None) -> BatchNorm
         return None  # normalises each sample by its own statistics: no batch-norm at all
     output = node
     if returns_tuple:
-        # Only the normalised tensor (item 0) may be used for the batch-norm to be foldable.
+        # Only the normalised tensor (item 0) may be used for the batch-norm to be foldable; a
+        # decomposed (core ATen) program also holds unused getitems of the saved statistics.
         items = [u for u in node.users if u.target is operator.getitem]
         firsts = [u for u in items if u.args[1] == 0]
-        output = firsts[0] if len(firsts) == 1 and len(items) == len(node.users) == 1 else node
+        used_others = [u for u in items if u.args[1] != 0 and u.users]
+        alone = len(items) == len(node.users) and not used_others
+        output = firsts[0] if len(firsts) == 1 and alone else node
     training = bool(node.args[training_idx]) if training_idx is not None else False
     mean = node.args[3] if has_stats else None
     uses_batch_stats = not has_stats or training or mean is None or node.args[4] is None
@@ -347,6 +350,8 @@ class GraphEdit:
         """Take the batch-norm or affine map out: its readers read ``replacement`` instead."""
         site.output.replace_all_uses_with(replacement)
         for node in reversed(site.nodes):
+            for unused in [u for u in node.users if not u.users]:  # a saved statistic nobody reads
+                self.graph.erase_node(unused)
             self.graph.erase_node(node)
 
     def erase_unused(self, node: fx.Node) -> None:

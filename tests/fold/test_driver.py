@@ -345,3 +345,24 @@ def test_kept_when_the_saved_statistics_outputs_are_used():
     assert "saved mean/invstd" in kept_reason(result)
     for r, g in zip(run(model, x), run(result.module, x), strict=True):
         assert torch.equal(r, g) or torch.allclose(r, g, rtol=1e-5, atol=1e-6)
+
+
+def test_a_decomposed_core_aten_program_folds_its_batchnorms():
+    """``run_decompositions()`` turns batch-norms into ``_native_batch_norm_legit_no_training``,
+    whose unused saved statistics stay in the graph as getitems nobody reads."""
+    model = with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1)))
+    model.append(nn.BatchNorm2d(5))
+    model = with_statistics(model)
+    x = random_input(2, 3, 6, 6)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).run_decompositions()
+    ops = {str(n.target) for n in program.graph.nodes}
+    assert "aten._native_batch_norm_legit_no_training.default" in ops
+    assert_fold_exact(program.module(), x, ["folded", "folded"])
+
+
+def test_a_negative_running_var_is_named_as_such():
+    model = _bn_model()
+    model[1].running_var[2] = -0.5
+    with pytest.raises(FoldError, match=r"batch-norm '1' has 1 negative running_var value\(s\) \(min -0.5\)"):
+        fold(model, (random_input(2, 3, 6, 6),))

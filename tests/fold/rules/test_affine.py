@@ -225,3 +225,10 @@ def test_a_constant_divided_by_the_activation_is_no_affine_map():
     """``c / x`` is not ``x / c``: no site, and the division stays."""
     result = assert_fold_exact(ConvThen(lambda m, y: m.c / y, (1, 4, 1, 1)).eval(), random_input(2, 3, 5, 5), [])
     assert graph_ops(result, "div") == 1
+
+
+def test_a_constant_with_a_batch_axis_of_its_own_is_no_affine_map():
+    """``y * c`` with ``c`` of shape ``[2, C, 1, 1]`` on a batch of 2: per sample, not per channel."""
+    model = ConvThen(lambda m, y: y * m.c, (2, 4, 1, 1)).eval()
+    result = assert_fold_exact(model, random_input(2, 3, 5, 5), [], dynamic_batch=False)
+    assert graph_ops(result, "mul") == 1

@@ -56,3 +56,10 @@ def test_a_batchnorm_does_not_compose_into_a_layer_scale_of_a_wider_dtype():
     model = with_statistics(Chain(nn.BatchNorm2d(4), LayerScale(4))).float()
     model.maps[0].gamma.data = model.maps[0].gamma.data.double()
     assert_fold_float32(model, random_input(2, 4, 3, 5), ["kept", "kept"])
+
+
+def test_a_composed_shift_that_is_zero_in_some_channels_only_keeps_the_others():
+    model = with_statistics(Chain(nn.BatchNorm2d(4), LayerScale(4)))
+    with torch.no_grad():  # channel 0's shift is exactly zero, the others' are not
+        model.first.running_mean[0], model.first.bias[0] = 0.0, 0.0
+    assert_fold_exact(model, random_input(2, 4, 3, 5), ["folded", "kept"])

@@ -189,3 +189,24 @@ def test_kept_concat_of_linear_outputs_not_2d():
 def test_onnx_export_of_concat_folds(tmp_path):
     model = with_statistics(nn.Sequential(MixedKernels(), nn.ReLU(), DenseLayer(cin=6)))
     assert_onnx_matches(model, random_input(2, 6, 8, 8), tmp_path / "model.onnx")
+
+
+class ThreeKernels(nn.Module):
+    """MixNet with three groups of unequal widths (2, 3, 4 output channels): each conv takes its
+    own slice of the batch-norm, at its own offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 3, 5, padding=2), nn.Conv2d(2, 4, 1, bias=False)]
+        )
+        self.bn = nn.BatchNorm2d(9)
+
+    def forward(self, x):
+        parts = torch.split(x, [2, 2, 2], dim=1)
+        return self.bn(torch.cat([conv(p) for conv, p in zip(self.convs, parts)], dim=1))
+
+
+def test_a_three_way_concat_of_unequal_widths_folds_each_slice_at_its_offset():
+    result = fold_checked(with_statistics(ThreeKernels()), random_input(2, 6, 7, 5), ["folded"])
+    assert result.report.entries[0].into == "convs.0, convs.1, convs.2"

@@ -162,3 +162,19 @@ class ChannelsLast(nn.Module):
 def test_a_channels_last_linear_permuted_back_folds_by_the_reshape_rule():
     result = assert_fold_exact(with_statistics(ChannelsLast()), random_input(2, 3, 5, 4), ["folded"])
     assert result.report.entries[0].pattern == "Linear → permute → BatchNorm2d"
+
+
+class Transposed(nn.Module):
+    """LeViT's attention projections: Linear on [N, L, F], ``transpose(1, 2)``, BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).transpose(1, 2))
+
+
+def test_a_linear_then_a_transpose_of_its_last_two_axes_folds():
+    result = assert_fold_exact(with_statistics(Transposed()), random_input(2, 4, 6), ["folded"])
+    assert result.report.entries[0].pattern == "Linear → transpose → BatchNorm1d"
