@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BnfoldError, first_line
 from ..predictor import Predictor
@@ -35,6 +36,9 @@ class ApiSettings:
     max_body_bytes: int
     token_digest: str | None
     top_k: int
+
+
+ENDPOINTS = "POST /predict, GET /metadata, GET /health"
 
 
 class ModelService(Protocol):
@@ -73,6 +77,12 @@ def build_api(service: ModelService, settings: ApiSettings) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> Response:
         return await _answer(request, settings, lambda: _predict(request, service, settings))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """404 and 405 in the API's one error shape, naming the endpoints."""
+        message = f"{exc.detail}: {request.method} {request.url.path}; the endpoints are {ENDPOINTS}"
+        return _json_response({"error": message}, exc.status_code, exc.headers)
 
     return app
 

@@ -145,3 +145,14 @@ def test_routes_outside_the_api_do_not_exist(predictor):
     app, _ = api(predictor)
     for method, path in (("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/load"), ("GET", "/predict")):
         assert call(app, method, path)[0] in (404, 405), path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [("GET", "/nope", 404, "Not Found: GET /nope"), ("GET", "/predict", 405, "Method Not Allowed: GET /predict")],
+)
+def test_unknown_paths_and_methods_answer_in_the_one_error_shape(predictor, method, path, status, message):
+    app, _ = api(predictor)
+    got, body, _ = call(app, method, path)
+    assert got == status and list(body) == ["error"]
+    assert body["error"].startswith(message) and "POST /predict, GET /metadata, GET /health" in body["error"]
