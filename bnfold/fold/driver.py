@@ -1,8 +1,9 @@
 """The fold pass: every batch-norm of a captured program is folded by the first registered rule
 (:mod:`.rules`) that matches it, or kept with the reasons of every rule that refused it; then
-blocks of parallel branches are merged. The driver knows no rule by name. The program is rewritten in place; tensors are added, never changed. Each rewrite is
-named by the graph node it starts from (a batch-norm, an affine map's first op, a merged Add),
-so that the float64 proof can undo one by passing its name in ``skip``."""
+blocks of parallel branches are merged. The driver knows no rule by name. The program is
+rewritten in place; tensors are added, never changed. Each rewrite is named by the graph node
+it starts from (a batch-norm, an affine map's first op, a merged Add), so that the float64 proof
+can undo one by passing its name in ``skip``."""
 
 from __future__ import annotations
 
@@ -185,20 +186,20 @@ def fold_program(
     store.own_changed_state()
     store.graph.lint()
     program.graph_module.recompile()
-    folded.report.entries = constants + entries + _in_branches(program)
+    folded.report.entries = constants + entries + _in_branches(store)
     return folded
 
 
-def _in_branches(program: ExportedProgram) -> list[BatchNormEntry]:
+def _in_branches(store: TensorStore) -> list[BatchNormEntry]:
     """Batch-norms inside control-flow branches (``torch.cond``, ``torch.map``): kept, named."""
     entries = []
-    for path, sub in program.graph_module.named_modules():
+    for path, sub in store.program.graph_module.named_modules():
         if not path or not isinstance(sub, fx.GraphModule):
             continue
         for node in sub.graph.nodes:
             site = batchnorm_site(node)
             if site is not None:
-                site.num_channels = site.channels(TensorStore(program))
+                site.num_channels = site.channels(store)
                 reason = "it is inside a control-flow branch (torch.cond, torch.map), which bnfold does not rewrite"
                 entries.append(kept_entry(site, reason, "inside a control-flow branch"))
     return entries
