@@ -18,7 +18,7 @@ import torch
 from onnxscript import ir
 from torch import fx, nn
 
-from .errors import UsageError
+from .errors import Param, UsageError
 from .export import output_count, to_onnx
 from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
@@ -120,7 +120,7 @@ def bench(
     """Time the six variants of ``module`` (see :data:`VARIANTS`) at each batch size, interleaved,
     after ``warmup`` runs each; CPU only (ONNX Runtime's CPU provider, torch's threads)."""
     if repeats < 1:
-        raise UsageError(f"`repeats` must be at least 1 (got {repeats})")
+        raise UsageError(Param("repeats"), f" must be at least 1 (got {repeats})")
     progress = progress or Progress()
     report = BenchReport(name, list(batch_sizes), repeats)
     with tempfile.TemporaryDirectory() as tmp:

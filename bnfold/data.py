@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import Label, UsageError, label_parts
 
 # For a single-input model, arrays with these names are taken as its input.
 INPUT_KEYS = ("x", "input", "inputs", "data")
@@ -18,24 +18,24 @@ INPUT_KEYS = ("x", "input", "inputs", "data")
 ArraysArg = str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray]
 
 
-def read_arrays(source: ArraysArg, label: str) -> dict[str, np.ndarray]:
+def read_arrays(source: ArraysArg, label: Label) -> dict[str, np.ndarray]:
     """Named arrays from a ``.npy``/``.npz`` path, an array (named ``""``) or a mapping.
 
-    ``label`` names the source in errors: library callers pass their parameter in backticks
-    (``"`inputs`"``), which the CLI maps to its flag. Pickled object arrays are refused: they
+    ``label`` names the source in errors: library callers pass their parameter
+    (``Param("inputs")``), which the CLI writes as its flag. Pickled object arrays are refused: they
     could run code.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise UsageError(f"{label} {path}: file does not exist")
-        return load_arrays(path, f"{label} {path}")
+            raise UsageError(*label_parts(label), f" {path}: file does not exist")
+        return load_arrays(path, (*label_parts(label), f" {path}"))
     if isinstance(source, np.ndarray):
         return {"": source}
     return dict(source)
 
 
-def load_arrays(file: str | os.PathLike[str] | BinaryIO, label: str) -> dict[str, np.ndarray]:
+def load_arrays(file: str | os.PathLike[str] | BinaryIO, label: Label) -> dict[str, np.ndarray]:
     """The named arrays of a ``.npy``/``.npz`` file (a path or an open, seekable binary file);
     a ``.npy`` array is named ``""``. Errors start with ``label``; pickled object arrays are refused."""
     try:
@@ -45,7 +45,7 @@ def load_arrays(file: str | os.PathLike[str] | BinaryIO, label: str) -> dict[str
         raise _unreadable(label, exc) from exc
 
 
-def stream_arrays(stream: BinaryIO, label: str) -> dict[str, np.ndarray]:
+def stream_arrays(stream: BinaryIO, label: Label) -> dict[str, np.ndarray]:
     """:func:`load_arrays` for a binary stream read once from its start (a file system's input
     stream, which need not seek): a ``.npy`` array of numbers is read straight into its own
     memory; any other file (``.npz``, other dtypes, format version 3.0) is read whole and given
@@ -118,11 +118,11 @@ def _read_up_to(stream: BinaryIO, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _unreadable(label: str, exc: Exception) -> UsageError:
-    return UsageError(f"{label}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})")
+def _unreadable(label: Label, exc: Exception) -> UsageError:
+    return UsageError(*label_parts(label), f": not a readable .npy/.npz file ({type(exc).__name__}: {exc})")
 
 
-def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label: str) -> list[np.ndarray]:
+def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label: Label) -> list[np.ndarray]:
     """One float array per model input, in ``names`` order, all with the same number of samples;
     errors start with ``label`` (see :func:`read_arrays`).
 
@@ -134,20 +134,26 @@ def select_inputs(arrays: Mapping[str, np.ndarray], names: Sequence[str], label:
         if found is None and len(arrays) == 1:
             found = next(iter(arrays.values()))
         if found is None:
-            raise UsageError(f"{label}: no array named '{names[0]}' (the model input); it has {sorted(arrays)}")
+            raise UsageError(
+                *label_parts(label), f": no array named '{names[0]}' (the model input); it has {sorted(arrays)}"
+            )
         selected = [found]
     else:
         missing = [n for n in names if n not in arrays]
         if missing:
-            raise UsageError(f"{label}: no array for model input(s) {missing}; it has {sorted(arrays)}")
+            raise UsageError(*label_parts(label), f": no array for model input(s) {missing}; it has {sorted(arrays)}")
         selected = [arrays[n] for n in names]
     for name, array in zip(names, selected):
         if array.dtype.kind != "f":
-            raise UsageError(f"{label}: array for input '{name}' has dtype {array.dtype}; expected floats")
+            raise UsageError(
+                *label_parts(label), f": array for input '{name}' has dtype {array.dtype}; expected floats"
+            )
         if array.ndim == 0:
-            raise UsageError(f"{label}: array for input '{name}' is a scalar; expected a batch of samples")
+            raise UsageError(
+                *label_parts(label), f": array for input '{name}' is a scalar; expected a batch of samples"
+            )
     if len({a.shape[0] for a in selected}) != 1:
-        raise UsageError(f"{label}: arrays have different numbers of samples")
+        raise UsageError(*label_parts(label), ": arrays have different numbers of samples")
     if selected[0].shape[0] == 0:
-        raise UsageError(f"{label}: the arrays hold no samples")
+        raise UsageError(*label_parts(label), ": the arrays hold no samples")
     return selected

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 # Exit codes, documented in the README ("Exit codes").
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -13,16 +19,85 @@ EXIT_ROWS_FAILED = 6  # bnfold predict --ray: the output is written, but some of
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT
 
 
+class _Unset(enum.Enum):
+    """No value: :class:`Param` names the parameter only (an enum, so that it survives pickling)."""
+
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+_NO_VALUE: Any = _Unset.UNSET
+
+
+@dataclass(frozen=True)
+class Param:
+    """A library parameter named in an error message, or, with ``value``, the setting that would
+    fix the problem (``Param("verify", False)``).
+
+    Written in Python's spelling by the library (`` `rtol` ``, `` `verify=False` ``); the CLI
+    writes its flag instead (``--rtol``, ``--no-verify``), from the option groups that own the flags.
+    """
+
+    name: str
+    value: Any = _NO_VALUE
+
+    def __str__(self) -> str:
+        return f"`{self.name}`" if self.value is _NO_VALUE else f"`{self.name}={self.value!r}`"
+
+    @property
+    def has_value(self) -> bool:
+        """Whether this names a setting (``name=value``), not only the parameter."""
+        return self.value is not _NO_VALUE
+
+
+Part = str | Param
+"""A piece of an error message: text, or a parameter the message names."""
+
+Label = Part | tuple[Part, ...]
+"""What names a value's source at the start of an error message (``(Param("inputs"), " d.npz")``)."""
+
+
+def label_parts(label: Label) -> tuple[Part, ...]:
+    """``label`` as message parts."""
+    return label if isinstance(label, tuple) else (label,)
+
+
 class BnfoldError(Exception):
     """Base class of every error bnfold raises for a problem the user can fix.
 
-    The message names the file, layer or parameter at fault and says what to do. The library
-    speaks Python: a parameter, or a call that would fix the problem, is written in backticks
-    (`` `rtol` must be non-negative``, ``pass `trust_pickle=True` ``); the CLI maps each such
-    name to its flag in one place (``bnfold.cli.flags``).
+    The message names the file, layer or parameter at fault and says what to do. It is given as
+    parts: text and :class:`Param` (``UsageError(Param("rtol"), " must be non-negative")``), so
+    that each front end names a parameter its own way: ``str(error)`` in Python's spelling,
+    :meth:`render` with the CLI's flags.
     """
 
     exit_code: int = EXIT_BAD_INPUT
+
+    def __init__(self, *parts: Part) -> None:
+        super().__init__(*parts)
+        self.parts: tuple[Part, ...] = parts
+
+    def __str__(self) -> str:
+        return "".join(map(str, self.parts))
+
+    def params(self) -> tuple[Param, ...]:
+        """The parameters the message names, in order."""
+        return tuple(part for part in self.parts if isinstance(part, Param))
+
+    def render(self, spell: Callable[[Param], str | None]) -> str:
+        """The message with each parameter written as ``spell`` writes it (``None``: the library's
+        spelling)."""
+        return "".join(part if isinstance(part, str) else spell(part) or str(part) for part in self.parts)
+
+    def reworded(self, edit: Callable[[str], str], *more: Part) -> BnfoldError:
+        """An error of the same class whose text parts went through ``edit``, with ``more`` parts
+        appended; the parameters it names are kept."""
+        error = copy.copy(self)
+        error.parts = tuple(edit(part) if isinstance(part, str) else part for part in self.parts) + more
+        error.args = error.parts
+        return error
 
 
 class UsageError(BnfoldError):
@@ -61,8 +136,8 @@ class VerificationError(BnfoldError):
 
     exit_code = EXIT_VERIFICATION_FAILED
 
-    def __init__(self, message: str, report: object | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, *parts: Part, report: object | None = None) -> None:
+        super().__init__(*parts)
         self.report = report
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from onnxscript import ir
@@ -14,7 +16,8 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 from . import __version__
-from .errors import BnfoldError, ExportError, UsageError, VerificationError, first_line
+from .errors import BnfoldError, ExportError, Param, Part, UsageError, VerificationError, first_line
+from .export_options import ExportOptions
 from .fold import fold
 from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
 from .fold.precision import to_float16, with_float32_io
@@ -33,7 +36,7 @@ from .onnx_writer import release_weights
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from .staging import EXTERNAL_DATA_THRESHOLD, Staged, check_output_path, collect_garbage, interrupts_held
-from .verify import InputsArg, default_tolerances
+from .verify import default_tolerances
 from .verify import verify as verify_onnx
 
 
@@ -72,14 +75,17 @@ def to_onnx(
                 optimize=True,
             )
     except Exception as exc:
-        hint = f" (opset {opset} may be unsupported; leave `opset` unset)" if opset else ""
-        raise ExportError(f"torch.onnx.export failed{hint}: {type(exc).__name__}: {first_line(exc)}") from exc
+        hint = (f" (opset {opset} may be unsupported; leave ", Param("opset"), " unset)") if opset else ()
+        raise ExportError("torch.onnx.export failed", *hint, f": {type(exc).__name__}: {first_line(exc)}") from exc
     model = program.model
     used = onnx_opset(model)
     if opset is not None and used != opset:
         raise UsageError(
-            f"`opset` {opset}: torch's exporter produced opset {used} instead (it could not convert this "
-            f"model to opset {opset}); choose opset {used} or newer, or leave `opset` unset"
+            Param("opset"),
+            f" {opset}: torch's exporter produced opset {used} instead (it could not convert this "
+            f"model to opset {opset}); choose opset {used} or newer, or leave ",
+            Param("opset"),
+            " unset",
         )
     return model
 
@@ -90,8 +96,8 @@ def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[to
     shape = tuple(example_inputs[0].shape)
     if len(shape) != 4 or shape[1] != preprocess.channels:
         raise UsageError(
-            f"`preprocess.channel_order`: images give {preprocess.channels}-channel NxCxHxW input, "
-            f"the model takes {'x'.join(map(str, shape))}"
+            Param("preprocess.channel_order"),
+            f": images give {preprocess.channels}-channel NxCxHxW input, the model takes {'x'.join(map(str, shape))}",
         )
 
 
@@ -101,7 +107,9 @@ def _check_labels(model: ir.Model, labels: Sequence[str] | None) -> None:
     shape = model.graph.outputs[0].shape
     classes = shape[1] if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) else None
     if classes is not None and classes != len(labels):
-        raise UsageError(f"`labels`: {len(labels)} label(s), but the model's first output has {classes} classes")
+        raise UsageError(
+            Param("labels"), f": {len(labels)} label(s), but the model's first output has {classes} classes"
+        )
 
 
 def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) -> None:
@@ -119,11 +127,16 @@ def _add_metadata(model: ir.Model, report: FoldReport, extra: dict[str, str]) ->
     )
 
 
-def _dtype_hint(module: nn.Module) -> str:
+def _dtype_hint(module: nn.Module) -> tuple[Part, ...]:
     dtype = module_dtype(module)
     if dtype in (torch.float32, torch.float16):
-        return ""
-    return f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 or pass `verify=False`)"
+        return ()
+    return (
+        f" (the model is {dtype}: ONNX Runtime on the CPU runs float32 and float16; convert the model to float32 "
+        "or pass ",
+        Param("verify", False),
+        ")",
+    )
 
 
 def default_output_path(model_path: str | os.PathLike[str]) -> Path:
@@ -135,24 +148,16 @@ def export(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     path: str | os.PathLike[str],
+    options: ExportOptions | None = None,
     *,
-    dynamic_batch: bool = True,
-    opset: int | None = None,
-    verify: bool = True,
-    rtol: float | None = None,
-    atol: float | None = None,
-    inputs: InputsArg = None,
-    fp16: bool = False,
-    keep_io_types: bool = False,
-    reference: str = "float32",
-    labels: Sequence[str] | None = None,
-    preprocess: Preprocess | None = None,
     source: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
-    rules: Sequence[str] | None = None,
-    skip_rules: Sequence[str] | None = None,
+    **fields: Any,
 ) -> ExportResult:
     """Fold ``module``'s batch-norms, export it to ONNX at ``path`` and verify it.
+
+    ``options`` (an :class:`ExportOptions`, default: all defaults) says how; its fields may also
+    be given as keywords, which replace those of ``options`` (``export(m, x, p, fp16=True)``).
 
     The file is written to a temporary name beside ``path`` and renamed only after it passed
     verification (and the BatchNormalization count check), so ``path`` never holds an
@@ -163,51 +168,37 @@ def export(
     refused as an output path.
 
     ``fp16`` folds first (float64 math, float32 weights), checks every stored tensor fits float16,
-    then converts; inputs and outputs are float16 unless ``keep_io_types``. ``rtol``/``atol``
-    default to the float32 or float16 tolerances (see :mod:`bnfold.verify`); ``reference`` is
-    passed to :func:`bnfold.verify`. ``labels`` (one per class of the first output) and
-    ``preprocess`` are stored in the ONNX metadata for :class:`bnfold.Predictor`. ``rules`` and
-    ``skip_rules`` choose the fold rules by name, as for :func:`bnfold.fold`.
+    then converts. Verification's tolerances default to the float32 or float16 ones (see
+    :mod:`bnfold.verify`).
     """
-    if keep_io_types and not fp16:
-        raise UsageError("`keep_io_types=True` only applies with `fp16=True`")
-    low_precision = fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
-    rtol, atol = default_tolerances(low_precision, rtol, atol)
-    if rtol < 0 or atol < 0:
-        raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
+    options = dataclasses.replace(options or ExportOptions(), **fields)
+    low_precision = options.fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
+    rtol, atol = default_tolerances(low_precision, options.rtol, options.atol)
     progress = progress or Progress()
     out = check_output_path(path, source)
     with contextlib.ExitStack() as cleanup:  # the temporary file goes, whatever happens
-        result, staged = _fold_and_write(
-            module,
-            example_inputs,
-            out,
-            cleanup,
-            dynamic_batch=dynamic_batch,
-            opset=opset,
-            fp16=fp16,
-            keep_io_types=keep_io_types,
-            labels=labels,
-            preprocess=preprocess,
-            progress=progress,
-            rules=rules,
-            skip_rules=skip_rules,
-        )
-        if verify:
+        result, staged = _fold_and_write(module, example_inputs, out, cleanup, options, progress)
+        if options.verify:
             # The folded graph and the exporter's program (reference cycles) hold a copy of the
             # weights; free it before ONNX Runtime loads the file, so the two never share the peak.
             collect_garbage()
             try:
                 report = verify_onnx(
-                    module, staged.path, inputs, rtol=rtol, atol=atol, reference=reference, progress=progress
+                    module,
+                    staged.path,
+                    options.inputs,
+                    rtol=rtol,
+                    atol=atol,
+                    reference=options.reference,
+                    progress=progress,
                 )
             except BnfoldError as exc:  # name the target, not the temporary file
-                raise type(exc)(str(exc).replace(str(staged.path), str(out)) + _dtype_hint(module)) from exc
+                raise exc.reworded(lambda text: text.replace(str(staged.path), str(out)), *_dtype_hint(module)) from exc
             report.onnx_path = str(out)
             result.verify_report = report
             if not report.passed:
                 raise VerificationError(
-                    f"verification failed, {out} was not written: " + "; ".join(report.failures()), report
+                    f"verification failed, {out} was not written: " + "; ".join(report.failures()), report=report
                 )
         # The exporter's optimizer may fuse a batch-norm the fold kept (one whose rewrite the
         # proof undid) into its conv: fewer nodes are checked by verification, more are an error.
@@ -216,7 +207,7 @@ def export(
             raise VerificationError(
                 f"the ONNX graph has {result.onnx_batchnorm_count} BatchNormalization node(s) but the fold "
                 f"report keeps {kept}; the export is inconsistent and was not written",
-                result.verify_report,
+                report=result.verify_report,
             )
         staged.commit(source)
     return result
@@ -227,39 +218,38 @@ def _fold_and_write(
     example_inputs: Sequence[torch.Tensor],
     out: Path,
     cleanup: contextlib.ExitStack,
-    *,
-    dynamic_batch: bool,
-    opset: int | None,
-    fp16: bool,
-    keep_io_types: bool,
-    labels: Sequence[str] | None,
-    preprocess: Preprocess | None,
+    options: ExportOptions,
     progress: Progress,
-    rules: Sequence[str] | None,
-    skip_rules: Sequence[str] | None,
 ) -> tuple[ExportResult, Staged]:
     """Fold, export and write the ONNX file to a temporary name beside ``out``: the result so
     far (no verification yet) and the staged file, which the caller commits; its removal is
     registered on ``cleanup`` as soon as it exists. Only the small result leaves this function:
     the folded module and the ONNX IR die with it."""
     folded = fold(
-        module, example_inputs, dynamic_batch=dynamic_batch, rules=rules, skip_rules=skip_rules, progress=progress
+        module,
+        example_inputs,
+        dynamic_batch=options.dynamic_batch,
+        rules=options.rules,
+        skip_rules=options.skip_rules,
+        progress=progress,
     )
-    _check_preprocess(preprocess, example_inputs)
+    _check_preprocess(options.preprocess, example_inputs)
     progress.start("Exporting to ONNX")
     exported, example = folded.program, tuple(example_inputs)
-    if fp16:  # float16 weights change the graph's dtypes: convert the module, the exporter traces it
+    if options.fp16:  # float16 weights change the graph's dtypes: convert the module, the exporter traces it
         exported = to_float16(folded.module)
-        if keep_io_types:
+        if options.keep_io_types:
             exported = with_float32_io(exported)
         else:
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
-    model = to_onnx(exported, example, outputs=output_count(exported), dynamic_batch=dynamic_batch, opset=opset)
+    model = to_onnx(
+        exported, example, outputs=output_count(exported), dynamic_batch=options.dynamic_batch, opset=options.opset
+    )
     report = folded.report
     del folded, exported  # the IR shares the folded weights; nothing else may keep them alive
     try:  # drop the IR's weights on every path (onnxscript keeps the graph alive, see release_weights)
-        _check_labels(model, labels)
-        _add_metadata(model, report, metadata_props(list(labels) if labels else None, preprocess))
+        _check_labels(model, options.labels)
+        _add_metadata(model, report, metadata_props(list(options.labels or ()) or None, options.preprocess))
         result = ExportResult(
             path=str(out),
             fold_report=report,

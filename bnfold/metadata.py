@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import Param, UsageError
 
 VERSION_KEY = "bnfold_version"
 FOLD_REPORT_KEY = "bnfold_fold_report"
@@ -44,15 +44,16 @@ class Preprocess:
         channels = 1 if self.channel_order == "L" else 3
         if self.channel_order not in CHANNEL_ORDERS:
             raise UsageError(
-                f"`preprocess.channel_order` {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}"
+                Param("preprocess.channel_order"),
+                f" {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}",
             )
         if len(self.size) != 2 or min(self.size) < 1:
-            raise UsageError(f"`preprocess.size` {self.size}: expected HxW, e.g. 224x224")
-        for label, values in (("`preprocess.mean`", self.mean), ("`preprocess.std`", self.std)):
+            raise UsageError(Param("preprocess.size"), f" {self.size}: expected HxW, e.g. 224x224")
+        for name, values in (("preprocess.mean", self.mean), ("preprocess.std", self.std)):
             if len(values) not in (1, channels):
-                raise UsageError(f"{label}: {len(values)} values for {channels} channel(s)")
+                raise UsageError(Param(name), f": {len(values)} values for {channels} channel(s)")
         if any(v == 0 for v in self.std):
-            raise UsageError("`preprocess.std`: values must be non-zero")
+            raise UsageError(Param("preprocess.std"), ": values must be non-zero")
 
     @property
     def channels(self) -> int:
@@ -108,23 +109,23 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
     ``labels`` parameter of :func:`bnfold.export` (errors name it)."""
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"`labels` {file}: file does not exist")
+        raise UsageError(Param("labels"), f" {file}: file does not exist")
     try:
         labels = file.read_text(encoding="utf-8").rstrip("\n").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"`labels` {file}: cannot read it as UTF-8 text ({exc})") from exc
+        raise UsageError(Param("labels"), f" {file}: cannot read it as UTF-8 text ({exc})") from exc
     if not labels or any(not label.strip() for label in labels):
-        raise UsageError(f"`labels` {file}: expected one non-empty label per line")
+        raise UsageError(Param("labels"), f" {file}: expected one non-empty label per line")
     return [label.strip() for label in labels]
 
 
 def parse_floats(text: str, parameter: str) -> tuple[float, ...]:
     """``"0.485,0.456,0.406"`` -> a tuple of floats; a :class:`UsageError` naming the Python
-    ``parameter`` the text is for (in backticks, e.g. ``preprocess.mean``) if malformed."""
+    ``parameter`` the text is for (e.g. ``preprocess.mean``) if malformed."""
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError as exc:
-        raise UsageError(f"`{parameter}` {text!r}: expected comma-separated numbers") from exc
+        raise UsageError(Param(parameter), f" {text!r}: expected comma-separated numbers") from exc
 
 
 def metadata_props(labels: list[str] | None, preprocess: Preprocess | None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import BnfoldError, first_line
+from .errors import BnfoldError, Label, first_line, label_parts
 
 
 @contextlib.contextmanager
@@ -113,7 +113,9 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def model_failures(inputs: Sequence[torch.Tensor], error: type[Exception], what: str, hint: str) -> Iterator[None]:
+def model_failures(
+    inputs: Sequence[torch.Tensor], error: type[BnfoldError], what: Label, hint: Label
+) -> Iterator[None]:
     """Turn an exception from the user's model into ``error`` naming ``what`` it was run on, the
     input shapes, the model's own message and a ``hint``; bnfold's own errors pass through."""
     try:
@@ -122,4 +124,6 @@ def model_failures(inputs: Sequence[torch.Tensor], error: type[Exception], what:
         raise
     except Exception as exc:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-        raise error(f"{what} shape(s) {shapes}: {first_line(exc, with_type=True)}. {hint}") from exc
+        raise error(
+            *label_parts(what), f" shape(s) {shapes}: {first_line(exc, with_type=True)}. ", *label_parts(hint)
+        ) from exc

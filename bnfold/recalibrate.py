@@ -23,10 +23,13 @@ from torch import nn
 from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .defaults import RECALIBRATION_BATCH_SIZE
-from .errors import UsageError
+from .errors import Param, UsageError
 from .modes import eval_mode, model_failures, module_device, module_dtype
 from .progress import Progress
 from .report import RecalibratedLayer, RecalibrationReport
+
+# How errors name this step and its data (the CLI writes its --recalibrate flag).
+RECALIBRATE = Param("recalibrate")
 
 
 @dataclass
@@ -88,8 +91,12 @@ def recalibrate(
     """
     if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         raise UsageError(
-            "`recalibrate` needs the model's Python classes (nn.BatchNorm layers); load it as a "
-            "state_dict with `arch` (or a trusted pickle, `trust_pickle=True`) instead of TorchScript or torch.export"
+            RECALIBRATE,
+            " needs the model's Python classes (nn.BatchNorm layers); load it as a state_dict with ",
+            Param("arch"),
+            " (or a trusted pickle, ",
+            Param("trust_pickle", True),
+            ") instead of TorchScript or torch.export",
         )
     tracked = [
         _Tracked(name, m)
@@ -97,12 +104,12 @@ def recalibrate(
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
     if not tracked:
-        raise UsageError("`recalibrate`: the model has no batch-norm layer with running statistics")
+        raise UsageError(RECALIBRATE, ": the model has no batch-norm layer with running statistics")
     if batch_size < 2:
-        raise UsageError(f"`recalibrate(batch_size)` must be at least 2 (got {batch_size}): one sample has no variance")
-    arrays = select_inputs(read_arrays(data, "`recalibrate`"), _input_names(module, inputs), "`recalibrate`")
+        raise UsageError(Param("batch_size"), f" must be at least 2 (got {batch_size}): one sample has no variance")
+    arrays = select_inputs(read_arrays(data, RECALIBRATE), _input_names(module, inputs), RECALIBRATE)
     if arrays[0].shape[0] < 2:
-        raise UsageError("`recalibrate`: needs at least 2 samples")
+        raise UsageError(RECALIBRATE, ": needs at least 2 samples")
     progress = progress or Progress()
     saved = {t.name: {k: v.clone() for k, v in t.layer.state_dict().items()} for t in tracked}
     hooks = [t.layer.register_forward_pre_hook(lambda _m, args, t=t: t.moments.add(args[0])) for t in tracked]
@@ -119,7 +126,7 @@ def recalibrate(
                     torch.from_numpy(np.ascontiguousarray(a[batch.rows])).to(device=device, dtype=dtype) for a in arrays
                 ]
                 with model_failures(
-                    inputs, UsageError, "`recalibrate`: the model fails on the data's", "Give data the model takes."
+                    inputs, UsageError, (RECALIBRATE, ": the model fails on the data's"), "Give data the model takes."
                 ):
                     module(*inputs)
                 progress.advance(i + 1, len(batches))

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from .errors import ExportError, OutputError, UsageError
+from .errors import ExportError, OutputError, Param, Part, UsageError
 
 if TYPE_CHECKING:  # onnxscript takes a second to import: only where an ONNX model is saved
     from onnxscript import ir
@@ -27,26 +27,29 @@ if TYPE_CHECKING:  # onnxscript takes a second to import: only where an ONNX mod
 # are written with their tensors in a separate file, ``<name>.onnx.data`` beside ``<name>.onnx``.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
+# The parameter that names an output file.
+PATH = Param("path")
+
 
 def check_output_path(
-    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: str = "`path`"
+    path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, option: Part = PATH
 ) -> Path:
     """The output path, checked: its folder exists and is writable, it is not the input, and it
     is a regular file if it exists (writing "onto" a device such as /dev/full would replace it)."""
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise UsageError(f"output folder {folder} does not exist; create it or choose another {option}")
+        raise UsageError(f"output folder {folder} does not exist; create it or choose another ", option)
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable; choose another {option}")
+        raise UsageError(f"output folder {folder} is not writable; choose another ", option)
     if out.is_dir():
         raise UsageError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
     if out.exists() and not out.is_file():
         raise UsageError(
-            f"output {out} exists and is not a regular file (a device, pipe or socket); choose another {option}"
+            f"output {out} exists and is not a regular file (a device, pipe or socket); choose another ", option
         )
     if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
-        raise UsageError(f"output {out} is the input model file; choose another {option}")
+        raise UsageError(f"output {out} is the input model file; choose another ", option)
     return out
 
 
@@ -127,7 +130,7 @@ class Staged:
             and Path(source).exists()
             and os.path.samefile(data, source)
         ):
-            raise UsageError(f"the external data file {data} would overwrite the input model; choose another `path`")
+            raise UsageError(f"the external data file {data} would overwrite the input model; choose another ", PATH)
         try:
             if self.external:
                 os.replace(self.path.with_name(data.name), data)

@@ -16,7 +16,7 @@ from torch import nn
 from .batching import plan_batches
 from .data import ArraysArg, read_arrays, select_inputs
 from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
-from .errors import BnfoldError, UsageError
+from .errors import BnfoldError, Param, UsageError, label_parts
 from .metadata import WEIGHT_DTYPE_KEY
 from .modes import model_failures, module_device, module_dtype, quiet_torch, run_eval
 from .predictor import Predictor, TensorSpec
@@ -39,14 +39,15 @@ InputsArg = ArraysArg | None
 
 def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Arrays for every model input (see :func:`bnfold.data.select_inputs`), shape-checked."""
-    label = f"`inputs` {source}" if isinstance(source, (str, os.PathLike)) else "`inputs`"
-    arrays = select_inputs(read_arrays(source, "`inputs`"), [s.name for s in specs], label)
+    label = (Param("inputs"), f" {source}") if isinstance(source, (str, os.PathLike)) else Param("inputs")
+    arrays = select_inputs(read_arrays(source, Param("inputs")), [s.name for s in specs], label)
     for spec, arr in zip(specs, arrays):
         if arr.ndim != len(spec.shape) or any(
             isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
         ):
             raise UsageError(
-                f"{label}: array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}"
+                *label_parts(label),
+                f": array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}",
             )
     return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
@@ -58,7 +59,9 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
     for spec in specs:
         free = [d for d in spec.shape[1:] if not isinstance(d, int)]
         if free:
-            raise UsageError(f"input '{spec.name}' has free dimensions {free}: pass `inputs` with real data")
+            raise UsageError(
+                f"input '{spec.name}' has free dimensions {free}: pass ", Param("inputs"), " with real data"
+            )
         out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
     return out
 
@@ -165,7 +168,9 @@ def float64_copy(module: nn.Module) -> nn.Module:
             return copy.deepcopy(module).double()
     except Exception as exc:
         raise BnfoldError(
-            f'the model cannot be copied to float64 for `reference="float64"`: {type(exc).__name__}: {exc}'
+            "the model cannot be copied to float64 for ",
+            Param("reference", "float64"),
+            f": {type(exc).__name__}: {exc}",
         ) from exc
 
 
@@ -195,9 +200,9 @@ def verify(
     :func:`_arbitrate`); the report says so (``float64_arbitration``).
     """
     if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
-        raise UsageError(f"`rtol`/`atol` must be non-negative (got rtol={rtol}, atol={atol})")
+        raise UsageError(Param("rtol"), "/", Param("atol"), f" must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
-        raise UsageError(f"`reference` {reference!r}: expected one of {', '.join(REFERENCES)}")
+        raise UsageError(Param("reference"), f" {reference!r}: expected one of {', '.join(REFERENCES)}")
     module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.

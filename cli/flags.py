@@ -1,76 +1,61 @@
-"""The one place where the library's parameter names become the CLI's flags.
+"""How the CLI names a library parameter: by the flag of the command's own option that sets it.
 
-Library errors write a parameter, or a call that would fix the problem, in backticks
-(`` `rtol` must be non-negative``); :func:`cli_message` replaces each such name by the flag that
-sets it, so the library never names a flag and the CLI never re-words the library's checks.
+Library errors name parameters as :class:`~bnfold.errors.Param` parts of their message
+(``UsageError(Param("rtol"), " must be non-negative")``). Each command's options say which
+parameter they set: by default the one of their own name (``--rtol`` sets ``rtol``), else the one
+declared with :class:`LibraryOption` / :class:`LibraryArgument` (``--no-verify`` sets
+``verify=False``). :func:`cli_message` writes an error with those flags, so the library never
+names a flag, the CLI never re-words the library's checks, and an option's flag is declared only
+where the option is.
 """
 
 from __future__ import annotations
 
-import re
+from typing import Any
 
-# Library parameter (or `name=value` suggestion) -> the flag (or argument) that sets it.
-PARAMETER_FLAGS: dict[str, str] = {
-    # export / inspect / verify
-    "path": "-o",
-    "rtol": "--rtol",
-    "atol": "--atol",
-    "inputs": "--inputs",
-    "reference": "--reference",
-    'reference="float64"': "--reference float64",
-    "fp16=True": "--fp16",
-    "keep_io_types=True": "--keep-io-types",
-    "verify=False": "--no-verify",
-    "dynamic_batch=False": "--static-batch",
-    "input_shapes": "--input-shape",
-    "opset": "--opset",
-    "rules": "--rules",
-    "skip_rules": "--skip-rules",
-    # loading
-    "arch": "--arch",
-    "arch_kwargs": "--arch-kwargs",
-    "trust_pickle=True": "--trust-pickle",
-    # labels and preprocessing
-    "labels": "--labels",
-    "preprocess": "--preprocess-mean/--preprocess-std",
-    "preprocess.size": "--preprocess-size",
-    "preprocess.mean": "--preprocess-mean",
-    "preprocess.std": "--preprocess-std",
-    "preprocess.channel_order": "--preprocess-channels",
-    # Predictor (bnfold predict)
-    "batch_size": "--batch-size",
-    "device": "--device",
-    "device='auto'": "--device auto",
-    "device='cuda'": "--device cuda",
-    "top_k": "--top-k",
-    # bnfold predict --ray (bnfold.scale)
-    "address": "--ray-address",
-    "actors": "--actors",
-    "cpus_per_actor": "--cpus-per-actor",
-    "gpus_per_actor": "--gpus-per-actor",
-    "data": "INPUTS",
-    # bnfold serve (bnfold.scale.serve); `address` is shared with bnfold predict --ray
-    "host": "--host",
-    "port": "--port",
-    "replicas": "--replicas",
-    "cpus_per_replica": "--cpus-per-replica",
-    "gpus_per_replica": "--gpus-per-replica",
-    "max_batch_size": "--max-batch-size",
-    "batch_wait_ms": "--batch-wait-ms",
-    "max_body_mb": "--max-body-mb",
-    "token_file": "--token-file",
-    # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
-    "recalibrate": "--recalibrate",
-    "recalibrate(batch_size)": "--recalibrate-batch-size",
-    # bench
-    "batch_sizes": "--batch-sizes",
-    "repeats": "--repeats",
-}
+import click
 
-_CODE = re.compile(r"`([^`]+)`")
+from bnfold.errors import BnfoldError, Param
 
 
-def cli_message(message: str) -> str:
-    """``message`` with every backticked library parameter replaced by its flag; other
-    backticked code keeps its backticks."""
-    return _CODE.sub(lambda m: PARAMETER_FLAGS.get(m.group(1), m.group(0)), message)
+class LibraryOption(click.Option):
+    """A click option that sets the library parameter ``parameter`` (default: the option's own
+    name); a flag sets it to ``setting`` (``--no-verify``: ``parameter="verify", setting=False``)."""
+
+    def __init__(self, *args: Any, parameter: str | None = None, setting: Any = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameter = parameter or self.name
+        self.setting = setting
+
+
+class LibraryArgument(click.Argument):
+    """A click argument that sets the library parameter ``parameter`` (``INPUTS`` sets ``data``)."""
+
+    def __init__(self, *args: Any, parameter: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameter = parameter or self.name
+
+
+def flag_for(param: Param, command: click.Command) -> str | None:
+    """How ``command``'s user sets ``param``: a flag (``--rtol``), a flag and value
+    (``--device cuda``), an argument (``INPUTS``), or ``None`` when no option of it does."""
+    for option in command.params:
+        if getattr(option, "parameter", option.name) != param.name:
+            continue
+        if isinstance(option, click.Argument):
+            return option.human_readable_name
+        flag = max(option.opts, key=len)
+        if not param.has_value:
+            return flag
+        if option.is_flag:
+            if param.value == getattr(option, "setting", True):
+                return flag
+            continue
+        return f"{flag} {param.value}"
+    return None
+
+
+def cli_message(error: BnfoldError, command: click.Command) -> str:
+    """``error``'s message with each parameter written as ``command``'s flag that sets it
+    (the library's spelling where none does)."""
+    return error.render(lambda param: flag_for(param, command))

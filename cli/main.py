@@ -45,7 +45,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             report = getattr(exc, "report", None)
             if isinstance(exc, VerificationError) and report is not None:
                 click.echo(str(report))
-            _fail(cli_message(str(exc)), exc.exit_code)
+            _fail(cli_message(exc, click.get_current_context().command), exc.exit_code)
         except KeyboardInterrupt:
             if debug:
                 raise

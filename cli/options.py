@@ -1,10 +1,10 @@
-"""Option groups shared by several commands, each a decorator, and what their values mean to
-the library.
+"""Option groups, each a decorator, and what their values mean to the library.
 
-A group adds its click options to a command and hands the command one frozen dataclass of their
-values (e.g. ``model: ModelOptions``) instead of one argument per option; the dataclass turns the
-values into library arguments. The library checks the values and names its parameters, which
-``bnfold.cli.flags`` maps back to these flags.
+A group adds its click options to a command and hands the command their values as one object
+(e.g. ``loading: ModelOptions``) instead of one argument per option: a frozen dataclass that turns
+them into library arguments, or, for :func:`library_options`, the library parameters themselves.
+The library checks the values and names its parameters in errors; each option declares the
+parameter it sets (see ``bnfold.cli.flags``), so errors name these flags.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
+from bnfold.cli.flags import LibraryOption
 
 from bnfold.defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
 from bnfold.errors import UsageError
@@ -47,6 +48,98 @@ def option_group(keyword: str, values: type, options: Sequence[Decorator]) -> De
         return grouped
 
     return decorate
+
+
+def library_options(keyword: str, options: Sequence[Decorator]) -> Decorator:
+    """A decorator that adds ``options`` (each with ``cls=LibraryOption``) to a click command
+    and passes the library parameters they set to it as one dict named ``keyword``: a flag that
+    is given sets its parameter to its ``setting``, an option with a value sets it to the value,
+    and an option not given leaves its parameter out (the library's default holds)."""
+
+    def probe() -> None: ...
+
+    for option in options:
+        option(probe)
+    declared: list[click.Parameter] = probe.__click_params__  # type: ignore[attr-defined]
+    for option in declared:
+        if not isinstance(option, LibraryOption):
+            raise TypeError(f"library_options: {option.name} must be a LibraryOption")
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def grouped(*args: Any, **kwargs: Any) -> Any:
+            chosen: dict[str, Any] = {}
+            for option in declared:
+                value = kwargs.pop(option.name)
+                if option.is_flag and value:
+                    chosen[option.parameter] = option.setting
+                elif not option.is_flag and value is not None:
+                    chosen[option.parameter] = value
+            return command(*args, **{keyword: chosen}, **kwargs)
+
+        for option in reversed(options):
+            grouped = option(grouped)
+        return grouped
+
+    return decorate
+
+
+class NameList(click.ParamType):
+    """Comma-separated names, as a tuple (``"a, b"`` -> ``("a", "b")``)."""
+
+    name = "NAMES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(name.strip() for name in str(value).split(",") if name.strip())
+
+
+# The fields of bnfold.ExportOptions that ``bnfold export`` sets from its own flags (verification
+# and metadata have their groups): an option here sets the field its `parameter` names.
+export_options = library_options(
+    "exporting",
+    [
+        click.option(
+            "--static-batch",
+            is_flag=True,
+            cls=LibraryOption,
+            parameter="dynamic_batch",
+            setting=False,
+            help="Fix the batch size to the input shape's instead of a dynamic batch axis.",
+        ),
+        click.option("--opset", type=int, cls=LibraryOption, help="ONNX opset version (default: the exporter's)."),
+        click.option(
+            "--no-verify",
+            is_flag=True,
+            cls=LibraryOption,
+            parameter="verify",
+            setting=False,
+            help="Skip verification in ONNX Runtime (the BatchNormalization count is still checked).",
+        ),
+        click.option(
+            "--fp16",
+            is_flag=True,
+            cls=LibraryOption,
+            help="Export float16 weights and activations (folded in float64 first).",
+        ),
+        click.option(
+            "--keep-io-types", is_flag=True, cls=LibraryOption, help="With --fp16: keep float32 inputs and outputs."
+        ),
+        click.option(
+            "--rules",
+            type=NameList(),
+            cls=LibraryOption,
+            help="Apply only these fold rules (comma-separated names; default: all; an unknown name lists them).",
+        ),
+        click.option(
+            "--skip-rules",
+            type=NameList(),
+            cls=LibraryOption,
+            help="Apply every fold rule except these (comma-separated names).",
+        ),
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +181,7 @@ model_options = option_group(
         click.option(
             "--trust-pickle",
             is_flag=True,
+            cls=LibraryOption,
             help="Allow unpickling a whole nn.Module. Unpickling runs code from the file: only for files you trust.",
         ),
     ],
@@ -201,22 +295,36 @@ metadata_options = option_group(
             "--labels",
             "labels_path",
             type=click.Path(),
+            cls=LibraryOption,
+            parameter="labels",
             help="Class labels, one per line, stored in the ONNX metadata.",
         ),
         click.option(
             "--preprocess-size",
             metavar="HxW",
+            cls=LibraryOption,
+            parameter="preprocess.size",
             help="Image preprocessing stored in the ONNX metadata: resize to HxW (default: the input's).",
         ),
         click.option(
             "--preprocess-mean",
             metavar="M[,M,M]",
+            cls=LibraryOption,
+            parameter="preprocess.mean",
             help="Per-channel mean subtracted after scaling pixels to [0, 1] (default 0).",
         ),
-        click.option("--preprocess-std", metavar="S[,S,S]", help="Per-channel std divided by (default 1)."),
+        click.option(
+            "--preprocess-std",
+            metavar="S[,S,S]",
+            cls=LibraryOption,
+            parameter="preprocess.std",
+            help="Per-channel std divided by (default 1).",
+        ),
         click.option(
             "--preprocess-channels",
             type=click.Choice(CHANNEL_ORDERS),
+            cls=LibraryOption,
+            parameter="preprocess.channel_order",
             help="Channel order: RGB, BGR or L (grayscale); default from the channel count.",
         ),
     ],
@@ -264,6 +372,8 @@ ray_options = option_group(
         click.option(
             "--ray-address",
             metavar="ADDRESS",
+            cls=LibraryOption,
+            parameter="address",
             help="Join the Ray cluster at ADDRESS (auto, host:port or ray://host:port) instead of starting a local one.",
         ),
         click.option(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from ..errors import FoldError, first_line
+from ..errors import FoldError, Param, first_line
 from ..modes import attributes_restored, eval_mode, model_failures, quiet_torch, run_eval
 from .batch_guard import batch_fixing_line
 
@@ -83,7 +83,10 @@ def _check_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         return
     with (
         model_failures(
-            inputs, FoldError, "the model fails on input", "Check `input_shapes`, or fix the model's forward"
+            inputs,
+            FoldError,
+            "the model fails on input",
+            ("Check ", Param("input_shapes"), ", or fix the model's forward"),
         ),
         quiet_torch(),
     ):
@@ -101,7 +104,9 @@ def _as_plain_module(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.
     except Exception as exc:  # the converter raises many types
         raise FoldError(
             f"cannot convert the TorchScript model to a traceable graph: {first_line(exc)}. "
-            "Save the model as a state_dict (with `arch`) or with torch.export.save instead."
+            "Save the model as a state_dict (with ",
+            Param("arch"),
+            ") or with torch.export.save instead.",
         ) from exc
 
 
@@ -144,8 +149,9 @@ def _trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_
         where = f" at {line}" if line else f" ({first_line(error, lines=2)})"
         raise FoldError(
             "the model cannot take a dynamic batch size: its code, or the program it was saved as, "
-            f"fixes the batch dimension{where}. Change that code, or re-run with "
-            "`dynamic_batch=False` to export for the given batch size."
+            f"fixes the batch dimension{where}. Change that code, or re-run with ",
+            Param("dynamic_batch", False),
+            " to export for the given batch size.",
         ) from error
     with eval_mode(module), torch.no_grad(), quiet_torch():
         try:  # the other capture path: TorchDynamo bytecode tracing

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError, UnsafeModelError
+from ..errors import ModelLoadError, Param, UnsafeModelError
 from .pickle_scan import pickle_globals
 from .pickles import LEGACY_PICKLES, allowed_global_names, list_names
 
@@ -271,5 +271,6 @@ def check_export_archive(path: Path) -> None:
         raise UnsafeModelError(
             f"{path} is a torch.export archive that would run code from the file when loaded "
             f"({list_names(problems, 3)}); torch.export.save does not write such archives. If you "
-            "trust this file, pass `trust_pickle=True`"
+            "trust this file, pass ",
+            Param("trust_pickle", True),
         )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UsageError, first_line
+from ..errors import ModelLoadError, Param, UsageError, first_line
 from ..modes import quiet_torch
 from .archive import check_export_archive, damaged_archive
 from .loaded import (
@@ -153,13 +153,16 @@ def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str,
         obj = inner
     if isinstance(obj, nn.Module):
         if arch:
-            raise UsageError(f"{path} holds a whole module; `arch` is only for state_dict files")
+            raise UsageError(f"{path} holds a whole module; ", Param("arch"), " is only for state_dict files")
         return with_file_metadata(LoadedModel(obj.eval(), path, PICKLED_MODULE), meta)
     if is_state_dict(obj):
         if not arch:
             raise UsageError(
-                f"{path} holds a state_dict ({len(obj)} tensors) but no architecture: pass `arch` "
-                "('package.module:factory' or 'file.py:factory'), and `arch_kwargs` if the factory takes arguments"
+                f"{path} holds a state_dict ({len(obj)} tensors) but no architecture: pass ",
+                Param("arch"),
+                " ('package.module:factory' or 'file.py:factory'), and ",
+                Param("arch_kwargs"),
+                " if the factory takes arguments",
             )
         module = apply_state_dict(path, obj, arch, arch_kwargs)
         return with_file_metadata(LoadedModel(module.eval(), path, STATE_DICT), meta)
@@ -169,11 +172,11 @@ def _interpret(path: Path, obj: Any, arch: str | None, arch_kwargs: Mapping[str,
 def _check_arch_arguments(arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> None:
     if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
         raise UsageError(
-            f'`arch_kwargs` must be a mapping of keyword arguments, e.g. {{"num_classes": 10}} '
-            f"(got a {type(arch_kwargs).__name__})"
+            Param("arch_kwargs"),
+            f' must be a mapping of keyword arguments, e.g. {{"num_classes": 10}} (got a {type(arch_kwargs).__name__})',
         )
     if arch_kwargs and not arch:
-        raise UsageError("`arch_kwargs` are the factory's arguments: they need `arch`")
+        raise UsageError(Param("arch_kwargs"), " are the factory's arguments: they need ", Param("arch"))
 
 
 def load_model(
@@ -207,7 +210,7 @@ def load_model(
         raise ModelLoadError(f"{path} is empty (0 bytes); re-save or re-download the model")
     fmt = sniff_format(path)
     if arch and fmt in (TORCHSCRIPT, EXPORTED_PROGRAM):
-        raise UsageError(f"{path} is a {fmt} file that carries its own architecture; drop `arch`")
+        raise UsageError(f"{path} is a {fmt} file that carries its own architecture; drop ", Param("arch"))
     if fmt == TORCHSCRIPT:
         loaded = _load_torchscript(path)
     elif fmt == EXPORTED_PROGRAM:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, Param, UsageError
 from ..metadata import Preprocess
 from ..shapes import Shape
 
@@ -45,8 +45,9 @@ class LoadedModel:
         shapes = list(input_shapes) if input_shapes else self.input_shapes
         if not shapes:
             raise UsageError(
-                f"{self.path}: the file does not record the model's input shape; "
-                "pass `input_shapes`, one shape per input, batch first, e.g. 1x3x224x224"
+                f"{self.path}: the file does not record the model's input shape; pass ",
+                Param("input_shapes"),
+                ", one shape per input, batch first, e.g. 1x3x224x224",
             )
         dtypes = self.input_dtypes if self.input_dtypes and len(self.input_dtypes) == len(shapes) else None
         gen = torch.Generator().manual_seed(seed)

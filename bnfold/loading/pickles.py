@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError, UnsafeModelError, first_line
+from ..errors import ModelLoadError, Param, UnsafeModelError, first_line
 from .pickle_scan import pickle_globals
 from .usercode import cwd_importable
 
@@ -115,13 +115,17 @@ def _refusal(path: Path, exc: BaseException) -> ModelLoadError:
     if wanted:
         return UnsafeModelError(
             f"{path} is a pickled Python object that would import {list_names(wanted)}; "
-            "unpickling it can run any code. If you trust this file, pass `trust_pickle=True`; "
-            "better, save a state_dict and pass `arch`, or save with torch.jit.save / torch.export.save"
+            "unpickling it can run any code. If you trust this file, pass ",
+            Param("trust_pickle", True),
+            "; better, save a state_dict and pass ",
+            Param("arch"),
+            ", or save with torch.jit.save / torch.export.save",
         )
     return ModelLoadError(
         f"{path} cannot be read safely ({_refusal_reason(exc)}): it is damaged, or it needs a full "
         "unpickler. Re-save or re-download it (torch.save(model.state_dict())), or, only if you "
-        "trust the file, pass `trust_pickle=True`"
+        "trust the file, pass ",
+        Param("trust_pickle", True),
     )
 
 

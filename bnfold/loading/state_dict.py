@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, Param, UsageError
 from .usercode import resolve_factory
 
 # Key prefixes added by wrappers: nn.DataParallel / DistributedDataParallel and torch.compile.
@@ -30,10 +30,13 @@ def build_module(arch: str, arch_kwargs: Mapping[str, Any] | None) -> nn.Module:
         module = factory(**kwargs)
     except Exception as exc:
         raise UsageError(
-            f"`arch` {arch!r}: calling it with `arch_kwargs` {kwargs} failed: {type(exc).__name__}: {exc}"
+            Param("arch"),
+            f" {arch!r}: calling it with ",
+            Param("arch_kwargs"),
+            f" {kwargs} failed: {type(exc).__name__}: {exc}",
         ) from exc
     if not isinstance(module, nn.Module):
-        raise UsageError(f"`arch` {arch!r} returned {type(module).__name__}, not a torch.nn.Module")
+        raise UsageError(Param("arch"), f" {arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
@@ -82,6 +85,6 @@ def apply_state_dict(
     state = _without_wrapper_prefixes(state, expected)
     problems = _differences(state, expected)
     if problems:
-        raise ModelLoadError(f"{path} does not match `arch` {arch}: " + "; ".join(problems))
+        raise ModelLoadError(f"{path} does not match ", Param("arch"), f" {arch}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
     return module

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import Param, UsageError
 
 
 @contextlib.contextmanager
@@ -37,12 +37,12 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     """
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise UsageError(f"`arch` {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
+        raise UsageError(Param("arch"), f" {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
     try:
         if module_name.endswith(".py") or os.sep in module_name:
             file = Path(module_name)
             if not file.is_file():
-                raise UsageError(f"`arch` {spec!r}: file {file} does not exist")
+                raise UsageError(Param("arch"), f" {spec!r}: file {file} does not exist")
             mod_spec = importlib.util.spec_from_file_location(f"bnfold_arch_{file.stem}", file)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
@@ -52,8 +52,10 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"`arch` {spec!r}: importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(
+            Param("arch"), f" {spec!r}: importing {module_name} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UsageError(f"`arch` {spec!r}: {module_name} has no callable named {attr!r}")
+        raise UsageError(Param("arch"), f" {spec!r}: {module_name} has no callable named {attr!r}")
     return factory

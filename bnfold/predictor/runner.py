@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..batching import Batch, plan_batches, run_in_batches
-from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
+from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
 from ..images import load_images
 from ..metadata import Preprocess, from_metadata
 from .binding import is_torch, run_bound
@@ -46,7 +46,7 @@ class Predictor:
         spin_wait: bool = True,
     ) -> None:
         if batch_size is not None and batch_size < 1:
-            raise UsageError(f"`batch_size` must be at least 1 (got {batch_size})")
+            raise UsageError(Param("batch_size"), f" must be at least 1 (got {batch_size})")
         self.path = Path(path)
         options = session_options(optimize, threads, spin_wait)
         self._session, self.fallback_reason = open_session(self.path, options, device=device, providers=providers)
@@ -208,8 +208,9 @@ class Predictor:
         :class:`UsageError` if the model has none (it cannot read images)."""
         if self.preprocess is None:
             raise UsageError(
-                f"{self.path} has no preprocessing metadata, so it cannot read images: export it "
-                "with `preprocess`, or give arrays instead of image files"
+                f"{self.path} has no preprocessing metadata, so it cannot read images: export it with ",
+                Param("preprocess"),
+                ", or give arrays instead of image files",
             )
         return self.preprocess
 

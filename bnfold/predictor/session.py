@@ -14,7 +14,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
+from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -131,7 +131,7 @@ def open_session(
     ``providers`` overrides the provider list entirely.
     """
     if device not in DEVICES:
-        raise UsageError(f"`device` must be one of {', '.join(map(repr, DEVICES))} (got {device!r})")
+        raise UsageError(Param("device"), f" must be one of {', '.join(map(repr, DEVICES))} (got {device!r})")
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"ONNX model {path} does not exist")
@@ -143,7 +143,7 @@ def open_session(
     if session is not None:
         return session, None
     if device == "cuda":
-        raise BnfoldError(f"`device='cuda'`: {problem} (`device='auto'` falls back to the CPU)")
+        raise BnfoldError(Param("device", "cuda"), f": {problem} (", Param("device", "auto"), " falls back to the CPU)")
     return create_session(path, options, [CPU]), problem
 
 

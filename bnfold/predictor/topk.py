@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import Param, UsageError
 
 
 def check_top_k(k: int) -> None:
     """A :class:`UsageError` unless ``k`` (the number of classes to keep) is at least 1."""
     if k < 1:
-        raise UsageError(f"`top_k` must be at least 1 (got {k})")
+        raise UsageError(Param("top_k"), f" must be at least 1 (got {k})")
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

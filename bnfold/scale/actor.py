@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..errors import BnfoldError, UsageError
+from ..errors import BnfoldError, Param, UsageError
 from ..images import load_image
 from ..predictor import Predictor
 from .cluster import actor_device, actor_threads
@@ -41,7 +41,9 @@ class InputColumns:
         :class:`UsageError` saying which columns are missing."""
         item = next((c for c in ("item", "path") if c in columns), None)
         if item is None:
-            raise UsageError(f"`data` has no 'item' or 'path' column to name its rows (columns: {list(columns)})")
+            raise UsageError(
+                Param("data"), f" has no 'item' or 'path' column to name its rows (columns: {list(columns)})"
+            )
         if IMAGE_BYTES in columns:
             return cls(item, IMAGE_BYTES)
         if all(name in columns for name in input_names):
@@ -49,8 +51,9 @@ class InputColumns:
         if len(input_names) == 1 and "data" in columns:
             return cls(item, TENSORS, ("data",))
         raise UsageError(
-            f"`data` has no column for the model input(s) {list(input_names)}: expected one column per "
-            f"input name ('data' for a single input), or 'bytes' of image files (columns: {list(columns)})"
+            Param("data"),
+            f" has no column for the model input(s) {list(input_names)}: expected one column per "
+            f"input name ('data' for a single input), or 'bytes' of image files (columns: {list(columns)})",
         )
 
 

@@ -12,7 +12,7 @@ import hmac
 import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import Param, UsageError
 
 MIN_TOKEN_CHARS = 16
 
@@ -24,13 +24,14 @@ def read_token(token_file: str | os.PathLike[str]) -> str:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"`token_file` {file}: cannot read it ({type(exc).__name__})") from exc
+        raise UsageError(Param("token_file"), f" {file}: cannot read it ({type(exc).__name__})") from exc
     token = text.strip().split("\n")[0].strip() if text.strip() else ""
     if len(token) < MIN_TOKEN_CHARS:
         raise UsageError(
-            f"`token_file` {file}: the token on its first line must have at least {MIN_TOKEN_CHARS} "
+            Param("token_file"),
+            f" {file}: the token on its first line must have at least {MIN_TOKEN_CHARS} "
             f"characters (it has {len(token)}); e.g. write the output of `python -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))'` to it"
+            "print(secrets.token_urlsafe(32))'` to it",
         )
     return token
 

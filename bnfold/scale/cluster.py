@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-from ..errors import BnfoldError, UsageError, first_line
+from ..errors import BnfoldError, Param, UsageError, first_line
 
 RAY_EXTRA = "pip install 'bnfold[ray]'"
 
@@ -72,8 +72,8 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
     try:
         ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = f"the Ray cluster at `address` {address!r}" if address else "a local Ray instance"
-        raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
+        where = ("the Ray cluster at ", Param("address"), f" {address!r}") if address else ("a local Ray instance",)
+        raise BnfoldError("cannot start or join ", *where, f": {first_line(exc)}") from exc
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow.dataset as pads
 from ray.data import ActorPoolStrategy, Dataset
 
-from ..errors import BnfoldError, UsageError
+from ..errors import BnfoldError, Param, UsageError
 from ..predictor import Predictor, check_top_k
-from ..staging import check_output_path, write_failed
+from ..staging import PATH, check_output_path, write_failed
 from .actor import IMAGE_BYTES, InputColumns, PredictionActor, predict_rows, row_inputs
 from .cluster import bnfold_cause, default_cpus_per_actor, node_resources
 from .rows import PredictionRows
@@ -59,7 +59,7 @@ def predict_dataset(
     ``max`` actors, at most one node's) and ``gpus_per_actor`` GPUs (CUDA only with a GPU).
     """
     if batch_size < 1:
-        raise UsageError(f"`batch_size` must be at least 1 (got {batch_size})")
+        raise UsageError(Param("batch_size"), f" must be at least 1 (got {batch_size})")
     check_top_k(top_k)
     low, high = _pool_size(actors)
     cpus = _check_resources(high, cpus_per_actor, gpus_per_actor)
@@ -90,7 +90,9 @@ def _pool_size(actors: int | tuple[int, int]) -> tuple[int, int]:
     """(min, max) actors of ``actors`` (a size or a ``(min, max)`` pair), checked."""
     low, high = (actors, actors) if isinstance(actors, int) else actors
     if low < 1 or high < low:
-        raise UsageError(f"`actors` must be a size of at least 1 or (min, max) with 1 <= min <= max (got {actors})")
+        raise UsageError(
+            Param("actors"), f" must be a size of at least 1 or (min, max) with 1 <= min <= max (got {actors})"
+        )
     return low, high
 
 
@@ -98,16 +100,19 @@ def _check_resources(actors: int, cpus_per_actor: float | None, gpus_per_actor: 
     """The CPUs per actor, after checking that the cluster has room for one actor at least (a pool
     that never starts would wait forever)."""
     if gpus_per_actor < 0:
-        raise UsageError(f"`gpus_per_actor` must not be negative (got {gpus_per_actor})")
+        raise UsageError(Param("gpus_per_actor"), f" must not be negative (got {gpus_per_actor})")
     if cpus_per_actor is not None and cpus_per_actor <= 0:
-        raise UsageError(f"`cpus_per_actor` must be positive (got {cpus_per_actor})")
+        raise UsageError(Param("cpus_per_actor"), f" must be positive (got {cpus_per_actor})")
     nodes = node_resources()
     cpus = default_cpus_per_actor(actors, nodes) if cpus_per_actor is None else cpus_per_actor
     if not any(node["CPU"] >= cpus and node["GPU"] >= gpus_per_actor for node in nodes):
         have = ", ".join(f"{node['CPU']:g} CPU(s) and {node['GPU']:g} GPU(s)" for node in nodes)
         raise BnfoldError(
             f"no node of the Ray cluster has {cpus:g} CPU(s) and {gpus_per_actor:g} GPU(s) for an actor "
-            f"(its nodes have {have}): lower `cpus_per_actor` or `gpus_per_actor`"
+            f"(its nodes have {have}): lower ",
+            Param("cpus_per_actor"),
+            " or ",
+            Param("gpus_per_actor"),
         )
     return cpus
 
@@ -125,7 +130,7 @@ def _first_row(predictor: Predictor, inputs: InputRows) -> tuple[InputColumns, l
     try:
         batch = inputs.first_batch()
     except ValueError as exc:  # the dataset is empty (Ray), or no input file holds a row
-        raise UsageError(f"`data` holds no rows ({exc})") from exc
+        raise UsageError(Param("data"), f" holds no rows ({exc})") from exc
     columns = InputColumns.of(list(batch), [spec.name for spec in predictor.inputs])
     if "error" in batch and batch["error"][0] is not None:
         raise UsageError(str(batch["error"][0]))
@@ -159,8 +164,8 @@ def write_predictions(predictions: Dataset, path: str | os.PathLike[str]) -> Pre
     local = "://" not in target
     if local:
         if os.path.lexists(target):
-            raise UsageError(f"output {target} exists; remove it or choose another `path`")
-        check_output_path(target, option="`path`")
+            raise UsageError(f"output {target} exists; remove it or choose another ", PATH)
+        check_output_path(target)
     start = time.perf_counter()
     staging = _staging_folder(Path(target)) if local else target
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import BnfoldError, ModelLoadError, UsageError, first_line
+from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
 from ..predictor import Predictor
 from ..predictor.session import cuda_problem
 from .cluster import RAY_EXTRA, default_cpus_per_actor, node_resources, ray_instance
@@ -122,7 +122,7 @@ def model_server(
     On a local instance the model is first opened here (on the CPU) and CUDA checked when the
     replicas want GPUs, so that what would stop every replica fails at once with its reason."""
     if not 0 <= port <= 65535:
-        raise UsageError(f"`port` must be between 0 and 65535 (got {port})")
+        raise UsageError(Param("port"), f" must be between 0 and 65535 (got {port})")
     checked = ServeOptions(**options)
     serve = require_serve()
     import ray
@@ -132,7 +132,7 @@ def model_server(
         _check_port_free(host, port)
         problem = cuda_problem() if checked.gpus_per_replica else None
         if problem:
-            raise UsageError(f"`gpus_per_replica` {checked.gpus_per_replica}: {problem}")
+            raise UsageError(Param("gpus_per_replica"), f" {checked.gpus_per_replica}: {problem}")
         Predictor(model, device="cpu", threads=1)
     with ray_instance(ray_address):
         serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
@@ -164,7 +164,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"cannot listen on `host` {host} `port` {port}: {exc.strerror or exc}") from exc
+            raise UsageError(
+                "cannot listen on ", Param("host"), f" {host} ", Param("port"), f" {port}: {exc.strerror or exc}"
+            ) from exc
 
 
 def wait_for_stop() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import Param, UsageError
 from ..predictor import check_top_k
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -45,7 +45,9 @@ class ServeOptions:
     def __post_init__(self) -> None:
         lowest, highest = self.replica_range
         if lowest < 1 or highest < lowest:
-            raise UsageError(f"`replicas` must be at least 1, or (min, max) with 1 <= min <= max (got {self.replicas})")
+            raise UsageError(
+                Param("replicas"), f" must be at least 1, or (min, max) with 1 <= min <= max (got {self.replicas})"
+            )
         _check(self.max_batch_size > 0, "max_batch_size", "must be positive", self.max_batch_size)
         _check(self.max_body_mb > 0, "max_body_mb", "must be positive", self.max_body_mb)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "must not be negative", self.batch_wait_ms)
@@ -66,13 +68,15 @@ class ServeOptions:
 
 def _check(ok: bool, name: str, rule: str, value: float) -> None:
     if not ok:
-        raise UsageError(f"`{name}` {rule} (got {value})")
+        raise UsageError(Param(name), f" {rule} (got {value})")
 
 
 def parse_replicas(text: str) -> Replicas:
     """``"2"`` -> 2, ``"1,4"`` -> (1, 4); a :class:`UsageError` naming ``replicas`` otherwise."""
     parts = text.split(",")
     if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
-        raise UsageError(f"`replicas` {text!r} is not valid: give a number N or a range MIN,MAX (e.g. 2 or 1,4)")
+        raise UsageError(
+            Param("replicas"), f" {text!r} is not valid: give a number N or a range MIN,MAX (e.g. 2 or 1,4)"
+        )
     numbers = [int(p) for p in parts]
     return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])

@@ -25,7 +25,7 @@ from ray.data.datasource import FileBasedDatasource
 from ray.data.extensions import ArrowTensorArray
 
 from ..data import select_inputs, stream_arrays
-from ..errors import UsageError, first_line
+from ..errors import Param, UsageError, first_line
 from ..images import IMAGE_SUFFIXES
 from ..predictor import TensorSpec
 
@@ -111,17 +111,17 @@ def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[Tensor
     CPU: the prediction actors, which decode the files, hold the CPUs."""
     files = expand_paths(paths)
     if not files:
-        raise UsageError("`data` names no input")
+        raise UsageError(Param("data"), " names no input")
     kinds = {input_kind(path) for path in files}
     if len(kinds) > 1:
-        raise UsageError(f"`data` mixes {' and '.join(sorted(kinds))}: predict one kind of input at a time")
+        raise UsageError(Param("data"), f" mixes {' and '.join(sorted(kinds))}: predict one kind of input at a time")
     kind = kinds.pop()
     try:  # Ray lists the files now: its errors say what it found (nothing, or no such path)
         if kind == TABLES:
             return InputRows(read_parquet(files, num_cpus=0, concurrency=concurrency), kind)
         source = ImageFiles(files) if kind == IMAGES else ArrayFiles(files, list(inputs))
     except (ValueError, OSError) as exc:
-        raise UsageError(f"`data` {', '.join(files)}: {first_line(exc)}") from exc
+        raise UsageError(Param("data"), f" {', '.join(files)}: {first_line(exc)}") from exc
     return InputRows(read_datasource(source, num_cpus=0, concurrency=concurrency), kind, source)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+from bnfold.cli.flags import LibraryOption
 from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_options, model_options
 
 
@@ -12,7 +13,14 @@ from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_opti
 @click.argument("model", type=click.Path(dir_okay=True))
 @model_options
 @input_shape_options
-@click.option("--static-batch", is_flag=True, help="Trace with a fixed batch size.")
+@click.option(
+    "--static-batch",
+    is_flag=True,
+    cls=LibraryOption,
+    parameter="dynamic_batch",
+    setting=False,
+    help="Trace with a fixed batch size.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the fold report as JSON.")
 def inspect_command(
     model: str, static_batch: bool, as_json: bool, *, loading: ModelOptions, input_shape: InputShapeOptions

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import numpy as np
 from bnfold.cli.commands.predict_ray import predict_on_ray
+from bnfold.cli.flags import LibraryArgument, LibraryOption
 from bnfold.cli.options import RayOptions, ray_options
 
 from bnfold.batching import Batch, plan_batches
@@ -27,8 +28,15 @@ DEFAULT_PREDICT_BATCH = 32
 
 @click.command("predict")
 @click.argument("onnx_model", type=click.Path(dir_okay=True))
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(), help="Write all outputs to this .npz (one array per model output).")
+@click.argument("inputs", nargs=-1, required=True, cls=LibraryArgument, parameter="data")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    cls=LibraryOption,
+    parameter="path",
+    help="Write all outputs to this .npz (one array per model output).",
+)
 @click.option(
     "--device",
     type=click.Choice(DEVICES),

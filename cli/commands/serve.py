@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from bnfold.cli.flags import LibraryOption
 
 from bnfold.scale.serve import (
     DEFAULT_HOST,
@@ -77,6 +78,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 )
 @click.option(
     "--ray-address",
+    cls=LibraryOption,
+    parameter="address",
     help="Run on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of a new local Ray instance.",
 )
 def serve_command(

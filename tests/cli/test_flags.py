@@ -1,27 +1,35 @@
-"""The CLI's one map from library parameters to flags: every entry names a real parameter and a
-real flag (or argument), and errors reach the user with the flag."""
+"""How errors reach the CLI: every parameter the library names in an error is set by some
+command's option, which declares it (``bnfold.cli.flags``), and errors reach the user with the flag."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import inspect
-import re
+from pathlib import Path
 
 import click
 import pytest
 import torch
-from bnfold.cli.flags import PARAMETER_FLAGS, cli_message
+from bnfold.cli.commands.export import export_command
+from bnfold.cli.flags import LibraryOption, cli_message, flag_for
 from bnfold.cli.main import main
 from click.testing import CliRunner
 from torch import nn
 
 import bnfold
 from bnfold.bench import bench
+from bnfold.errors import Param, UsageError
+from bnfold.export_options import ExportOptions
 from bnfold.loading import LoadedModel
+from bnfold.metadata import Preprocess
 from bnfold.predictor import top_k
 from bnfold.scale import predict_dataset, ray_instance, write_predictions
 from bnfold.scale.auth import read_token
 from bnfold.scale.serve import model_server
 from bnfold.scale.serve_options import ServeOptions
+
+PACKAGE = Path(bnfold.__file__).parent
 
 LIBRARY_CALLS = [
     bnfold.export,
@@ -42,34 +50,87 @@ LIBRARY_CALLS = [
 ]
 
 
-def _cli_flags() -> set[str]:
-    """Every option's flags, and every argument's name as the help shows it (``INPUTS``)."""
-    return {
-        opt
-        for command in main.commands.values()
-        for param in command.params
-        for opt in (param.opts if isinstance(param, click.Option) else [param.human_readable_name])
-    }
-
-
-def test_every_mapped_name_is_a_library_parameter_or_call():
+def _library_names() -> set[str]:
+    """Parameters of the public calls, ExportOptions' fields, `preprocess.<field>`, and
+    `recalibrate` (the export step whose data `--recalibrate` gives)."""
     names = {name for call in LIBRARY_CALLS for name in inspect.signature(call).parameters}
-    names |= {call.__name__ for call in LIBRARY_CALLS}  # `recalibrate` names the call itself
-    for key in PARAMETER_FLAGS:
-        parameter = re.findall(r"\w+", key)[-1 if "(" in key else 0]  # `recalibrate(batch_size)`: batch_size
-        assert parameter in names, f"{key!r} is no parameter of bnfold's public calls"
+    names |= {field.name for field in dataclasses.fields(ExportOptions)}
+    names |= {f"preprocess.{field.name}" for field in dataclasses.fields(Preprocess)}
+    return names | {"recalibrate"}
 
 
-def test_every_mapped_flag_is_a_cli_option():
-    flags = _cli_flags()
-    for key, flag in PARAMETER_FLAGS.items():
-        for option in flag.split("/"):  # "--device cuda": the option and its value
-            assert option.split()[0] in flags, f"{key!r} maps to {flag!r}, which no command has"
+def _named_params() -> set[str]:
+    """The names of every ``Param("...")`` the library writes with a literal name."""
+    found = set()
+    for file in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            call = isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Param" and node.args
+            if call and isinstance(node.args[0], ast.Constant):
+                found.add(node.args[0].value)
+    return found
 
 
-def test_backticked_parameters_become_flags_and_other_code_stays():
-    message = "the model fixes its batch; re-run with `dynamic_batch=False` (see `torch.export`)"
-    assert cli_message(message) == "the model fixes its batch; re-run with --static-batch (see `torch.export`)"
+def _declared() -> list[tuple[click.Command, click.Parameter]]:
+    return [(command, param) for command in main.commands.values() for param in command.params]
+
+
+def test_the_library_names_parameters_in_errors():
+    assert {"rtol", "arch", "trust_pickle", "data", "path", "preprocess.size"} <= _named_params()
+
+
+def test_every_parameter_an_error_names_is_a_library_parameter_with_a_flag():
+    names, declared = _library_names(), {getattr(p, "parameter", p.name) for _, p in _declared()}
+    for name in sorted(_named_params()):
+        assert name in names, f"errors name `{name}`, which is no parameter of bnfold's public calls"
+        # `preprocess` as a whole is set in Python only (the CLI sets its fields one by one)
+        assert name in declared or name == "preprocess", f"no CLI option sets `{name}`: errors would show it raw"
+
+
+def test_every_declared_parameter_is_a_library_parameter():
+    names = _library_names()
+    for command, param in _declared():
+        if isinstance(param, LibraryOption) or hasattr(param, "parameter"):
+            assert param.parameter in names, f"{command.name} {param.name} declares unknown `{param.parameter}`"
+
+
+def test_every_export_option_has_a_flag_of_bnfold_export():
+    """An export option is added as an ExportOptions field and a flag in its option group."""
+    declared = {getattr(p, "parameter", p.name) for p in export_command.params}
+    for field in dataclasses.fields(ExportOptions):
+        assert field.name in declared or any(d.startswith(f"{field.name}.") for d in declared), field.name
+
+
+def _command(*params: click.Parameter) -> click.Command:
+    return click.Command("c", params=list(params))
+
+
+def test_flag_for_spells_parameters_settings_and_arguments():
+    command = _command(
+        click.Option(["--rtol"], type=float),
+        LibraryOption(["--no-verify"], is_flag=True, parameter="verify", setting=False),
+        click.Option(["--fp16"], is_flag=True),
+        click.Option(["-d", "--device"]),
+        LibraryOption(["-o", "--output"], parameter="path"),
+        click.Argument(["inputs"], nargs=-1),
+    )
+    assert flag_for(Param("rtol"), command) == "--rtol"
+    assert flag_for(Param("verify", False), command) == "--no-verify"
+    assert flag_for(Param("verify", True), command) is None  # the flag cannot set it so
+    assert flag_for(Param("fp16", True), command) == "--fp16"
+    assert flag_for(Param("device", "cuda"), command) == "--device cuda"
+    assert flag_for(Param("path"), command) == "--output"
+    assert flag_for(Param("inputs"), command) == "INPUTS"
+    assert flag_for(Param("atol"), command) is None
+
+
+def test_cli_message_writes_flags_and_keeps_other_text():
+    command = _command(LibraryOption(["--static-batch"], is_flag=True, parameter="dynamic_batch", setting=False))
+    error = UsageError(
+        "the model fixes its batch; re-run with ", Param("dynamic_batch", False), " (see `torch.export`)"
+    )
+    assert str(error) == "the model fixes its batch; re-run with `dynamic_batch=False` (see `torch.export`)"
+    assert cli_message(error, command) == "the model fixes its batch; re-run with --static-batch (see `torch.export`)"
+    assert cli_message(UsageError(Param("rtol"), " is odd"), command) == "`rtol` is odd"  # no flag: Python's name
 
 
 class FixedBatch(nn.Module):
@@ -92,3 +153,18 @@ def test_a_library_error_reaches_the_cli_with_the_flag(tmp_path, static):
     else:
         assert result.exit_code == 3
         assert "--static-batch" in result.output and "dynamic_batch" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--rtol", "-1"], "--rtol must be non-negative"),
+        (["--keep-io-types"], "--keep-io-types only applies with --fp16"),
+        (["--opset", "0"], "--opset must be a positive opset version"),
+        (["--rules", "nonesuch"], "--rules: unknown fold rule(s) nonesuch"),
+    ],
+)
+def test_export_option_errors_name_the_flag_before_loading(tmp_path, args, flag):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "missing.pt"), *args], obj={})
+    assert result.exit_code == 2, result.output
+    assert flag in result.output and "missing.pt" not in result.output  # checked before the model is read

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
+from bnfold.cli.commands.predict import predict_command
 from bnfold.cli.flags import cli_message
 from helpers import random_input, randomize_batchnorms
 from torch import nn
@@ -90,8 +91,8 @@ def test_cuda_that_does_not_work_is_an_error_naming_the_reason(model_path, fake_
         warnings.simplefilter("error")  # an error, not a fallback
         with pytest.raises(bnfold.BnfoldError, match=f"^`device='cuda'`: .*{re.escape(reason)}") as raised:
             Predictor(model_path, device="cuda")
-    assert cli_message(str(raised.value)).startswith("--device cuda: ")
-    assert "(--device auto falls back to the CPU)" in cli_message(str(raised.value))
+    assert cli_message(raised.value, predict_command).startswith("--device cuda: ")
+    assert "(--device auto falls back to the CPU)" in cli_message(raised.value, predict_command)
 
 
 def test_cuda_is_not_tried_where_it_cannot_work(model_path, fake_host):

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import fx
 
-from ...errors import UsageError
+from ...errors import Param, UsageError
 
 OUTPUT, INPUT, BLOCK = "output", "input", "block"
 
@@ -104,6 +104,7 @@ def select(rules: Iterable[str] | None = None, skip_rules: Iterable[str] | None 
         unknown = sorted(given - names)
         if unknown:
             raise UsageError(
-                f"`{parameter}`: unknown fold rule(s) {', '.join(unknown)}; the rules are {', '.join(sorted(names))}"
+                Param(parameter),
+                f": unknown fold rule(s) {', '.join(unknown)}; the rules are {', '.join(sorted(names))}",
             )
     return RuleSet(tuple(r for r in known if (chosen is None or r.name in chosen) and r.name not in skipped))

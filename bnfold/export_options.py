@@ -1,0 +1,84 @@
+"""What :func:`bnfold.export` does besides folding: one frozen record of every export option.
+
+The library and the CLI share it: ``bnfold export``'s option groups build one (see
+``bnfold.cli.options``), and a Python caller passes one, or its fields as keywords. Adding an
+option means a field here and a flag in its option group; errors about a field name it with
+:class:`~bnfold.errors.Param`, which the CLI writes as the flag.
+
+Imports neither torch nor ONNX, so the CLI can build options before loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .data import ArraysArg
+from .defaults import REFERENCES
+from .errors import Param, UsageError
+from .metadata import Preprocess
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How :func:`bnfold.export` exports, verifies and describes a folded model.
+
+    Every field has the default ``bnfold export`` uses; the values are checked when the record
+    is made (a :class:`~bnfold.errors.UsageError` naming the field).
+    """
+
+    dynamic_batch: bool = True
+    """Export a symbolic batch axis (dim 0 of every input); ``False`` fixes the example's batch."""
+    opset: int | None = None
+    """ONNX opset; ``None`` takes the exporter's default. An opset it cannot reach is an error."""
+    verify: bool = True
+    """Run the ONNX model in ONNX Runtime against the eval-mode PyTorch model before writing it."""
+    rtol: float | None = None
+    """Relative tolerance of verification, against ``max|y_ref|``; ``None``: the float32 default,
+    or the float16 one for ``fp16`` and float16/bfloat16 models (see :mod:`bnfold.defaults`)."""
+    atol: float | None = None
+    """Absolute tolerance of verification; ``None`` as for ``rtol``."""
+    inputs: ArraysArg | None = None
+    """Verification data (``.npy``/``.npz`` path, array, or arrays by input name); ``None``:
+    seeded random inputs of the example's shapes."""
+    reference: str = "float32"
+    """What verification compares with: the float32 original, or a float64 copy of it
+    (``"float64"``, which also reports each side's error against float64)."""
+    fp16: bool = False
+    """Export float16 weights and activations (folded in float64 first, range-checked)."""
+    keep_io_types: bool = False
+    """With ``fp16``: keep float32 inputs and outputs."""
+    labels: tuple[str, ...] | None = None
+    """Class labels, one per class of the first output, stored in the ONNX metadata."""
+    preprocess: Preprocess | None = None
+    """Image preprocessing stored in the ONNX metadata, for :class:`bnfold.Predictor`."""
+    rules: tuple[str, ...] | None = None
+    """Apply only these fold rules (by name); ``None``: all (see :func:`bnfold.fold`)."""
+    skip_rules: tuple[str, ...] | None = None
+    """Apply every fold rule except these."""
+
+    def __post_init__(self) -> None:
+        for name in ("labels", "rules", "skip_rules"):  # any sequence in, a hashable tuple kept
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, _names(name, value))
+        if self.keep_io_types and not self.fp16:
+            raise UsageError(Param("keep_io_types", True), " only applies with ", Param("fp16", True))
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # NaN fails too
+                raise UsageError(Param(name), f" must be non-negative (got {value})")
+        if self.reference not in REFERENCES:
+            raise UsageError(Param("reference"), f" {self.reference!r}: expected one of {', '.join(REFERENCES)}")
+        if self.rules is not None or self.skip_rules is not None:
+            from .fold.rules import select  # imports torch: only when rules are chosen
+
+            select(self.rules, self.skip_rules)  # unknown names are an error now, not after loading
+        if self.opset is not None and self.opset < 1:
+            raise UsageError(Param("opset"), f" must be a positive opset version (got {self.opset})")
+
+
+def _names(field: str, value: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise UsageError(Param(field), f" {value!r}: expected a sequence of names, not one string")
+    return tuple(value)
