@@ -1,6 +1,6 @@
 """Batch-norm and affine nodes left in the ONNX graph, per fold form of issue 12: a plain
 ``torch.onnx.export`` (its optimizer folds simple Conv + BatchNormalization pairs) vs
-``bnfold export``, on the test blocks of ``tests/fold/rules/``.
+``bnfold export``, on the test blocks of ``tests/folding/rules/``.
 
     python benchmarks/fold_forms.py          # from the repository root
 """
@@ -15,7 +15,7 @@ import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for folder in ("", "tests", "tests/fold", "tests/fold/rules"):
+for folder in ("", "tests", "tests/folding", "tests/folding/rules"):
     sys.path.insert(0, str(ROOT / folder))
 
 import test_affine as affine
@@ -24,7 +24,7 @@ import test_through_ops as through
 from fold_checks import with_statistics
 
 import bnfold
-from bnfold.modes import quiet_torch
+from bnfold.user_module import quiet_torch
 
 COUNTED = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Conv", "Gemm")
 C = forms.C

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bnfold
-from bnfold.export import output_count, to_onnx
-from bnfold.fold.capture import capture
-from bnfold.fold.precision import to_float16, with_float32_io
-from bnfold.modes import run_eval
+from bnfold.exporting import output_count, to_onnx
+from bnfold.folding.capture import capture
+from bnfold.folding.precision import to_float16, with_float32_io
+from bnfold.user_module import run_eval
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ def cpu_seconds() -> dict[tuple[str, str], tuple[float, str]]:
 def ray_steady(model: Path, folder: Path, actors: int) -> tuple[float, dict[tuple[str, str], float]]:
     """Steady-state rows/s of one predict_dataset run, and each process's cores over it, by
     (pid, command line at the end)."""
-    from bnfold.scale import predict_dataset
+    from bnfold.on_ray import predict_dataset
 
     rows, before, first = 0, None, 0.0
     for part in predict_dataset(model, folder, batch_size=64, actors=actors).iter_batches(batch_size=None):
@@ -93,7 +93,7 @@ def main() -> None:
         bnfold.export(resnet18().eval(), (torch.randn(1, 3, 224, 224),), model, verify=False)
         items = 64 * len(files)
         print(f"local loop: {items / local_loop(model, files, 'cpu'):.1f} rows/s", flush=True)
-        from bnfold.scale import ray_instance
+        from bnfold.on_ray import ray_instance
 
         with ray_instance(temp_dir=tempfile.mkdtemp(prefix="bnfold-ray-"), token_auth=False):
             from ray.data import DataContext

@@ -88,7 +88,7 @@ def ray_command(model: Path, folder: Path, out: Path, options: list[str]) -> tup
 
 def ray_round(model: Path, folder: Path, batch: int, actors: int, gpus: float) -> dict[str, float]:
     """One Ray job over every file in ``folder``: job and start-up seconds, steady-state rows/s."""
-    from bnfold.scale import predict_dataset
+    from bnfold.on_ray import predict_dataset
 
     start = time.perf_counter()
     predictions = predict_dataset(model, folder, batch_size=batch, actors=actors, gpus_per_actor=gpus)
@@ -105,7 +105,7 @@ def variant(
     model: Path, folder: Path, files: list[Path], args: argparse.Namespace, device: str, actors: int, gpus: float
 ) -> dict[str, float]:
     """The medians over the rounds of one variant, then the command once."""
-    from bnfold.scale import ray_instance
+    from bnfold.on_ray import ray_instance
 
     local_files = files[: max(1, len(files) // 2)]
     local_items = sum(np.load(f, mmap_mode="r").shape[0] for f in local_files)

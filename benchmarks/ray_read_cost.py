@@ -8,7 +8,7 @@ The inputs of `benchmarks/ray_predict.py`: ``--files`` files of 64 samples of 3x
 1. One file, in this process, each file of the set read once per round (fresh memory every time,
    as in a read task): CPU milliseconds per file for ``numpy.load`` of its path (what the local
    loop does), for its bytes read from a pyarrow stream then ``numpy.load`` on them (how bnfold
-   read them before), and for ``bnfold.data.stream_arrays`` on the stream (how it reads them now).
+   read them before), and for ``bnfold.arrays.stream_arrays`` on the stream (how it reads them now).
 2. On a local Ray instance, a job that only reads the files (bnfold's datasource, then a step
    that counts rows in batches of 64): the CPU seconds of every process on the machine, with Ray's
    own choice of blocks (what `read_inputs` does: with fewer files than its minimum of 200 blocks,
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ray_cpu_share import cpu_seconds
 from ray_predict import write_inputs
 
-from bnfold.data import load_arrays, stream_arrays
+from bnfold.arrays import load_arrays, stream_arrays
 from bnfold.predictor import TensorSpec
 
 INPUT = TensorSpec("input", ("batch", 3, 224, 224), np.dtype(np.float32))
@@ -69,7 +69,7 @@ def read_job_cpu(folder: Path, per_file: bool) -> float:
     """CPU seconds of every process while a Ray Data job reads ``folder`` and counts its rows."""
     from ray.data import read_datasource
 
-    from bnfold.scale.sources import ArrayFiles
+    from bnfold.on_ray.sources import ArrayFiles
 
     files = len(list(folder.iterdir()))
     source = ArrayFiles([str(folder)], [INPUT])
@@ -97,7 +97,7 @@ def main() -> None:
         for name, read in reads.items():
             times = [per_file_ms(files, read) for _ in range(args.rounds)]
             print(f"{name}: {statistics.median(times):.1f} ms CPU per file ({min(times):.1f}-{max(times):.1f})")
-        from bnfold.scale import ray_instance
+        from bnfold.on_ray import ray_instance
 
         with ray_instance(temp_dir=tempfile.mkdtemp(prefix="bnfold-ray-"), token_auth=False):
             from ray.data import DataContext

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from models import resnet18
 
 import bnfold
-from bnfold.scale.cluster import ray_instance
-from bnfold.scale.serve import model_app
+from bnfold.on_ray.cluster import ray_instance
+from bnfold.on_ray.serve import model_app
 
 SHAPE = (3, 224, 224)
 

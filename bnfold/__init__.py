@@ -8,8 +8,6 @@ Only the errors and :class:`Predictor` are imported with the package; the rest o
 __version__ = "0.1.0"
 
 import importlib
-import sys
-import types
 from typing import Any
 
 from .errors import (
@@ -26,26 +24,26 @@ from .errors import (
 from .predictor import CudaUnavailableWarning, Predictor
 
 # Names imported on first use, by the module that defines them: these modules import torch and
-# onnxscript (seconds), which running an exported model (Predictor, bnfold.scale's actors) needs not.
+# onnxscript (seconds), which running an exported model (Predictor, bnfold.on_ray's actors) needs not.
 _LAZY = {
-    "DEFAULT_ATOL": "verify",
-    "DEFAULT_RTOL": "verify",
+    "DEFAULT_ATOL": "defaults",
+    "DEFAULT_RTOL": "defaults",
     "BatchNormEntry": "report",
     "ExportOptions": "export_options",
     "ExportResult": "report",
     "FoldReport": "report",
-    "FoldResult": "fold",
+    "FoldResult": "folding",
     "LoadedModel": "loading",
     "OutputCheck": "report",
     "RecalibratedLayer": "report",
     "RecalibrationReport": "report",
     "VerifyReport": "report",
-    "export": "export",
-    "fold": "fold",
+    "export": "exporting",
+    "fold": "folding",
     "load_model": "loading",
     "parse_shape": "shapes",
-    "recalibrate": "recalibrate",
-    "verify": "verify",
+    "recalibrate": "recalibration",
+    "verify": "verification",
 }
 
 
@@ -54,23 +52,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
-
-class _Package(types.ModuleType):
-    """``bnfold`` itself. Importing a submodule sets the package attribute of its name to the
-    module; for the functions named like their module (``export``, ``fold``, ``verify``,
-    ``recalibrate``) the attribute is the function instead, as with eager imports."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        # Pickled by name, as modules are (cloudpickle, which Ray uses, knows only ModuleType itself).
-        return importlib.import_module, (self.__name__,)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "DEFAULT_ATOL",

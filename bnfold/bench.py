@@ -19,13 +19,13 @@ from onnxscript import ir
 from torch import fx, nn
 
 from .errors import Param, UsageError
-from .export import output_count, to_onnx
-from .fold import fold
-from .fold.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
-from .fold.sites import batchnorm_nodes
-from .modes import quiet_torch, run_eval
+from .exporting import output_count, to_onnx
+from .folding import fold
+from .folding.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
+from .folding.sites import batchnorm_nodes
 from .predictor import session_options
 from .progress import Progress
+from .user_module import quiet_torch, run_eval
 
 EAGER_ORIGINAL = "eager original"
 EAGER_FOLDED = "eager folded"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .data import ArraysArg
+from .arrays import ArraysArg
 from .defaults import REFERENCES
 from .errors import Param, UsageError
 from .metadata import Preprocess
@@ -71,7 +71,7 @@ class ExportOptions:
         if self.reference not in REFERENCES:
             raise UsageError(Param("reference"), f" {self.reference!r}: expected one of {', '.join(REFERENCES)}")
         if self.rules is not None or self.skip_rules is not None:
-            from .fold.rules import select  # imports torch: only when rules are chosen
+            from .folding.rules import select  # imports torch: only when rules are chosen
 
             select(self.rules, self.skip_rules)  # unknown names are an error now, not after loading
         if self.opset is not None and self.opset < 1:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import bnfold
-from bnfold.modes import run_eval
+from bnfold.user_module import run_eval
 
 ROOT = Path(__file__).resolve().parent
 

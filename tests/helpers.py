@@ -76,7 +76,7 @@ def corrupt_output_folds(monkeypatch) -> None:
     """Make every folded weight come out with one channel 1% wrong *after* the float64 proof
     passed (a bug in the final cast): an export that must fail verification, whatever the
     tolerances and float64 arbitration allow."""
-    from bnfold.fold.store import TensorStore
+    from bnfold.folding.store import TensorStore
 
     real = TensorStore.finalize
 

@@ -9,8 +9,8 @@ from helpers import assert_close, random_input, randomize_batchnorms
 from torch import nn
 
 from bnfold.bench import VARIANTS, bench, bn_free_floor
-from bnfold.fold.sites import batchnorm_nodes
-from bnfold.modes import run_eval
+from bnfold.folding.sites import batchnorm_nodes
+from bnfold.user_module import run_eval
 
 
 def model() -> nn.Module:

@@ -61,7 +61,7 @@ def test_export_takes_options_or_their_fields(tmp_path, monkeypatch):
         seen.append(options)
         raise Stop
 
-    monkeypatch.setattr("bnfold.export._fold_and_write", fold_and_write)
+    monkeypatch.setattr("bnfold.exporting._fold_and_write", fold_and_write)
     base, model = ExportOptions(opset=18, verify=False), nn.Conv2d(3, 4, 1)
     for args, fields in (((base,), {}), ((base,), {"fp16": True}), ((), {"fp16": True})):
         with pytest.raises(Stop):

@@ -23,7 +23,7 @@ from bnfold import staging
 from bnfold.predictor import Predictor
 from bnfold.staging import external_data_path
 
-export_module = importlib.import_module("bnfold.export")
+export_module = importlib.import_module("bnfold.exporting")
 
 
 def small() -> nn.Module:

@@ -146,7 +146,7 @@ def test_damaged_torchscript_debug_info_does_not_crash_folding(tmp_path):
     path = rewrite_zip(DIGITS, tmp_path / "damaged.pt", damage)
     assert path.read_bytes() != DIGITS.read_bytes()
     code = (
-        "import sys; from bnfold.loading import load_model; from bnfold.fold import fold; "
+        "import sys; from bnfold.loading import load_model; from bnfold.folding import fold; "
         "m = load_model(sys.argv[1]); print(fold(m.module, m.example_inputs()).report.summary())"
     )
     proc = subprocess.run(

@@ -13,7 +13,7 @@ from helpers import randomize_batchnorms
 from onnxscript import ir
 from torch import nn
 
-from bnfold.export import to_onnx
+from bnfold.exporting import to_onnx
 from bnfold.onnx_ir import tensor_bytes
 from bnfold.onnx_writer import write_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bnfold
-from bnfold.modes import run_eval
+from bnfold.user_module import run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = json.loads((ROOT / "sample_models" / "models.json").read_text())

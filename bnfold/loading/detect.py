@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, Param, UsageError, first_line
-from ..modes import quiet_torch
+from ..user_module import quiet_torch
 from .archive import check_export_archive, damaged_archive
 from .loaded import (
     EXPORTED_PROGRAM,

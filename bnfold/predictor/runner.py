@@ -208,9 +208,9 @@ class Predictor:
         :class:`UsageError` if the model has none (it cannot read images)."""
         if self.preprocess is None:
             raise UsageError(
-                f"{self.path} has no preprocessing metadata, so it cannot read images: export it with ",
-                Param("preprocess"),
-                ", or give arrays instead of image files",
+                f"{self.path} has no preprocessing metadata, so it cannot read images: export it with image "
+                "preprocessing (bnfold export --preprocess-*, or ExportOptions.preprocess), or give arrays instead "
+                "of image files"
             )
         return self.preprocess
 

@@ -76,8 +76,8 @@ def export_command(
     metadata: MetadataOptions,
 ) -> None:
     """Fold, export to ONNX and verify MODEL (TorchScript, torch.export, state_dict + --arch, or a trusted pickle)."""
-    from bnfold.export import default_output_path, export  # imports torch: only when the command runs
-    from bnfold.recalibrate import recalibrate
+    from bnfold.exporting import default_output_path, export  # imports torch: only when the command runs
+    from bnfold.recalibration import recalibrate
 
     options = ExportOptions(**exporting, **verification.kwargs())  # checked before the slow steps
     shapes = input_shape.shapes()

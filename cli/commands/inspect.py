@@ -26,7 +26,7 @@ def inspect_command(
     model: str, static_batch: bool, as_json: bool, *, loading: ModelOptions, input_shape: InputShapeOptions
 ) -> None:
     """List every batch-norm of MODEL and what export would do with it, without exporting."""
-    from bnfold.fold import fold  # imports torch: only when the command runs
+    from bnfold.folding import fold  # imports torch: only when the command runs
 
     shapes = input_shape.shapes()
     loaded = loading.load(model)

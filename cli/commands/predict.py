@@ -15,8 +15,8 @@ from bnfold.cli.commands.predict_ray import predict_on_ray
 from bnfold.cli.flags import LibraryArgument, LibraryOption
 from bnfold.cli.options import RayOptions, ray_options
 
+from bnfold.arrays import read_arrays, select_inputs
 from bnfold.batching import Batch, plan_batches
-from bnfold.data import read_arrays, select_inputs
 from bnfold.errors import UsageError
 from bnfold.images import find_images
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k

@@ -24,7 +24,7 @@ def predict_on_ray(
     ``output``, then print the summary."""
     if not output:
         raise UsageError("--ray writes its predictions to a parquet folder: give -o OUT.parquet")
-    from bnfold.scale import predict_dataset, ray_instance, write_predictions
+    from bnfold.on_ray import predict_dataset, ray_instance, write_predictions
 
     actors = scale.pool()
     with ray_instance(scale.ray_address):

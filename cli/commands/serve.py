@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 from bnfold.cli.flags import LibraryOption
 
-from bnfold.scale.serve import (
+from bnfold.on_ray.serve import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     RunningServer,
     model_server,
     wait_for_stop,
 )
-from bnfold.scale.serve_options import (
+from bnfold.on_ray.serve_options import (
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BODY_MB,
@@ -98,7 +98,7 @@ def serve_command(
 ) -> None:
     """Serve ONNX_MODEL over HTTP (POST /predict, GET /metadata, GET /health) on Ray Serve, with
     requests batched together, until Ctrl-C or SIGTERM."""
-    from bnfold.scale.auth import read_token
+    from bnfold.on_ray.auth import read_token
 
     token = read_token(token_file) if token_file else None
     if host not in LOOPBACK and token is None:

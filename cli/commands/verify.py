@@ -37,7 +37,7 @@ def verify_command(
     verification: VerifyOptions,
 ) -> None:
     """Check that ONNX_MODEL in ONNX Runtime matches MODEL in eval mode; exit 1 if it does not."""
-    from bnfold.verify import verify  # imports torch: only when the command runs
+    from bnfold.verification import verify  # imports torch: only when the command runs
 
     if input_shape.input_shapes:
         raise UsageError("--input-shape is not used by verify: shapes come from the ONNX model (or --inputs)")

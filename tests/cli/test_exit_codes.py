@@ -1,6 +1,6 @@
 """Every exit code in the README's table, produced by the CLI: 0, 1, 2, 3, 4, 5 and 130 (the
 last also by a real SIGINT in the middle of an export, leaving no partial file); 6 (some rows of
-`bnfold predict --ray` failed) in tests/scale/test_scale_cli.py, which has Ray running."""
+`bnfold predict --ray` failed) in tests/on_ray/test_scale_cli.py, which has Ray running."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_5_output_not_renamed_into_place(tmp_path, monkeypatch):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_replace(src, dst)
 
-    monkeypatch.setattr(importlib.import_module("bnfold.export").os, "replace", fails_onto_the_target)
+    monkeypatch.setattr(importlib.import_module("bnfold.exporting").os, "replace", fails_onto_the_target)
     assert_one_line_error(run_cli("export", DIGITS, "-o", tmp_path / "d.onnx"), 5, "d.onnx", "Input/output error")
     assert list(tmp_path.iterdir()) == []
 
@@ -118,13 +118,13 @@ def test_130_interrupted_in_process(tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("bnfold.verify"), "verify", ctrl_c)  # what the CLI calls
+    monkeypatch.setattr(importlib.import_module("bnfold.verification"), "verify", ctrl_c)  # what the CLI calls
     assert run_cli("export", DIGITS, "-o", tmp_path / "d.onnx", "--no-verify").exit_code == 0
     assert_one_line_error(run_cli("verify", DIGITS, tmp_path / "d.onnx"), 130, "interrupted")
 
 
 # A bootstrap that lowers the external-data threshold, so a small model takes that path too.
-EXTERNAL = "import importlib; importlib.import_module('bnfold.export').EXTERNAL_DATA_THRESHOLD = 0; "
+EXTERNAL = "import importlib; importlib.import_module('bnfold.exporting').EXTERNAL_DATA_THRESHOLD = 0; "
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["single-file", "external-data"])

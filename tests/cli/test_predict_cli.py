@@ -114,7 +114,7 @@ def test_images_need_preprocessing_metadata(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     result = invoke("predict", path, tmp_path / "a.png", "--device", "cpu")
     assert result.exit_code == 2
-    assert "cannot read images: export it with --preprocess-mean/--preprocess-std, or give arrays" in result.stderr
+    assert "cannot read images: export it with image preprocessing (bnfold export --preprocess-*" in result.stderr
 
 
 def test_export_options_store_labels_and_preprocessing(tmp_path):
