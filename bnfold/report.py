@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .sizes import ImageSizes
+
 FOLDED = "folded"
 KEPT = "kept"
 BATCH_NORM_OP = "batch_norm"
@@ -103,6 +105,19 @@ class FoldReport:
     entries: list[BatchNormEntry] = field(default_factory=list)
     dynamic_batch: bool = True
     proof: ProofReport | None = None
+    image_sizes: tuple[ImageSizes | None, ...] | None = None
+    """With a dynamic image size: the heights and widths each input takes (``None`` for an input
+    that is not image-like); ``None`` when the size is fixed."""
+
+    def size_summary(self) -> str:
+        """``fixed``, or ``dynamic`` and the sizes each image-like input takes."""
+        if self.image_sizes is None:
+            return "fixed"
+        inputs = [(i, s) for i, s in enumerate(self.image_sizes) if s is not None]
+        one = len(self.image_sizes) == 1
+        return "dynamic, " + ", ".join(
+            f"{'' if one else f'input {i}: '}{s} (traced at {s.example[0]}x{s.example[1]})" for i, s in inputs
+        )
 
     @property
     def folded_count(self) -> int:
@@ -136,6 +151,8 @@ class FoldReport:
             "kept": self.kept_count,
             "kept_by_reason": self.kept_by_reason(),
             "dynamic_batch": self.dynamic_batch,
+            "dynamic_size": self.image_sizes is not None,
+            "image_sizes": None if self.image_sizes is None else [s and s.to_dict() for s in self.image_sizes],
             "proof": None if self.proof is None else _json_safe(asdict(self.proof)),
             "entries": [asdict(e) for e in self.entries],
         }
@@ -148,6 +165,8 @@ class FoldReport:
         kept = self.kept_by_reason()
         if kept:
             lines.append("  kept, by reason: " + "; ".join(f"{reason}: {count}" for reason, count in kept.items()))
+        if self.image_sizes is not None:
+            lines.append(f"  Image size: {self.size_summary()}")
         if self.proof is not None:
             lines.append(f"  {self.proof}")
         return "\n".join(lines)
@@ -195,6 +214,8 @@ class VerifyReport:
     """Structural checks beyond the numbers (e.g. BatchNormalization count), name -> failure."""
     float64_arbitration: str | None = None
     """Set when the float32 comparison failed and a float64 run decided: what happened."""
+    image_sizes: list[str] = field(default_factory=list)
+    """A dynamic-size model: the image sizes (``HxW``) compared, the example's first."""
 
     @property
     def passed(self) -> bool:
@@ -220,7 +241,9 @@ class VerifyReport:
         verdict = "PASSED" if self.passed else "FAILED"
         lines = [
             f"Verification {verdict}: ONNX Runtime vs eval-mode PyTorch on {self.samples} sample(s) "
-            f"({self.input_source}; batch sizes {', '.join(map(str, self.batch_sizes))})",
+            f"({self.input_source}; batch sizes {', '.join(map(str, self.batch_sizes))}"
+            + (f"; image sizes {', '.join(self.image_sizes)}" if self.image_sizes else "")
+            + ")",
         ]
         if any(o.float64_rel_error_onnx is not None for o in self.outputs):
             lines.append(
@@ -320,6 +343,7 @@ class ExportResult:
         parts.append(
             f"ONNX: {self.path} (opset {self.opset}, "
             f"{'dynamic' if self.fold_report.dynamic_batch else 'static'} batch, "
+            f"{'dynamic size, ' if self.fold_report.image_sizes is not None else ''}"
             f"{self.onnx_batchnorm_count} BatchNormalization node(s))"
         )
         parts.append("Verification skipped" if self.verify_report is None else str(self.verify_report))

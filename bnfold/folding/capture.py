@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
@@ -12,9 +13,12 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from ..errors import FoldError, Param, first_line
+from ..errors import FoldError, Param, UsageError, first_line
+from ..sizes import ImageSizes
 from ..user_module import attributes_restored, eval_mode, model_failures, quiet_torch, run_eval
 from .batch_guard import batch_fixing_line
+from .guard_log import GuardLog
+from .sizes import image_sizes, is_image
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -24,21 +28,35 @@ CAPTURE_BATCH = 2
 def batch_dynamic_shapes(module: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
     """A ``dynamic_shapes`` spec marking dim 0 of every input as one shared batch dimension,
     shaped like ``module.forward``'s signature (a ``*args`` parameter takes a tuple of specs)."""
-    batch = torch.export.Dim("batch", min=1)
+    return dynamic_shapes(module, inputs, batch=True, size=False)
+
+
+def dynamic_shapes(module: nn.Module, inputs: Sequence[torch.Tensor], *, batch: bool, size: bool) -> tuple[Any, ...]:
+    """A ``dynamic_shapes`` spec for ``module.forward``'s signature (a ``*args`` parameter takes a
+    tuple of specs): with ``batch``, dim 0 of every input is one shared batch dimension; with
+    ``size``, the height and width of every image-like input are free (``Dim.AUTO``: torch finds
+    their constraints, see :mod:`bnfold.folding.sizes`)."""
+    shared = torch.export.Dim("batch", min=1)
+
+    def axes(x: torch.Tensor) -> dict[int, Any]:
+        spec: dict[int, Any] = {0: shared} if batch else {}
+        if size and is_image(x):
+            spec.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+        return spec
+
     spec: list[Any] = []
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
-    remaining = len(inputs)
+    remaining = list(inputs)
     for param in params:
         if remaining and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            spec.append({0: batch})
-            remaining -= 1
+            spec.append(axes(remaining.pop(0)))
         elif remaining and param.kind == param.VAR_POSITIONAL:
-            spec.append(tuple({0: batch} for _ in range(remaining)))
-            remaining = 0
-    spec.extend({0: batch} for _ in range(remaining))
+            spec.append(tuple(axes(x) for x in remaining))
+            remaining = []
+    spec.extend(axes(x) for x in remaining)
     return tuple(spec)
 
 
@@ -123,18 +141,50 @@ def capture(
     """
     module = unwrap(module)
     with attributes_restored(module):
-        return _trace(module, tuple(example_inputs), dynamic_batch)
+        return _trace(module, tuple(example_inputs), dynamic_batch, None)
 
 
-def _trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> ExportedProgram:
+def capture_sized(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = True
+) -> tuple[ExportedProgram, tuple[ImageSizes | None, ...]]:
+    """:func:`capture` with the height and width of every image-like input (``NxCxHxW``) free:
+    the program, and the sizes each input takes (``None`` for one that is not image-like; see
+    :mod:`bnfold.folding.sizes`). A model whose code fixes a size is a :class:`FoldError` naming
+    the op and the line; a model without an image-like input is a :class:`UsageError`."""
+    module = unwrap(module)
+    inputs = tuple(example_inputs)
+    if not any(is_image(x) for x in inputs):
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        raise UsageError(
+            Param("dynamic_size"),
+            f" frees the height and width of image-like inputs (NxCxHxW, floating point); the model takes {shapes}",
+        )
+    log = GuardLog(module)
+    with attributes_restored(module):
+        program = _trace(module, inputs, dynamic_batch, log)
+    traced = with_batch(inputs, CAPTURE_BATCH) if dynamic_batch else inputs
+    return program, image_sizes(program, traced, log)
+
+
+def _trace(
+    module: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, log: GuardLog | None
+) -> ExportedProgram:
+    """The capture; with ``log``, the spatial axes of image-like inputs are free and the guards
+    torch adds are recorded in it."""
     inputs = example_inputs
     if dynamic_batch:
         inputs = with_batch(inputs, CAPTURE_BATCH)
+    recording = log if log is not None else contextlib.nullcontext()
     try:
         with eval_mode(module), torch.no_grad(), quiet_torch():
             traceable = _as_plain_module(module, inputs)
-            shapes = batch_dynamic_shapes(traceable, inputs) if dynamic_batch else None
-            return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
+            shapes = (
+                dynamic_shapes(traceable, inputs, batch=dynamic_batch, size=log is not None)
+                if dynamic_batch or log is not None
+                else None
+            )
+            with recording:
+                return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=False)
     except FoldError:  # TorchScript conversion failed: name a failing forward first
         _check_forward(module, tuple(example_inputs))
         raise
@@ -155,7 +205,10 @@ def _trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_
         ) from error
     with eval_mode(module), torch.no_grad(), quiet_torch():
         try:  # the other capture path: TorchDynamo bytecode tracing
-            return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=True)
+            if log is not None:
+                log.sites.clear()
+            with recording:
+                return torch.export.export(traceable, inputs, dynamic_shapes=shapes, strict=True)
         except Exception:
             pass
     raise FoldError(

@@ -93,6 +93,17 @@ def probe_inputs(example_inputs: Sequence[Tensor], dynamic_batch: bool) -> tuple
     return [example, *probes], inputs, sum(int(run[0].shape[0]) for run in [example, *probes] if run)
 
 
+def resized_probe(example_inputs: Sequence[Tensor], sizes: Sequence[tuple[int, int] | None]) -> Inputs:
+    """One sample of the first probe with each image-like input at its size in ``sizes``
+    (``None``: the input as in the example): the proof at another image size."""
+    gen = torch.Generator().manual_seed(SEED)
+    make = next(iter(PROBES.values()))
+    return tuple(
+        x[:1].clone() if size is None else make((1, *x.shape[1:-2], *size), gen).to(x.dtype)
+        for x, size in zip(example_inputs, sizes)
+    )
+
+
 class _Stored:
     """A stored tensor the run computes (or converts) only when an op reads it."""
 
@@ -204,12 +215,23 @@ class Check:
 
 class Prover:
     """Runs the original program once on the proof's inputs, then checks folded programs
-    against it. ``float64`` is False when the model could not run in float64 (then it checks in
+    against it; ``other_size`` (a program with free image sizes) adds a probe with each image-like
+    input at that size (``None`` for the others). ``float64`` is False when the model could not run in float64 (then it checks in
     the model's own dtypes with verification's float32 tolerance; ``note`` says why)."""
 
-    def __init__(self, program: ExportedProgram, example_inputs: Sequence[Tensor], dynamic_batch: bool) -> None:
+    def __init__(
+        self,
+        program: ExportedProgram,
+        example_inputs: Sequence[Tensor],
+        dynamic_batch: bool,
+        other_size: Sequence[tuple[int, int] | None] | None = None,
+    ) -> None:
         self.runs, self.inputs, self.samples = probe_inputs(example_inputs, dynamic_batch)
         self.names = ["the example and the probe"] if dynamic_batch else ["the example", *PROBES]
+        if other_size is not None:  # a program with free image sizes: the probe at another size too
+            self.runs.append(resized_probe(example_inputs, other_size))
+            self.names.append("the probe at " + ", ".join(f"{h}x{w}" for h, w in filter(None, other_size)))
+            self.inputs, self.samples = self.inputs + 1, self.samples + 1
         self.float64, self.note = True, None
         try:
             self.reference = run_program(program, self.runs, float64=True)
