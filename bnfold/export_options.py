@@ -29,6 +29,10 @@ class ExportOptions:
 
     dynamic_batch: bool = True
     """Export a symbolic batch axis (dim 0 of every input); ``False`` fixes the example's batch."""
+    dynamic_size: bool = False
+    """Export symbolic heights and widths for every image-like input (``NxCxHxW``), with the
+    constraints the model has (a smallest size, a multiple of its total stride), stated in the
+    report and the ONNX metadata; verification runs at three sizes. ``False`` fixes the example's."""
     opset: int | None = None
     """ONNX opset; ``None`` takes the exporter's default. An opset it cannot reach is an error."""
     verify: bool = True
@@ -74,6 +78,10 @@ class ExportOptions:
             from .folding.rules import select  # imports torch: only when rules are chosen
 
             select(self.rules, self.skip_rules)  # unknown names are an error now, not after loading
+        if self.preprocess is not None and self.preprocess.size is None and not self.dynamic_size:
+            raise UsageError(
+                Param("preprocess.size"), " dynamic (each image at its own size) needs ", Param("dynamic_size", True)
+            )
         if self.opset is not None and self.opset < 1:
             raise UsageError(Param("opset"), f" must be a positive opset version (got {self.opset})")
 

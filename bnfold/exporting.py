@@ -19,7 +19,7 @@ from . import __version__
 from .errors import BnfoldError, ExportError, Param, Part, UsageError, VerificationError, first_line
 from .export_options import ExportOptions
 from .folding import fold
-from .folding.capture import CAPTURE_BATCH, batch_dynamic_shapes, with_batch
+from .folding.capture import CAPTURE_BATCH, dynamic_shapes, with_batch
 from .folding.precision import to_float16, with_float32_io
 from .metadata import (
     FOLD_REPORT_KEY,
@@ -28,12 +28,14 @@ from .metadata import (
     VERSION_KEY,
     WEIGHT_DTYPE_KEY,
     Preprocess,
+    image_size_props,
     metadata_props,
 )
 from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
 from .onnx_writer import release_weights
 from .progress import Progress
 from .report import ExportResult, FoldReport
+from .sizes import ImageSizes
 from .staging import EXTERNAL_DATA_THRESHOLD, Staged, check_output_path, collect_garbage, interrupts_held
 from .user_module import module_dtype, quiet_torch
 from .verification import default_tolerances
@@ -52,23 +54,27 @@ def to_onnx(
     outputs: int,
     dynamic_batch: bool,
     opset: int | None,
+    dynamic_size: bool = False,
 ) -> ir.Model:
     """Translate a (folded) program or module with ``outputs`` outputs to ONNX (dynamo exporter),
     as the exporter's ONNX IR model: its initializers share memory with ``model``'s tensors.
 
     A program is translated as captured, without tracing the model again (its batch axis is
-    already symbolic when captured with a dynamic batch); a module is traced by the exporter.
+    already symbolic when captured with a dynamic batch); a module is traced by the exporter, with
+    free heights and widths of image-like inputs too when ``dynamic_size``.
     """
     inputs = with_batch(example_inputs, CAPTURE_BATCH) if dynamic_batch else tuple(example_inputs)
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]
-    traced_again = dynamic_batch and not isinstance(model, ExportedProgram)
+    traced_again = (dynamic_batch or dynamic_size) and not isinstance(model, ExportedProgram)
     try:
         with quiet_torch():
             program = torch.onnx.export(
                 model,
                 inputs,
                 dynamo=True,
-                dynamic_shapes=batch_dynamic_shapes(model, inputs) if traced_again else None,
+                dynamic_shapes=dynamic_shapes(model, inputs, batch=dynamic_batch, size=dynamic_size)
+                if traced_again
+                else None,
                 opset_version=opset,
                 output_names=names,
                 verbose=False,
@@ -99,6 +105,33 @@ def _check_preprocess(preprocess: Preprocess | None, example_inputs: Sequence[to
             Param("preprocess.channel_order"),
             f": images give {preprocess.channels}-channel NxCxHxW input, the model takes {'x'.join(map(str, shape))}",
         )
+
+
+def _check_image_size(preprocess: Preprocess | None, sizes: Sequence[ImageSizes | None] | None) -> None:
+    """The stored preprocessing must give images the model takes: a fixed size it allows, or each
+    image's own size (``preprocess.size`` ``None``) for a dynamic-size model."""
+    rule = sizes[0] if sizes else None
+    if preprocess is None or preprocess.size is None or rule is None:
+        return
+    problem = rule.problem(*preprocess.size)
+    if problem:
+        raise UsageError(Param("preprocess.size"), f" {preprocess.size[0]}x{preprocess.size[1]}: {problem}")
+
+
+def _sizes_by_name(model: ir.Model, sizes: Sequence[ImageSizes | None] | None) -> dict[str, ImageSizes]:
+    """The image sizes of the dynamic-size inputs by ONNX input name; an :class:`ExportError` if
+    the exporter fixed a height or width the capture left free."""
+    if not sizes:
+        return {}
+    named = {value.name: rule for value, rule in zip(model.graph.inputs, sizes) if rule is not None}
+    for value in model.graph.inputs:
+        if value.name in named and value.shape is not None and any(isinstance(d, int) for d in value.shape[2:]):
+            raise ExportError(
+                f"torch.onnx.export fixed the size of input '{value.name}' ({value.shape}) although the model "
+                "takes other sizes; export without ",
+                Param("dynamic_size", True),
+            )
+    return named
 
 
 def _check_labels(model: ir.Model, labels: Sequence[str] | None) -> None:
@@ -229,11 +262,13 @@ def _fold_and_write(
         module,
         example_inputs,
         dynamic_batch=options.dynamic_batch,
+        dynamic_size=options.dynamic_size,
         rules=options.rules,
         skip_rules=options.skip_rules,
         progress=progress,
     )
     _check_preprocess(options.preprocess, example_inputs)
+    _check_image_size(options.preprocess, folded.report.image_sizes)
     progress.start("Exporting to ONNX")
     exported, example = folded.program, tuple(example_inputs)
     if options.fp16:  # float16 weights change the graph's dtypes: convert the module, the exporter traces it
@@ -243,13 +278,19 @@ def _fold_and_write(
         else:
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
     model = to_onnx(
-        exported, example, outputs=output_count(exported), dynamic_batch=options.dynamic_batch, opset=options.opset
+        exported,
+        example,
+        outputs=output_count(exported),
+        dynamic_batch=options.dynamic_batch,
+        opset=options.opset,
+        dynamic_size=options.dynamic_size,
     )
     report = folded.report
     del folded, exported  # the IR shares the folded weights; nothing else may keep them alive
     try:  # drop the IR's weights on every path (onnxscript keeps the graph alive, see release_weights)
         _check_labels(model, options.labels)
-        _add_metadata(model, report, metadata_props(list(options.labels or ()) or None, options.preprocess))
+        sizes = image_size_props(_sizes_by_name(model, report.image_sizes))
+        _add_metadata(model, report, metadata_props(list(options.labels or ()) or None, options.preprocess) | sizes)
         result = ExportResult(
             path=str(out),
             fold_report=report,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import Param, UsageError
+from .sizes import ImageSizes
 
 VERSION_KEY = "bnfold_version"
 FOLD_REPORT_KEY = "bnfold_fold_report"
@@ -26,15 +27,21 @@ WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
 """The dtype of the model's weights (``float32``, ``float16``): picks ``bnfold verify``'s tolerances."""
 LABELS_KEY = "bnfold_labels"
 PREPROCESS_KEY = "bnfold_preprocess"
+IMAGE_SIZES_KEY = "bnfold_image_sizes"
+"""A dynamic-size model's image sizes: input name -> ``{"height": {"min", "multiple_of", "max"},
+"width": {...}, "example": [h, w]}`` (see :mod:`bnfold.sizes`); absent when the size is fixed."""
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
+DYNAMIC = "dynamic"
+"""``--preprocess-size dynamic``: each image keeps its own size (a dynamic-size model)."""
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image preprocessing: resize to ``size`` (H, W), scale pixels by ``scale``, order the
-    channels (``RGB``, ``BGR`` or grayscale ``L``), then ``(x - mean) / std`` per channel."""
+    """Image preprocessing: resize to ``size`` (H, W; ``None``: each image keeps its own size,
+    for a model exported with a dynamic size), scale pixels by ``scale``, order the channels
+    (``RGB``, ``BGR`` or grayscale ``L``), then ``(x - mean) / std`` per channel."""
 
-    size: tuple[int, int]
+    size: tuple[int, int] | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channel_order: str = "RGB"
@@ -47,7 +54,7 @@ class Preprocess:
                 Param("preprocess.channel_order"),
                 f" {self.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}",
             )
-        if len(self.size) != 2 or min(self.size) < 1:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise UsageError(Param("preprocess.size"), f" {self.size}: expected HxW, e.g. 224x224")
         for name, values in (("preprocess.mean", self.mean), ("preprocess.std", self.std)):
             if len(values) not in (1, channels):
@@ -66,7 +73,7 @@ class Preprocess:
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
         try:
             return cls(
-                size=tuple(int(v) for v in data["size"]),
+                size=None if data["size"] is None else tuple(int(v) for v in data["size"]),
                 mean=tuple(float(v) for v in data["mean"]),
                 std=tuple(float(v) for v in data["std"]),
                 channel_order=str(data.get("channel_order", "RGB")),
@@ -80,23 +87,28 @@ def preprocess_for(
     input_shape: Sequence[int],
     carried: Preprocess | None = None,
     *,
-    size: Sequence[int] | None = None,
+    size: Sequence[int] | str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     channel_order: str | None = None,
+    dynamic_size: bool = False,
 ) -> Preprocess | None:
     """The preprocessing to store for a model whose first input has ``input_shape``: ``carried``
-    (what the model file says) with each given field replacing its value. Fields neither gives
-    default to the input's: its ``HxW``, ``"L"`` for one channel else ``"RGB"``, mean 0, std 1.
-    ``None`` when there is nothing to store (no ``carried`` and no field given)."""
+    (what the model file says) with each given field replacing its value (``size`` may be
+    :data:`DYNAMIC`: each image at its own size). Fields neither gives default to the input's: its
+    ``HxW`` (dynamic for a model exported with ``dynamic_size``), ``"L"`` for one channel else
+    ``"RGB"``, mean 0, std 1. ``None`` when there is nothing to store (no ``carried`` and no field
+    given)."""
     given = {"size": size, "mean": mean, "std": std, "channel_order": channel_order}
     given = {name: value for name, value in given.items() if value is not None}
     if not given and carried is None:
         return None
+    if given.get("size") == DYNAMIC:
+        given["size"] = None
     shape = tuple(input_shape)
     image = len(shape) == 4
     defaults = {
-        "size": shape[2:4] if image else (),
+        "size": None if dynamic_size else shape[2:4] if image else (),
         "mean": (0.0,),
         "std": (1.0,),
         "channel_order": "L" if image and shape[1] == 1 else "RGB",
@@ -136,6 +148,22 @@ def metadata_props(labels: list[str] | None, preprocess: Preprocess | None) -> d
     if preprocess is not None:
         props[PREPROCESS_KEY] = preprocess.to_json()
     return props
+
+
+def image_size_props(sizes: Mapping[str, ImageSizes]) -> dict[str, str]:
+    """The ONNX metadata entry of a dynamic-size model's image sizes, by input name (none for a
+    model of fixed size)."""
+    if not sizes:
+        return {}
+    return {IMAGE_SIZES_KEY: json.dumps({name: rule.to_dict() for name, rule in sizes.items()})}
+
+
+def image_sizes_from_metadata(props: Mapping[str, str]) -> dict[str, ImageSizes]:
+    """The image sizes each input of a dynamic-size model takes, by input name (empty for a model
+    of fixed size)."""
+    if IMAGE_SIZES_KEY not in props:
+        return {}
+    return {name: ImageSizes.from_dict(rule) for name, rule in json.loads(props[IMAGE_SIZES_KEY]).items()}
 
 
 def from_metadata(props: dict[str, str]) -> tuple[list[str] | None, Preprocess | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,18 +52,37 @@ def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.
     return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
 
-def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Seeded standard-normal arrays of every input's shape with the given batch size."""
+def random_inputs(
+    specs: Sequence[TensorSpec], batch: int, seed: int, image_sizes: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded standard-normal arrays of every input's shape with the given batch size; a
+    dynamic-size input at its height and width in ``image_sizes``."""
     rng = np.random.default_rng(seed)
     out = {}
     for spec in specs:
-        free = [d for d in spec.shape[1:] if not isinstance(d, int)]
+        shape = spec.shape[1:]
+        if image_sizes and spec.name in image_sizes:
+            shape = (*shape[:-2], *image_sizes[spec.name])
+        free = [d for d in shape if not isinstance(d, int)]
         if free:
             raise UsageError(
                 f"input '{spec.name}' has free dimensions {free}: pass ", Param("inputs"), " with real data"
             )
-        out[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
+        out[spec.name] = rng.standard_normal((batch, *shape)).astype(np.float32)
     return out
+
+
+def other_size_inputs(predictor: Predictor, seed: int) -> list[dict[str, np.ndarray]]:
+    """For a dynamic-size model: seeded random inputs of one sample (the static batch if fixed)
+    at each size besides the example's that verification tries (see
+    :meth:`bnfold.sizes.ImageSizes.verification_sizes`); none for a model of fixed size."""
+    plans = {name: rule.verification_sizes() for name, rule in predictor.image_sizes.items()}
+    count = max((len(plan) for plan in plans.values()), default=0)
+    batch = predictor.static_batch or 1
+    return [
+        random_inputs(predictor.inputs, batch, seed + k, {n: p[k] if k < len(p) else p[0] for n, p in plans.items()})
+        for k in range(1, count)
+    ]
 
 
 @dataclass
@@ -191,7 +210,9 @@ def verify(
     ``rtol``/``atol`` default to 1e-4/1e-5, or 1e-2/1e-3 for a float16 ONNX model or a
     float16/bfloat16 module. ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
     random-normal inputs of the model's input shapes at batch sizes 1 and 3 (only the fixed
-    batch when the batch axis is static). Returns the report; it does not raise on failure.
+    batch when the batch axis is static). A dynamic-size model (image sizes in its metadata)
+    also runs, with the same tolerances, one seeded random sample at each of two other sizes
+    it takes (smaller and larger, not square). Returns the report; it does not raise on failure.
 
     ``reference="float64"`` compares with a float64 copy of ``module`` instead, reports the
     normwise error of the float32 original and of the ONNX model against it (what folding adds),
@@ -213,9 +234,10 @@ def verify(
         rtol, atol = default_tolerances(low_precision, rtol, atol)
     specs = predictor.inputs
     dynamic = all(s.batch_is_dynamic for s in specs)
+    examples = {name: rule.example for name, rule in predictor.image_sizes.items()}
     if inputs is None:
         sizes = RANDOM_BATCH_SIZES if dynamic else (predictor.static_batch or 1,)
-        batches = [(random_inputs(specs, b, seed + i), True) for i, b in enumerate(sizes)]
+        batches = [(random_inputs(specs, b, seed + i, examples), True) for i, b in enumerate(sizes)]
         source = f"random normal, seed {seed}"
     else:
         arrays = load_inputs(inputs, specs)
@@ -224,6 +246,10 @@ def verify(
         plan = plan_batches(len(next(iter(arrays.values()))), chunk, first_alone=dynamic)
         batches = [(batch.take(arrays), not batch.repeated) for batch in plan]
         source = f"{inputs}" if isinstance(inputs, (str, os.PathLike)) else "given arrays"
+    others = other_size_inputs(predictor, seed + len(batches))
+    if others:
+        batches += [(feeds, True) for feeds in others]
+        source += "; other image sizes: random normal" if inputs is not None else ""
     if module64 is not None:
         source += "; float64 reference"
     progress.start("Verifying in ONNX Runtime")
@@ -239,11 +265,21 @@ def verify(
         atol=atol,
         input_source=source,
         batch_sizes=sorted({next(iter(b.values())).shape[0] for b, _ in batches}),
+        image_sizes=_image_sizes(predictor, batches),
         samples=samples,
         outputs=[a.check(rtol, atol) for a in accs],
         checks=checks,
         float64_arbitration=arbitration,
     )
+
+
+def _image_sizes(predictor: Predictor, batches: list[tuple[dict[str, np.ndarray], bool]]) -> list[str]:
+    """The ``HxW`` sizes of a dynamic-size model's first image input that verification ran, in
+    order (empty for a model of fixed size)."""
+    name = next(iter(predictor.image_sizes), None)
+    if name is None:
+        return []
+    return list(dict.fromkeys(f"{b[name].shape[-2]}x{b[name].shape[-1]}" for b, _ in batches))
 
 
 def _compare(

@@ -14,8 +14,9 @@ import onnxruntime as ort
 
 from ..batching import Batch, plan_batches, run_in_batches
 from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
-from ..images import load_images
-from ..metadata import Preprocess, from_metadata
+from ..images import group_by_size, load_images
+from ..metadata import Preprocess, from_metadata, image_sizes_from_metadata
+from ..sizes import ImageSizes
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
 from .specs import TensorSpec, tensor_spec
@@ -67,8 +68,12 @@ class Predictor:
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         try:
             self.labels, self.preprocess = from_metadata(self.metadata)
-        except (ValueError, BnfoldError) as exc:
-            raise ModelLoadError(f"{self.path}: its labels/preprocessing metadata is malformed ({exc})") from exc
+            self.image_sizes: dict[str, ImageSizes] = image_sizes_from_metadata(self.metadata)
+            """The sizes each image-like input of a dynamic-size model takes, by input name."""
+        except (ValueError, KeyError, TypeError, BnfoldError) as exc:
+            raise ModelLoadError(
+                f"{self.path}: its labels/preprocessing/image size metadata is malformed ({exc})"
+            ) from exc
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -82,6 +87,12 @@ class Predictor:
             raise UsageError(f"input '{spec.name}': expected a float array ({spec.dtype}), got dtype {dtype}")
         if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in self._fixed[spec.name]):
             raise spec.shape_error(shape)
+        sizes = self.image_sizes.get(spec.name)
+        if sizes is not None and not sizes.allows(shape[-2], shape[-1]):
+            raise UsageError(
+                f"input '{spec.name}': image size {shape[-2]}x{shape[-1]} is not one the model takes: "
+                f"{sizes.problem(shape[-2], shape[-1])}"
+            )
 
     def check_input(self, spec: TensorSpec, array: Any) -> np.ndarray:
         """``array`` as the dtype input ``spec`` takes; a :class:`UsageError` if it cannot be."""
@@ -216,13 +227,47 @@ class Predictor:
 
     def predict_images(self, paths: Sequence[str | os.PathLike[str]]) -> Any:
         """Read, resize and normalise image files as the model's preprocessing metadata says
-        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``."""
-        return self.predict(load_images(list(paths), self.image_preprocessing()))
+        (:func:`bnfold.export`'s ``preprocess``), then :meth:`predict`. Needs ``bnfold[images]``.
+
+        A dynamic-size model whose preprocessing keeps each image's size runs the images of one
+        size together (a batch is never padded): its outputs are joined in the order of
+        ``paths`` when they have one shape per image (a classifier's scores), else it returns a
+        list with each image's outputs (a batch of one, e.g. a segmentation at the image's size).
+        """
+        preprocess = self.image_preprocessing()
+        paths = list(paths)
+        groups = group_by_size(paths, preprocess)
+        if len(groups) <= 1:
+            return self.predict(load_images(paths, preprocess))
+        results: list[Any] = [None] * len(paths)
+        for group in groups:
+            outs = self.predict(load_images([paths[i] for i in group], preprocess))
+            for row, i in enumerate(group):
+                results[i] = _row(outs, row)
+        return _joined(results)
 
     def predict_batches(self, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]]) -> Iterator[Any]:
         """Stream :meth:`predict` over an iterable of inputs."""
         for batch in batches:
             yield self.predict(batch)
+
+
+def _row(outputs: Any, row: int) -> Any:
+    """Row ``row`` of :meth:`Predictor.predict`'s outputs (an array, or a dict of them), as a batch of one."""
+    if isinstance(outputs, Mapping):
+        return {name: value[row : row + 1] for name, value in outputs.items()}
+    return outputs[row : row + 1]
+
+
+def _joined(rows: list[Any]) -> Any:
+    """Outputs of one sample each (arrays, or dicts of them), joined along the batch axis when
+    every sample's are of one shape; else the list as it is."""
+    first = rows[0]
+    parts = [list(r.values()) if isinstance(r, Mapping) else [r] for r in rows]
+    if any(len({p[i].shape for p in parts}) > 1 for i in range(len(parts[0]))):
+        return rows
+    joined = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return dict(zip(first, joined)) if isinstance(first, Mapping) else joined[0]
 
 
 def _same_batch(values: Mapping[str, Any]) -> None:
