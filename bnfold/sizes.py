@@ -93,22 +93,23 @@ class ImageSizes:
 
     def verification_sizes(self) -> list[tuple[int, int]]:
         """The example size, then (where the rules allow) a smaller and a larger one, neither
-        square: verification runs the model at each."""
+        square; a second larger one where no smaller one is both allowed and not square."""
         (h, w), rows, cols = self.example, self.height, self.width
         dh, dw = rows.step_for(h), cols.step_for(w)
-        smaller = (rows.at_most(h - dh) or h, cols.at_most(w - dw) or w)
-        if smaller[0] == smaller[1]:
-            smaller = (smaller[0], w if w != smaller[0] else cols.at_most(smaller[1] - cols.multiple_of) or w)
-        larger = (rows.at_least(h + dh) or h, cols.at_least(w + 2 * dw) or w)
-        if larger[0] == larger[1]:
-            larger = (larger[0], cols.at_least(larger[1] + cols.multiple_of) or larger[1])
-        if smaller == self.example:  # already the smallest: a second larger size instead
-            smaller = (rows.at_least(h + 2 * dh) or h, cols.at_least(w + dw) or w)
+        low_h, low_w = rows.at_most(h - dh) or h, cols.at_most(w - dw) or w
+        smaller = [(low_h, low_w), (low_h, w), (h, low_w)]
+        larger = [(rows.at_least(h + a * dh), cols.at_least(w + b * dw)) for a, b in ((1, 2), (2, 1), (1, 1), (2, 3))]
         sizes = [self.example]
-        for size in (smaller, larger):
-            if size not in sizes and self.allows(*size):
-                sizes.append(size)
+        for candidates in (smaller, larger, larger):
+            found = next((c for c in candidates if self._other(c) and c not in sizes), None)
+            if found is not None and len(sizes) < 3:
+                sizes.append(found)
         return sizes
+
+    def _other(self, size: tuple[int | None, int | None]) -> bool:
+        """Whether ``size`` is allowed, not square and not the example's."""
+        height, width = size
+        return height is not None and width is not None and height != width and self.allows(height, width)
 
     def __str__(self) -> str:
         return f"height {self.height}; width {self.width}"

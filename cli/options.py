@@ -21,7 +21,7 @@ from bnfold.cli.flags import LibraryOption
 
 from bnfold.defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
 from bnfold.errors import UsageError
-from bnfold.metadata import CHANNEL_ORDERS, Preprocess, parse_floats, preprocess_for, read_labels
+from bnfold.metadata import CHANNEL_ORDERS, DYNAMIC, Preprocess, parse_floats, preprocess_for, read_labels
 from bnfold.shapes import parse_shape
 
 if TYPE_CHECKING:  # torch (3 s to import) only for the commands that load a PyTorch model
@@ -112,6 +112,13 @@ export_options = library_options(
             parameter="dynamic_batch",
             setting=False,
             help="Fix the batch size to the input shape's instead of a dynamic batch axis.",
+        ),
+        click.option(
+            "--dynamic-size",
+            is_flag=True,
+            cls=LibraryOption,
+            help="Free the height and width of image inputs (NxCxHxW): any size the model takes (e.g. a multiple "
+            "of its stride), stated in the report and the metadata; verified at three sizes.",
         ),
         click.option("--opset", type=int, cls=LibraryOption, help="ONNX opset version (default: the exporter's)."),
         click.option(
@@ -278,17 +285,25 @@ class MetadataOptions:
         """The labels of ``--labels``, else those the model file carries."""
         return read_labels(self.labels_path) if self.labels_path else loaded.labels
 
-    def preprocess(self, loaded: LoadedModel, example: Sequence[torch.Tensor]) -> Preprocess | None:
+    def preprocess(
+        self, loaded: LoadedModel, example: Sequence[torch.Tensor], dynamic_size: bool = False
+    ) -> Preprocess | None:
         """The model file's preprocessing with each given ``--preprocess-*`` option replacing its
-        field (see :func:`bnfold.metadata.preprocess_for` for the defaults)."""
-        size, mean, std = self.preprocess_size, self.preprocess_mean, self.preprocess_std
+        field (see :func:`bnfold.metadata.preprocess_for` for the defaults; ``dynamic_size``: the
+        size defaults to each image's own)."""
+        mean, std = self.preprocess_mean, self.preprocess_std
+        size: Sequence[int] | str | None = None
+        if self.preprocess_size:
+            dynamic = self.preprocess_size.strip().lower() == DYNAMIC
+            size = DYNAMIC if dynamic else parse_shape(self.preprocess_size, "preprocess.size", "224x224 or dynamic")
         return preprocess_for(
             example[0].shape,
             loaded.preprocess,
-            size=parse_shape(size, parameter="preprocess.size", example="224x224") if size else None,
+            size=size,
             mean=parse_floats(mean, "preprocess.mean") if mean else None,
             std=parse_floats(std, "preprocess.std") if std else None,
             channel_order=self.preprocess_channels,
+            dynamic_size=dynamic_size,
         )
 
 
@@ -306,10 +321,11 @@ metadata_options = option_group(
         ),
         click.option(
             "--preprocess-size",
-            metavar="HxW",
+            metavar="HxW|dynamic",
             cls=LibraryOption,
             parameter="preprocess.size",
-            help="Image preprocessing stored in the ONNX metadata: resize to HxW (default: the input's).",
+            help="Image preprocessing stored in the ONNX metadata: resize to HxW, or keep each image's size "
+            "(dynamic) [default: the input's HxW; dynamic with --dynamic-size].",
         ),
         click.option(
             "--preprocess-mean",

@@ -3,10 +3,11 @@ while tracing the model with free heights and widths.
 
 A captured program is valid for every input on which its guards hold. The guards of a spatial
 axis are evaluated (as torch evaluates them) for every size in a window from 1 to twice the
-traced size and more; the sizes they allow must be ``min + k·multiple_of`` up to the window's
-end (e.g. the multiples of the total stride, because a decoder concatenates upsampled features
-with skip connections), which is what :class:`bnfold.sizes.AxisSizes` states. A model whose code
-fixes a size (a hard-coded reshape, a positional embedding of fixed length, a cached grid)
+traced size and more. Away from the smallest sizes they repeat with a period (the total stride,
+when a decoder concatenates upsampled features with skip connections); the sizes stated are
+those of the traced size's class modulo that period, from the smallest after which the whole
+class is allowed: ``min + k·multiple_of`` (:class:`bnfold.sizes.AxisSizes`), a safe subset of
+what the program takes when ``ceil`` rounding allows a few more. A model whose code fixes a size (a hard-coded reshape, a positional embedding of fixed length, a cached grid)
 specialises the axis, or allows only sizes near the traced one: it is refused, naming the op
 and the model's line that added the guard.
 """
@@ -29,8 +30,6 @@ from .guard_log import GuardLog, GuardSite
 WINDOW_MARGIN = 64
 # A guard allowing none of the window's last this many sizes bounds the axis.
 TOP_SIZES = 64
-# An axis taking fewer sizes than this in the window is treated as fixed.
-MIN_SIZES = 3
 
 Shapes = list[tuple[int, ...]]
 
@@ -93,21 +92,29 @@ def image_sizes(program: ExportedProgram, inputs: Sequence[Tensor], log: GuardLo
 
 
 def _axis_sizes(guards: _Guards, log: GuardLog, traced: Shapes, index: int, axis: int) -> AxisSizes:
-    """The sizes axis ``axis`` of input ``index`` takes, the other axes as traced."""
+    """The sizes axis ``axis`` of input ``index`` takes, the other axes as traced: the traced
+    size's class modulo the period of the allowed sizes (in the upper half of the window, past
+    the effects of small sizes), from the smallest size after which the whole class is allowed."""
     size, name = traced[index][axis], f"the {AXES[axis - 2]} of input '{guards.names[index]}'"
     window = range(1, 2 * size + WINDOW_MARGIN + 1)
-    top = window[-TOP_SIZES:]
     dim = guards.values[index].shape[axis]
     if not isinstance(dim, torch.SymInt) or dim.node.expr.is_number:  # specialised: the traced size only
         symbols = {s for s in guards.env.backed_var_to_val if str(s) in log.symbols_of(axis)}
-        _refuse(guards, log, symbols, top, f"fixes {name} to {size}")
-    allowed = [v for v in window if guards.accept(_with(traced, index, axis, v))]
-    step = allowed[1] - allowed[0] if len(allowed) > 1 else 0
-    regular = len(allowed) >= MIN_SIZES and allowed == list(range(allowed[0], allowed[-1] + 1, step))
-    if not regular or allowed[-1] + step <= window[-1]:
-        near = ", ".join(map(str, allowed[:8])) + (", ..." if len(allowed) > 8 else "")
-        _refuse(guards, log, set(dim.node.expr.free_symbols), top, f"lets {name} take only {near} (traced at {size})")
-    return AxisSizes(allowed[0], step)
+        _refuse(guards, log, symbols, window[-TOP_SIZES:], f"fixes {name} to {size}")
+    allowed = {v for v in window if guards.accept(_with(traced, index, axis, v))}
+    upper = window[len(window) // 2 :]
+    period = next(p for p in range(1, len(upper)) if all((v in allowed) == (v + p in allowed) for v in upper[:-p]))
+    members = [v for v in window if v % period == size % period]
+    if not any(v in allowed for v in members if v in upper):
+        near = sorted(allowed)
+        text = ", ".join(map(str, near[:8])) + (", ..." if len(near) > 8 else "")
+        _refuse(guards, log, set(dim.node.expr.free_symbols), window[-TOP_SIZES:], f"lets {name} take only {text}")
+    smallest = members[-1]
+    for v in reversed(members):
+        if v not in allowed:
+            break
+        smallest = v
+    return AxisSizes(smallest, period)
 
 
 def _with(shapes: Shapes, index: int, axis: int, size: int) -> Shapes:

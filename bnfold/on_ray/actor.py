@@ -121,21 +121,34 @@ class PredictionActor:
         outputs = self._predict(feeds, errors)
         return self.rows.table(items, errors, outputs)
 
-    def _predict(self, feeds: dict[int, dict[str, np.ndarray]], errors: list[str | None]) -> list[np.ndarray]:
-        """The outputs of the rows ``feeds`` (by row number) as one batch; if the model cannot run
-        them together, row by row, each row that fails getting its error in ``errors``."""
-        if not feeds:
-            return self.rows.no_outputs()
-        try:
-            return predict_rows(self.predictor, list(feeds.values()))
-        except BnfoldError:
-            pass
-        done: list[list[np.ndarray]] = []
+    def _predict(self, feeds: dict[int, dict[str, np.ndarray]], errors: list[str | None]) -> list[Any]:
+        """The outputs of the rows ``feeds`` (by row number): the rows of one input shape (a
+        dynamic-size model's images of one size) run as one batch, never padded; if the model
+        cannot run them together, row by row, each row that fails getting its error in
+        ``errors``. Each output is one array, or a list of one array per row when the rows'
+        outputs differ in shape."""
+        groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
         for row, feed in feeds.items():
+            groups.setdefault(tuple(a.shape[1:] for a in feed.values()), []).append(row)
+        done: dict[int, list[np.ndarray]] = {}
+        for rows in groups.values():
             try:
-                done.append(predict_rows(self.predictor, [feed]))
-            except BnfoldError as exc:
-                errors[row] = str(exc)
+                outputs = predict_rows(self.predictor, [feeds[row] for row in rows])
+                done.update({row: [out[j] for out in outputs] for j, row in enumerate(rows)})
+                continue
+            except BnfoldError:
+                pass
+            for row in rows:
+                try:
+                    done[row] = [out[0] for out in predict_rows(self.predictor, [feeds[row]])]
+                except BnfoldError as exc:
+                    errors[row] = str(exc)
         if not done:
             return self.rows.no_outputs()
-        return [np.concatenate(parts) for parts in zip(*done)]
+        ordered = [done[row] for row in sorted(done)]
+        return [_stacked([outs[i] for outs in ordered]) for i in range(len(ordered[0]))]
+
+
+def _stacked(rows: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One output of several rows: stacked into one array when they are of one shape, else the list."""
+    return np.stack(rows) if len({row.shape for row in rows}) == 1 else rows

@@ -120,7 +120,11 @@ def _check_resources(actors: int, cpus_per_actor: float | None, gpus_per_actor: 
 def _image_sample(predictor: Predictor) -> tuple[InputColumns, list[np.ndarray]]:
     """Image files: the model must have preprocessing metadata whose images fit its input."""
     preprocess = predictor.image_preprocessing()
-    blank = np.zeros((1, preprocess.channels, *preprocess.size), dtype=np.float32)
+    sizes = predictor.image_sizes.get(predictor.inputs[0].name)
+    if preprocess.size is None and sizes is None:
+        raise UsageError(f"{predictor.path}: its preprocessing keeps each image's size, but it states no image sizes")
+    size = preprocess.size or sizes.example
+    blank = np.zeros((1, preprocess.channels, *size), dtype=np.float32)
     return InputColumns("item", IMAGE_BYTES), predict_rows(predictor, [{predictor.inputs[0].name: blank}])
 
 

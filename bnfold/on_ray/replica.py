@@ -97,14 +97,16 @@ class ModelReplica:
         return self._runs.submit(chunks)
 
     def metadata(self) -> dict[str, Any]:
-        """What ``GET /metadata`` answers: the model's inputs, outputs, labels, preprocessing
-        and fold report, where this replica runs it, and how it batches."""
+        """What ``GET /metadata`` answers: the model's inputs, outputs, the image sizes a
+        dynamic-size model takes, labels, preprocessing and fold report, where this replica runs
+        it, and how it batches."""
         predictor, meta = self.predictor, self.predictor.metadata
         preprocess = predictor.preprocess
         return {
             "model": os.path.basename(predictor.path),
             "inputs": [_describe(s) for s in predictor.inputs],
             "outputs": [_describe(s) for s in predictor.outputs],
+            "image_sizes": {name: sizes.to_dict() for name, sizes in predictor.image_sizes.items()},
             "labels": predictor.labels,
             "preprocessing": asdict(preprocess) if preprocess is not None else None,
             "device": {"device": predictor.device, "providers": predictor.providers, "threads": self.threads},

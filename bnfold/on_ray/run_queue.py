@@ -56,8 +56,9 @@ def joinable(a: Feeds, b: Feeds) -> bool:
 class RunQueue:
     """Runs chunks of feeds through ``run`` (feeds -> outputs, model order) one call at a time in
     a worker thread, joining the chunks that wait, in order, into one call of at most ``max_rows``
-    rows of one sample shape (a larger chunk runs alone); each chunk gets its own rows of the
-    outputs."""
+    rows of one sample shape (a larger chunk runs alone): the oldest chunk with the chunks of its
+    shape behind it (a dynamic-size model's requests of one size), the others in a later call.
+    Each chunk gets its own rows of the outputs."""
 
     def __init__(self, run: Callable[[Feeds], list[np.ndarray]], max_rows: int) -> None:
         self._run = run
@@ -87,13 +88,18 @@ class RunQueue:
             while self._waiting:
                 taken = [self._waiting.popleft()]
                 rows = rows_of(taken[0][0])
-                while (
-                    self._waiting
-                    and rows + rows_of(self._waiting[0][0]) <= self._max_rows
-                    and joinable(taken[0][0], self._waiting[0][0])
-                ):
-                    rows += rows_of(self._waiting[0][0])
-                    taken.append(self._waiting.popleft())
+                others: deque[tuple[Feeds, asyncio.Future[list[np.ndarray]]]] = deque()
+                while self._waiting:  # the others of its shape, in order, up to the limit; the rest wait
+                    waiting = self._waiting.popleft()
+                    if not joinable(taken[0][0], waiting[0]):
+                        others.append(waiting)
+                    elif rows + rows_of(waiting[0]) <= self._max_rows:
+                        rows += rows_of(waiting[0])
+                        taken.append(waiting)
+                    else:
+                        others.append(waiting)
+                        break
+                self._waiting.extendleft(reversed(others))
                 await self._run_taken(taken, rows)
         finally:
             self._draining = None

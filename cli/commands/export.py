@@ -87,7 +87,9 @@ def export_command(
     example = loaded.example_inputs(shapes)
     labels = metadata.labels(loaded)
     options = dataclasses.replace(
-        options, labels=tuple(labels) if labels else None, preprocess=metadata.preprocess(loaded, example)
+        options,
+        labels=tuple(labels) if labels else None,
+        preprocess=metadata.preprocess(loaded, example, options.dynamic_size),
     )
     recalibration = None
     if recalibrate_data:

@@ -21,9 +21,21 @@ from bnfold.cli.options import InputShapeOptions, ModelOptions, input_shape_opti
     setting=False,
     help="Trace with a fixed batch size.",
 )
+@click.option(
+    "--dynamic-size",
+    is_flag=True,
+    cls=LibraryOption,
+    help="Trace with free image heights and widths, and list the sizes the model takes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the fold report as JSON.")
 def inspect_command(
-    model: str, static_batch: bool, as_json: bool, *, loading: ModelOptions, input_shape: InputShapeOptions
+    model: str,
+    static_batch: bool,
+    dynamic_size: bool,
+    as_json: bool,
+    *,
+    loading: ModelOptions,
+    input_shape: InputShapeOptions,
 ) -> None:
     """List every batch-norm of MODEL and what export would do with it, without exporting."""
     from bnfold.folding import fold  # imports torch: only when the command runs
@@ -31,7 +43,7 @@ def inspect_command(
     shapes = input_shape.shapes()
     loaded = loading.load(model)
     inputs = loaded.example_inputs(shapes)
-    report = fold(loaded.module, inputs, dynamic_batch=not static_batch).report
+    report = fold(loaded.module, inputs, dynamic_batch=not static_batch, dynamic_size=dynamic_size).report
     if as_json:
         shapes_seen = [list(t.shape) for t in inputs]
         click.echo(
@@ -41,6 +53,7 @@ def inspect_command(
         )
         return
     click.echo(
-        f"Model: {model} ({loaded.format}); input shape(s): {', '.join('x'.join(map(str, t.shape)) for t in inputs)}"
+        f"Model: {model} ({loaded.format}); input shape(s): {', '.join('x'.join(map(str, t.shape)) for t in inputs)}; "
+        f"image size {report.size_summary()}"
     )
     click.echo(str(report))

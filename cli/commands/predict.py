@@ -16,9 +16,9 @@ from bnfold.cli.flags import LibraryArgument
 from bnfold.cli.options import RayOptions, output_option, ray_options
 
 from bnfold.arrays import read_arrays, select_inputs
-from bnfold.batching import Batch, plan_batches
+from bnfold.batching import plan_batches
 from bnfold.errors import UsageError
-from bnfold.images import find_images
+from bnfold.images import find_images, group_by_size
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
 from bnfold.progress import Progress, for_stream
 from bnfold.staging import atomic_write, check_output_path
@@ -73,17 +73,17 @@ def predict_command(
         predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
     for warning in caught:
         click.echo(f"bnfold: warning: {warning.message}", err=True)
-    names, predict_batch = _prediction_source(predictor, inputs)
-    plan = plan_batches(len(names), batch_size)
+    names, predict_batch, order = _prediction_source(predictor, inputs)
+    plan = [batch for group in _groups(order) for batch in _planned(group, batch_size)]
     progress = for_stream(sys.stderr) if len(plan) > 3 else Progress()
     progress.start(f"Predicting {len(names)} sample(s) on {predictor.device}")
     parts: list[dict[str, np.ndarray]] = []
-    for batch in plan:
+    for done, batch in enumerate(plan):
         result = predict_batch(batch)
         parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
-        progress.advance(batch.rows.stop, len(names))
+        progress.advance(done + 1, len(plan))
     progress.finish()
-    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    outputs = _in_order(parts, [i for group in order for i in group])
     if output:
         _write_npz(output, outputs)
     _print_predictions(next(iter(outputs.values())), names, predictor.labels, top_k, as_json)
@@ -91,23 +91,70 @@ def predict_command(
         click.echo(f"Wrote {output}")
 
 
-def _prediction_source(predictor: Predictor, inputs: tuple[str, ...]) -> tuple[list[str], Callable[[Batch], Any]]:
-    """(sample names, the predictions for a batch of them): the arrays of one .npy/.npz file, or
-    image files and folders read with the model's preprocessing."""
+def _prediction_source(
+    predictor: Predictor, inputs: tuple[str, ...]
+) -> tuple[list[str], Callable[[list[int]], Any], list[list[int]]]:
+    """(sample names, the predictions for a batch of them by index, the samples' groups): the
+    arrays of one .npy/.npz file (one group), or image files and folders read with the model's
+    preprocessing (a dynamic-size model's images keeping their own size are grouped by size: a
+    batch is of one size, never padded)."""
     if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
         arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
         named = {s.name: a for s, a in zip(predictor.inputs, arrays)}
-        return [str(i) for i in range(arrays[0].shape[0])], lambda batch: predictor.predict(batch.take(named))
+        samples = arrays[0].shape[0]
+        return [str(i) for i in range(samples)], lambda rows: predictor.predict(_take(named, rows)), [range(samples)]
     paths = [p for item in inputs for p in find_images(item)]
-    return [str(p) for p in paths], lambda batch: predictor.predict_images(paths[batch.rows])
+    groups = group_by_size(paths, predictor.image_preprocessing())
+    return [str(p) for p in paths], lambda rows: predictor.predict_images([paths[i] for i in rows]), groups
 
 
-def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temp file beside it, then rename)."""
+def _take(arrays: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+    """The samples ``rows`` (consecutive) of every array."""
+    return {name: a[rows[0] : rows[-1] + 1] for name, a in arrays.items()}
+
+
+def _groups(order: list[list[int]]) -> list[list[int]]:
+    return [list(group) for group in order if len(group)]
+
+
+def _planned(group: list[int], batch_size: int) -> list[list[int]]:
+    """The batches of one group of samples (their indices), ``batch_size`` at a time."""
+    return [group[batch.rows] for batch in plan_batches(len(group), batch_size)]
+
+
+def _in_order(parts: list[dict[str, np.ndarray]], order: list[int]) -> dict[str, Any]:
+    """Each output of the batches ``parts`` (samples in the order ``order``) back in the samples'
+    order: one array, or, when samples give outputs of different shapes (a dynamic-size model's
+    segmentation of images of several sizes), a list of one array per sample."""
+    inverse = np.argsort(np.asarray(order))
+    outputs: dict[str, Any] = {}
+    for name in parts[0]:
+        pieces = [p[name] for p in parts]
+        if len({piece.shape[1:] for piece in pieces}) == 1:
+            outputs[name] = np.concatenate(pieces)[inverse]
+        else:
+            samples = [row for piece in pieces for row in piece]
+            outputs[name] = [samples[i] for i in inverse]
+    return outputs
+
+
+def _write_npz(path: str, outputs: dict[str, Any]) -> None:
+    """Write ``outputs`` to ``path`` atomically (temp file beside it, then rename): an array per
+    output, or ``<output>_<i>`` per sample of an output whose samples differ in shape."""
+    arrays = {}
+    for name, value in outputs.items():
+        arrays.update({f"{name}_{i}": row for i, row in enumerate(value)} if isinstance(value, list) else {name: value})
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
-def _print_predictions(scores: np.ndarray, names: list[str], labels: list[str] | None, k: int, as_json: bool) -> None:
+def _print_predictions(
+    scores: np.ndarray | list[np.ndarray], names: list[str], labels: list[str] | None, k: int, as_json: bool
+) -> None:
+    if isinstance(scores, list):  # one shape per sample
+        for name, row in zip(names, scores):
+            shape = "x".join(map(str, row.shape))
+            click.echo(json.dumps({"sample": name, "shape": list(row.shape)}) if as_json else f"{name}\t{shape}")
+        return
     if scores.ndim != 2:
         if as_json:
             for name, row in zip(names, scores):

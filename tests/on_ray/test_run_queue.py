@@ -77,13 +77,13 @@ def test_a_lone_chunk_runs_at_once(rows):
     np.testing.assert_array_equal(answer[0][:, 0], np.arange(7, 7 + rows) * 2)
 
 
-def test_chunks_of_other_sample_shapes_run_apart_in_order_and_each_gets_its_rows():
+def test_chunks_are_grouped_by_sample_shape_in_order_and_each_gets_its_rows():
     model = Model()
     queue = RunQueue(model, max_rows=8)
     wide = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
     batches = [[chunk(0, 1)], [chunk(10, 1)], [wide], [chunk(20, 1), chunk(30, 1)]]
     answers = asyncio.run(run_while_first_waits(queue, model, batches))
-    assert model.runs == [1, 1, 2, 2]  # the wide chunk is not joined to its neighbours
+    assert model.runs == [1, 3, 2]  # the narrow chunks behind the wide one join the first; the wide one runs next
     for batch, answer in zip(batches, answers):
         for sent, (doubled, _) in zip(batch, answer):
             np.testing.assert_array_equal(doubled, sent["x"] * 2)
