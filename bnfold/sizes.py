@@ -128,8 +128,3 @@ class ImageSizes:
 def _nearest(rule: AxisSizes, size: int) -> str:
     near = sorted({v for v in (rule.at_most(size), rule.at_least(size)) if v is not None})
     return f" (nearest: {' or '.join(map(str, near))})" if near else ""
-
-
-def size_text(sizes: Mapping[str, ImageSizes]) -> str:
-    """``input 'x': height ...; width ...`` for every dynamic-size input, joined by ``, ``."""
-    return ", ".join(f"input '{name}': {rule}" for name, rule in sizes.items())

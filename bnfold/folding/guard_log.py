@@ -86,21 +86,20 @@ class GuardLog(logging.Handler):
         """Symbol -> what it stands for (``L['x'].size()[2]``)."""
         self.sites: list[GuardSite] = []
         self._depth = 0
-        self._saved: tuple[list[logging.Handler], int, bool] | None = None
+        self._logger = logging.getLogger(_SHAPES_LOGGER)
+        self._saved = self._logger.handlers, self._logger.level, self._logger.propagate
 
     def __enter__(self) -> GuardLog:
-        logger = logging.getLogger(_SHAPES_LOGGER)
         self._depth = len(traceback.extract_stack())  # frames up to here are the caller's
-        self._saved = logger.handlers, logger.level, logger.propagate
-        logger.handlers, logger.propagate = [self], False  # recorded, never printed
-        logger.setLevel(logging.INFO)
+        self._saved = self._logger.handlers, self._logger.level, self._logger.propagate
+        self._logger.handlers, self._logger.propagate = [self], False  # recorded, never printed
+        self._logger.setLevel(logging.INFO)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        logger = logging.getLogger(_SHAPES_LOGGER)
-        assert self._saved is not None
-        logger.handlers, logger.propagate = self._saved[0], self._saved[2]
-        logger.setLevel(self._saved[1])
+        handlers, level, propagate = self._saved
+        self._logger.handlers, self._logger.propagate = handlers, propagate
+        self._logger.setLevel(level)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()

@@ -103,7 +103,9 @@ def _axis_sizes(guards: _Guards, log: GuardLog, traced: Shapes, index: int, axis
         _refuse(guards, log, symbols, window[-TOP_SIZES:], f"fixes {name} to {size}")
     allowed = {v for v in window if guards.accept(_with(traced, index, axis, v))}
     upper = window[len(window) // 2 :]
-    period = next(p for p in range(1, len(upper)) if all((v in allowed) == (v + p in allowed) for v in upper[:-p]))
+    period = next(
+        (p for p in range(1, len(upper)) if all((v in allowed) == (v + p in allowed) for v in upper[:-p])), size
+    )
     members = [v for v in window if v % period == size % period]
     if not any(v in allowed for v in members if v in upper):
         near = sorted(allowed)
