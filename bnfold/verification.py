@@ -37,10 +37,11 @@ LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.Tens
 InputsArg = ArraysArg | None
 
 
-def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    """Arrays for every model input (see :func:`bnfold.arrays.select_inputs`), shape-checked."""
-    label = (Param("inputs"), f" {source}") if isinstance(source, (str, os.PathLike)) else Param("inputs")
-    arrays = select_inputs(read_arrays(source, Param("inputs")), [s.name for s in specs], label)
+def load_inputs(source: InputsArg, specs: Sequence[TensorSpec], parameter: str = "inputs") -> dict[str, np.ndarray]:
+    """Arrays for every model input (see :func:`bnfold.arrays.select_inputs`), shape-checked;
+    errors name ``parameter``, the library parameter ``source`` was given as."""
+    label = (Param(parameter), f" {source}") if isinstance(source, (str, os.PathLike)) else Param(parameter)
+    arrays = select_inputs(read_arrays(source, Param(parameter)), [s.name for s in specs], label)
     for spec, arr in zip(specs, arrays):
         if arr.ndim != len(spec.shape) or any(
             isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
@@ -135,7 +136,7 @@ def default_tolerances(
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
 
 
-def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def reference_outputs(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
     with model_failures(
         inputs,
@@ -263,8 +264,8 @@ def _compare(
         # PyTorch first, then ONNX Runtime: PyTorch's activations are freed before ORT runs, so
         # ORT reuses that memory instead of adding to the peak.
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(device) for s in specs]
-        ref = _reference(module, [t.to(ref_dtype) for t in tensors])
-        ref64 = _reference(module64, [t.double() for t in tensors]) if module64 is not None else None
+        ref = reference_outputs(module, [t.to(ref_dtype) for t in tensors])
+        ref64 = reference_outputs(module64, [t.double() for t in tensors]) if module64 is not None else None
         got = predictor.run({s.name: predictor.check_input(s, feeds[s.name]) for s in specs})
         if len(ref) != len(got):
             checks["outputs"] = f"the ONNX model has {len(got)} output(s), the PyTorch model {len(ref)}"
