@@ -53,7 +53,7 @@ def export_outlier(path, **fields) -> bnfold.ExportResult:
 
 
 def test_a_layer_that_quantizes_badly_fails_the_budget_without_the_fallback(tmp_path):
-    with pytest.raises(bnfold.VerificationError, match="misses the accuracy budget.*SQNR") as raised:
+    with pytest.raises(bnfold.VerificationError, match=r"misses the accuracy budget.*SQNR") as raised:
         export_outlier(tmp_path / "m.onnx", int8_max_float_layers=0)
     report = raised.value.report
     assert not report.passed and report.outputs[0].sqnr_db < MIN_SQNR_DB
