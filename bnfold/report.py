@@ -382,6 +382,7 @@ class Int8Report:
                 "verification_samples": self.verification_samples,
                 "min_agreement": self.min_agreement,
                 "min_sqnr_db": self.min_sqnr_db,
+                "max_float_layers": self.max_float_layers,
                 "float_layers": [layer.name for layer in self.float_layers],
                 "top1_agreement": {o.name: o.top1_agreement for o in self.outputs if o.top1_agreement is not None},
                 "sqnr_db": {o.name: round(o.sqnr_db, 2) for o in self.outputs},
@@ -396,11 +397,12 @@ class Int8Report:
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         quantized = len(self.layers) - len(self.float_layers)
+        layers = f"; {quantized} of {len(self.layers)} weight layer(s) quantized" if self.layers else ""
         lines = [
             f"INT8 check {verdict}: ONNX Runtime INT8 vs eval-mode PyTorch float32 on {self.verification_samples} "
             f"held-out sample(s) ({self.data_source}; {self.split})",
             f"  calibration: {self.calibration_method}, {self.calibration_samples} sample(s); QDQ, per-channel int8 "
-            f"weights, uint8 activations; {quantized} of {len(self.layers)} weight layer(s) quantized",
+            f"weights, uint8 activations{layers}",
             f"  pass iff top-1 agreement >= {100 * self.min_agreement:g}% (classifier outputs) and SQNR >= "
             f"{self.min_sqnr_db:g} dB (every output)",
         ]
@@ -425,7 +427,8 @@ class Int8Report:
             ]
             for layer in self.layers
         ]
-        lines.append(_table(["layer", "op", "status", "float gain dB", "reason"], layer_rows))
+        if layer_rows:
+            lines.append(_table(["layer", "op", "status", "float gain dB", "reason"], layer_rows))
         if len(self.attempts) > 1:
             lines.extend(f"  tried: {attempt}" for attempt in self.attempts)
         if self.int8_bytes:

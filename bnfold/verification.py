@@ -20,7 +20,7 @@ from .errors import BnfoldError, Param, UsageError, label_parts
 from .metadata import WEIGHT_DTYPE_KEY
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
-from .report import OutputCheck, VerifyReport
+from .report import Int8Report, OutputCheck, VerifyReport
 from .user_module import model_failures, module_device, module_dtype, quiet_torch, run_eval
 
 # Two batch sizes, neither the capture's example batch of 2 (a size baked into the graph by
@@ -185,9 +185,13 @@ def verify(
     seed: int = 0,
     reference: str = "float32",
     progress: Progress | None = None,
-) -> VerifyReport:
+) -> VerifyReport | Int8Report:
     """Compare ONNX Runtime (CPU, graph optimizations off) on ``onnx_path`` with ``module`` in
     eval mode under ``no_grad``.
+
+    An INT8 model (exported with ``int8=True``) is judged instead by the INT8 check against the
+    accuracy budget stored in its metadata, on every sample of ``inputs`` (required), and an
+    :class:`Int8Report` is returned; ``rtol``, ``atol`` and ``reference`` do not apply to it.
 
     ``rtol``/``atol`` default to 1e-4/1e-5, or 1e-2/1e-3 for a float16 ONNX model or a
     float16/bfloat16 module. ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
@@ -204,10 +208,12 @@ def verify(
         raise UsageError(Param("rtol"), "/", Param("atol"), f" must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
         raise UsageError(Param("reference"), f" {reference!r}: expected one of {', '.join(REFERENCES)}")
-    module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
     predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
+    if predictor.int8 is not None:
+        return _verify_int8(module, predictor, inputs, rtol, atol, reference)
+    module64 = float64_copy(module) if reference == "float64" else None
     ref_dtype = module_dtype(module)
     if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
         low_precision = ref_dtype in (torch.float16, torch.bfloat16) or is_low_precision_onnx(predictor)
@@ -245,6 +251,30 @@ def verify(
         checks=checks,
         float64_arbitration=arbitration,
     )
+
+
+def _verify_int8(
+    module: nn.Module, predictor: Predictor, inputs: InputsArg, rtol: float | None, atol: float | None, reference: str
+) -> Int8Report:
+    """An INT8 model is judged by its accuracy budget on real data, not by float tolerances."""
+    if rtol is not None or atol is not None or reference != "float32":
+        raise UsageError(
+            Param("rtol"),
+            ", ",
+            Param("atol"),
+            " and ",
+            Param("reference"),
+            f" do not apply to {predictor.path}, an INT8 model: it is checked against the accuracy budget stored at export",
+        )
+    if inputs is None:
+        raise UsageError(
+            f"{predictor.path} is an INT8 model: give ",
+            Param("inputs"),
+            " (real data held apart from its calibration data; random inputs fall outside its calibrated ranges)",
+        )
+    from .quantization.check import verify_int8  # ONNX Runtime's quantization tool: only for INT8 models
+
+    return verify_int8(module, predictor.path, inputs, predictor.int8)
 
 
 def _compare(

@@ -135,13 +135,16 @@ def split_indices(
 
 class BatchReader(CalibrationDataReader):
     """ONNX Runtime's calibration reader over arrays by input name: batches of
-    :data:`CALIBRATION_BATCH` samples, or of the static batch size (the last batch padded with
-    copies of its last sample, which moves no range)."""
+    :data:`CALIBRATION_BATCH` samples, or of the static batch size, all of one size (ONNX
+    Runtime's histogram calibrators stack them): the last one is padded with copies of its last
+    sample, which moves no min/max range and adds at most ``size - 1`` repeated samples to a
+    histogram."""
 
     def __init__(self, arrays: dict[str, np.ndarray], static_batch: int | None) -> None:
         self.arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()}
         samples = len(next(iter(arrays.values())))
-        self.plan = plan_batches(samples, static_batch or CALIBRATION_BATCH, pad_last=static_batch is not None)
+        size = static_batch or min(samples, CALIBRATION_BATCH)
+        self.plan = plan_batches(samples, size, pad_last=True)
         self.batches: Iterator[dict[str, np.ndarray]] = (batch.take(self.arrays) for batch in self.plan)
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..arrays import ArraysArg
 from ..predictor import Predictor, TensorSpec
-from ..report import Int8Output
+from ..report import Int8Output, Int8Report
 from ..user_module import module_device
-from ..verification import DATA_CHUNK, reference_outputs
+from ..verification import DATA_CHUNK, load_inputs, reference_outputs
 from .metrics import OutputError
 
 
@@ -68,3 +69,24 @@ def judge(errors: list[OutputError], min_agreement: float, min_sqnr_db: float) -
 def lowest_sqnr(errors: list[OutputError]) -> float:
     """The lowest SQNR (dB) of any output: one number to rank quantization choices by."""
     return min(-np.inf if e.problem else e.sqnr_db for e in errors)
+
+
+def verify_int8(module: nn.Module, path: str | os.PathLike[str], inputs: ArraysArg, facts: dict) -> Int8Report:
+    """``bnfold verify`` of an INT8 model: the INT8 check on every sample of ``inputs``, against
+    the budget the export stored in the metadata (``facts``, see :meth:`Int8Report.summary`).
+    The samples should be held apart from the calibration samples, which it cannot tell."""
+    predictor = deployed_predictor(path)
+    arrays = load_inputs(inputs, predictor.inputs)
+    reference = pytorch_outputs(module, arrays, predictor.inputs)
+    errors = measure(path, arrays, reference)
+    return Int8Report(
+        calibration_method=facts["calibration_method"],
+        calibration_samples=facts["calibration_samples"],
+        verification_samples=len(next(iter(arrays.values()))),
+        data_source=str(inputs) if isinstance(inputs, (str, os.PathLike)) else "given arrays",
+        split="every sample given; keep the calibration samples out",
+        min_agreement=facts["min_agreement"],
+        min_sqnr_db=facts["min_sqnr_db"],
+        max_float_layers=facts["max_float_layers"],
+        outputs=judge(errors, facts["min_agreement"], facts["min_sqnr_db"]),
+    )

@@ -5,6 +5,7 @@ the settings and the layers left in float; it does not quantize anything itself.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -47,7 +48,7 @@ def quantize(
     is an :class:`ExportError`.
     """
     try:
-        with _quiet_root_logger():
+        with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print
             quantize_static(
                 str(fp32_path),
                 str(int8_path),

@@ -103,3 +103,10 @@ def test_bad_calibration_data_is_one_line_and_writes_nothing(tmp_path, data, mes
         )
     assert message in str(raised.value) and "\n" not in str(raised.value)
     assert list(out.iterdir()) == []
+
+
+def test_int8_of_a_float16_model_is_refused_before_folding(tmp_path):
+    model = nn.Conv2d(3, 4, 1).half()
+    with pytest.raises(bnfold.UsageError, match=r"quantizes a float32 model; this one is torch\.float16"):
+        bnfold.export(model, (torch.zeros(1, 3, 4, 4),), tmp_path / "m.onnx", int8=True, calibration=outlier_data())
+    assert list(tmp_path.iterdir()) == []
