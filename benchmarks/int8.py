@@ -12,18 +12,26 @@
    ``bnfold export --int8`` quantizes it, interleaved in one run, and both file sizes.
 
 ``--quick``: one sample model, one method, ResNet-18 only, fewer repeats.
+
+    python benchmarks/int8.py --activations
+
+instead times the ResNet-18-shaped model's float32 file against it quantized with uint8
+activations (bnfold's choice) and with int8 activations, side by side: why bnfold uses uint8.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,7 +42,8 @@ from models import MODELS
 import bnfold
 from bnfold.bench import FILE_FP32, FILE_INT8, ORT_BNFOLD, ORT_INT8, bench
 from bnfold.defaults import CALIBRATION_METHODS
-from bnfold.quantization.calibration import split_indices
+from bnfold.predictor import session_options
+from bnfold.quantization.calibration import BatchReader, split_indices
 from bnfold.user_module import run_eval
 
 CALIBRATION_SAMPLES_224 = 64  # random-normal 224x224 samples: half calibrate (bench's split)
@@ -122,7 +131,52 @@ def speed(quick: bool) -> list[dict]:
     return rows
 
 
+def activation_types(repeats: int = 15) -> None:
+    print("| ResNet-18-shaped | batch 1 ms | batch 8 ms | / float32 (b1 / b8) |")
+    print("|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        bnfold.export(MODELS["resnet18"](), (torch.randn(1, 3, 224, 224),), fp32, verify=False)
+        calibration = {"x": rng.standard_normal((32, 3, 224, 224)).astype(np.float32)}
+        paths = {"float32": fp32}
+        for name, activation in (("uint8 activations", QuantType.QUInt8), ("int8 activations", QuantType.QInt8)):
+            paths[name] = Path(tmp) / f"{activation.name}.onnx"
+            quantize_static(
+                fp32,
+                paths[name],
+                BatchReader(calibration, None),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=activation,
+                weight_type=QuantType.QInt8,
+            )
+        options = session_options(True, spin_wait=False)
+        sessions = {
+            k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for k, p in paths.items()
+        }
+        medians: dict[str, dict[int, float]] = {k: {} for k in sessions}
+        for batch in (1, 8):
+            feeds = {"x": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            for session in sessions.values():
+                session.run(None, feeds)
+            for _ in range(repeats):
+                for name, session in sessions.items():
+                    t0 = time.perf_counter()
+                    session.run(None, feeds)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            for name in sessions:
+                medians[name][batch] = statistics.median(times[name])
+    for name, by_batch in medians.items():
+        ratio = " / ".join(f"{by_batch[b] / medians['float32'][b]:.3f}" for b in (1, 8))
+        print(f"| {name} | {by_batch[1]:.2f} | {by_batch[8]:.2f} | {ratio} |")
+
+
 def main() -> None:
+    if "--activations" in sys.argv:
+        activation_types()
+        return
     quick = "--quick" in sys.argv
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__} (CPU), {torch.get_num_threads()} threads")
     results = {"accuracy": sample_accuracy(quick), "speed": speed(quick)}

@@ -21,9 +21,9 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 # uint8 activations with int8 weights: ONNX Runtime's x86 kernels for this pair (u8s8) ran a
-# folded ResNet-18 at 0.40x the float32 latency at batch 1, where int8 activations (s8s8) ran at
-# 1.25x (docs/performance.md, "INT8"). Activation ranges are asymmetric (a zero point), so a ReLU
-# output uses all 256 levels either way.
+# folded ResNet-18 at 0.47x the float32 latency at batch 1, where int8 activations (s8s8) ran at
+# 1.39x (`python benchmarks/int8.py --activations`, docs/performance.md). Activation ranges are
+# asymmetric (a zero point), so a ReLU output uses all 256 levels either way.
 ACTIVATION_TYPE = QuantType.QUInt8
 WEIGHT_TYPE = QuantType.QInt8
 # A ConvTranspose weight is [Cin, Cout/groups, k...]: its output channels are axis 1.
