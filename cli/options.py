@@ -94,6 +94,11 @@ def library_options(keyword: str, options: Sequence[Decorator]) -> Decorator:
     return decorate
 
 
+def output_option(help: str) -> Decorator:
+    """``-o/--output``: the file a command writes (the library's ``path``)."""
+    return click.option("-o", "--output", type=click.Path(), cls=LibraryOption, parameter="path", help=help)
+
+
 class NameList(click.ParamType):
     """Comma-separated names, as a tuple (``"a, b"`` -> ``("a", "b")``)."""
 

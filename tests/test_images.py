@@ -67,7 +67,7 @@ def test_images_need_preprocessing_metadata(tmp_path):
     path = bnfold.export(loaded.module, loaded.example_inputs(), tmp_path / "m.onnx", verify=False).path
     predictor = bnfold.Predictor(path, device="cpu")
     assert predictor.preprocess is None
-    with pytest.raises(bnfold.UsageError, match=r"has no preprocessing metadata.*export it with `preprocess`"):
+    with pytest.raises(bnfold.UsageError, match=r"has no preprocessing metadata.*export it with image preprocessing"):
         predictor.predict_images(write_pngs(np.zeros((1, 3, 16, 16), np.float32), tmp_path))
 
 

@@ -91,7 +91,7 @@ def test_torchscript_cannot_be_recalibrated():
 @pytest.mark.parametrize(
     "model, kwargs, match",
     [
-        (Net(), dict(batch_size=1), r"`recalibrate\(batch_size\)` must be at least 2 \(got 1\)"),
+        (Net(), dict(batch_size=1), r"`batch_size` must be at least 2 \(got 1\)"),
         (nn.Conv2d(3, 3, 1), {}, "`recalibrate`: the model has no batch-norm layer"),
         (Net(), dict(data=data(1)), "`recalibrate`: needs at least 2 samples"),
         (Net(), dict(data="missing.npy"), "`recalibrate` missing.npy: file does not exist"),

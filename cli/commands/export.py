@@ -18,6 +18,7 @@ from bnfold.cli.options import (
     input_shape_options,
     metadata_options,
     model_options,
+    output_option,
     verify_options,
 )
 from bnfold.cli.output import write_json
@@ -32,14 +33,7 @@ from bnfold.staging import check_output_path
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(),
-    cls=LibraryOption,
-    parameter="path",
-    help="ONNX file to write (default: <model stem>.onnx beside the model).",
-)
+@output_option("ONNX file to write (default: <model stem>.onnx beside the model).")
 @model_options
 @input_shape_options
 @export_options

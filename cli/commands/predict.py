@@ -12,8 +12,8 @@ from typing import Any
 import click
 import numpy as np
 from bnfold.cli.commands.predict_ray import predict_on_ray
-from bnfold.cli.flags import LibraryArgument, LibraryOption
-from bnfold.cli.options import RayOptions, ray_options
+from bnfold.cli.flags import LibraryArgument
+from bnfold.cli.options import RayOptions, output_option, ray_options
 
 from bnfold.arrays import read_arrays, select_inputs
 from bnfold.batching import Batch, plan_batches
@@ -29,14 +29,7 @@ DEFAULT_PREDICT_BATCH = 32
 @click.command("predict")
 @click.argument("onnx_model", type=click.Path(dir_okay=True))
 @click.argument("inputs", nargs=-1, required=True, cls=LibraryArgument, parameter="data")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(),
-    cls=LibraryOption,
-    parameter="path",
-    help="Write all outputs to this .npz (one array per model output).",
-)
+@output_option("Write all outputs to this .npz (one array per model output).")
 @click.option(
     "--device",
     type=click.Choice(DEVICES),

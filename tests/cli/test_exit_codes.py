@@ -1,6 +1,6 @@
 """Every exit code in the README's table, produced by the CLI: 0, 1, 2, 3, 4, 5 and 130 (the
 last also by a real SIGINT in the middle of an export, leaving no partial file); 6 (some rows of
-`bnfold predict --ray` failed) in tests/on_ray/test_scale_cli.py, which has Ray running."""
+`bnfold predict --ray` failed) in tests/on_ray/test_ray_cli.py, which has Ray running."""
 
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ PRECONDITIONS = {
         _no_preprocessing,
         {},
         bnfold.UsageError,
-        r"has no preprocessing metadata, so it cannot read images: export it with `preprocess`",
+        r"has no preprocessing metadata, so it cannot read images: export it with image preprocessing",
     ),
     "missing-model": (lambda t, m: (t / "nope.onnx", t), {}, bnfold.ModelLoadError, "does not exist"),
     "int-arrays": (

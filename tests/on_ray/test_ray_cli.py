@@ -83,7 +83,7 @@ USAGE_ERRORS = {
         3,
         "lower --cpus-per-actor or --gpus-per-actor",
     ),
-    "output-exists": (["--ray", "-o", "{tmp}"], 2, "exists; remove it or choose another -o"),
+    "output-exists": (["--ray", "-o", "{tmp}"], 2, "exists; remove it or choose another --output"),
 }
 
 

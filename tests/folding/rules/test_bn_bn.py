@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fold_checks import assert_fold_exact, assert_onnx_matches, fold_checked, with_statistics
 from helpers import random_input
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 RULES = ("bn_bn",)  # applied alone: see conftest.py
 
 
+@pytest.mark.rules("bn_bn", "bn_conv")  # the composed batch-norm then folds into the conv
 def test_bn_bn_conv_chain_after_an_activation():
     model = with_statistics(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)))
     result = fold_checked(model, random_input(2, 3, 6, 6), ["folded", "folded"])

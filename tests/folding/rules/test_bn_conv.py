@@ -100,6 +100,7 @@ class PreActBlock(nn.Module):
         return x + self.conv2(torch.relu(self.bn2(out)))
 
 
+@pytest.mark.rules("bn_conv", "conv_bn")  # bn2 follows conv1
 def test_pre_activation_block():
     result = fold_checked(with_statistics(PreActBlock()), random_input(2, 4, 6, 6))
     entries = {e.name: e for e in result.report.entries}

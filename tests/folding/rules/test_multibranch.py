@@ -28,7 +28,8 @@ from torch import nn
 
 from bnfold.folding import math as fold_math
 
-RULES = ("multibranch",)  # applied alone: see conftest.py
+# The block rule merges branches whose batch-norms conv_bn folded first (it runs after the sites).
+RULES = ("conv_bn", "multibranch")
 
 CANNOT_MERGE = "multi-branch block that cannot be merged"
 

@@ -12,7 +12,8 @@ from fold_checks import assert_fold_exact, assert_onnx_matches, graph_ops, with_
 from helpers import onnx_batchnorms, random_input
 from torch import nn
 
-RULES = ("multibranch",)  # applied alone: see conftest.py
+# The block rule merges branches whose batch-norms conv_bn folded first (it runs after the sites).
+RULES = ("conv_bn", "multibranch")
 
 C = 4
 

@@ -4,6 +4,9 @@ folds keeps every refusal's reason; rule sets are chosen by name."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from fold_checks import assert_fold_exact, kept_reason, with_statistics
 from helpers import random_input
@@ -21,6 +24,19 @@ def test_every_rule_module_registers_a_rule_with_a_unique_name():
     rules = registry.all_rules()
     assert len({r.name for r in rules}) == len(rules)
     assert {r.match.__module__.rsplit(".", 1)[1] for r in rules} == modules
+
+
+def test_every_rule_is_tested_alone_by_its_own_test_module():
+    """Each rule has a test module whose RULES apply it alone (or beside the rule it builds on or
+    mirrors: the block rule after conv_bn, through_in beside through_out), so its tests see no
+    other rule's fold."""
+    applied = {}
+    for path in Path(__file__).parent.glob("test_*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["RULES"]:
+                applied[path.stem] = set(ast.literal_eval(node.value))
+    for rule in registry.all_rules():
+        assert any(rule.name in names and len(names) <= 2 for names in applied.values()), rule.name
 
 
 @pytest.fixture
