@@ -15,7 +15,7 @@ import onnxruntime as ort
 from ..batching import Batch, plan_batches, run_in_batches
 from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
 from ..images import load_images
-from ..metadata import Preprocess, from_metadata
+from ..metadata import Preprocess, from_metadata, int8_from_metadata
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
 from .specs import TensorSpec, tensor_spec
@@ -67,8 +67,11 @@ class Predictor:
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         try:
             self.labels, self.preprocess = from_metadata(self.metadata)
+            self.int8: dict[str, Any] | None = int8_from_metadata(self.metadata)
+            """For a model bnfold exported with ``int8=True``: its calibration, float layers and
+            measured accuracy (see :meth:`bnfold.report.Int8Report.summary`); ``None`` otherwise."""
         except (ValueError, BnfoldError) as exc:
-            raise ModelLoadError(f"{self.path}: its labels/preprocessing metadata is malformed ({exc})") from exc
+            raise ModelLoadError(f"{self.path}: its labels/preprocessing/INT8 metadata is malformed ({exc})") from exc
 
     @property
     def session(self) -> ort.InferenceSession:
