@@ -1,5 +1,6 @@
 """INT8 from the command line: `bnfold export --int8` prints and writes the INT8 report,
-`bnfold verify` judges the INT8 file by its stored budget, `bnfold predict` runs it unchanged."""
+`bnfold verify` judges the INT8 file by its stored budget, `bnfold predict` runs it unchanged,
+`bnfold inspect` says it is INT8."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def test_export_verify_and_predict_an_int8_model(tmp_path):
     predicted = invoke("predict", out, tmp_path / "held.npy", "--json")
     assert predicted.exit_code == 0, predicted.output
     assert len(predicted.stdout.splitlines()) == 20
+
+    inspected = invoke("inspect", out)
+    assert inspected.exit_code == 0, inspected.output
+    assert "weights: INT8 (QDQ; percentile calibration on 20 sample(s); 0 layer(s) left in float" in inspected.stdout
+    assert "fold: 1 batch-norm(s), 1 folded, 0 kept" in inspected.stdout
+    as_json = json.loads(invoke("inspect", out, "--json").stdout)
+    assert as_json["weight_dtype"] == "int8" and as_json["int8"]["verification_samples"] == 20
+    float_model = tmp_path / "f.onnx"
+    assert invoke("export", tmp_path / "m.pt", "--input-shape", "1x3x6x6", "-o", float_model).exit_code == 0
+    assert "weights: float32" in invoke("inspect", float_model).stdout
