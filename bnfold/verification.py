@@ -13,15 +13,15 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from .arrays import ArraysArg, read_arrays, select_inputs
 from .batching import plan_batches
 from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
-from .errors import BnfoldError, Param, UsageError, label_parts
+from .errors import BnfoldError, Param, UsageError
 from .metadata import WEIGHT_DTYPE_KEY
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
+from .reference import DATA_CHUNK, InputsArg, load_inputs, reference_outputs
 from .report import Int8Report, OutputCheck, VerifyReport
-from .user_module import model_failures, module_device, module_dtype, quiet_torch, run_eval
+from .user_module import module_device, module_dtype, quiet_torch
 
 # Two batch sizes, neither the capture's example batch of 2 (a size baked into the graph by
 # mistake would pass there); small, since each sample already covers every channel.
@@ -31,26 +31,7 @@ RANDOM_BATCH_SIZES = (1, 3)
 # and PyTorch's kernels), round differently. Measured on ill-conditioned correct exports: 0.97 to
 # 2.2 times (tests/test_verification.py); a fold with one channel 0.1% off is 280 to 680 times as far.
 FLOAT32_ERROR_FACTOR = 4.0
-DATA_CHUNK = 64
 LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
-
-InputsArg = ArraysArg | None
-
-
-def load_inputs(source: InputsArg, specs: Sequence[TensorSpec], parameter: str = "inputs") -> dict[str, np.ndarray]:
-    """Arrays for every model input (see :func:`bnfold.arrays.select_inputs`), shape-checked;
-    errors name ``parameter``, the library parameter ``source`` was given as."""
-    label = (Param(parameter), f" {source}") if isinstance(source, (str, os.PathLike)) else Param(parameter)
-    arrays = select_inputs(read_arrays(source, Param(parameter)), [s.name for s in specs], label)
-    for spec, arr in zip(specs, arrays):
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
-        ):
-            raise UsageError(
-                *label_parts(label),
-                f": array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}",
-            )
-    return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
 
 def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -134,17 +115,6 @@ def default_tolerances(
     """``(rtol, atol)``: the given values, else the float32 or float16/bfloat16 defaults."""
     default_rtol, default_atol = (FP16_RTOL, FP16_ATOL) if low_precision else (DEFAULT_RTOL, DEFAULT_ATOL)
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
-
-
-def reference_outputs(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
-    with model_failures(
-        inputs,
-        BnfoldError,
-        "the PyTorch model fails on the verification input",
-        "Is the ONNX file exported from this model?",
-    ):
-        return run_eval(module, inputs)
 
 
 def is_low_precision_onnx(predictor: Predictor) -> bool:

@@ -18,7 +18,7 @@ from ..errors import Param, UsageError
 from ..images import IMAGE_SUFFIXES, find_images, load_images
 from ..metadata import Preprocess
 from ..predictor import TensorSpec
-from ..verification import load_inputs
+from ..reference import load_inputs
 
 # Without `calibration_samples`: half the data calibrates, at most this many samples (ONNX
 # Runtime's calibrators converge within a few hundred; the rest verifies).

@@ -16,9 +16,9 @@ from torch import nn
 
 from ..arrays import ArraysArg
 from ..predictor import Predictor, TensorSpec
+from ..reference import DATA_CHUNK, load_inputs, reference_outputs
 from ..report import Int8Output, Int8Report
 from ..user_module import module_device
-from ..verification import DATA_CHUNK, load_inputs, reference_outputs
 from .metrics import OutputError
 
 
