@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -16,19 +15,6 @@ from .errors import UsageError
 from .metadata import Preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def find_images(path: str | os.PathLike[str]) -> list[Path]:
-    """An image file, or the image files of a folder (sorted, not recursive)."""
-    root = Path(path)
-    if root.is_dir():
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise UsageError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return files
-    if not root.is_file():
-        raise UsageError(f"{root} does not exist")
-    return [root]
 
 
 def load_images(paths: Sequence[str | os.PathLike[str]], preprocess: Preprocess) -> np.ndarray:

@@ -66,6 +66,32 @@ def test_6_some_rows_failed_the_rest_is_written(ray_cluster, shapes_onnx, shapes
     assert table.num_rows == 4 and table.column("error").null_count == 3
 
 
+def test_a_folder_is_read_the_same_way_locally_and_on_ray(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    folder = tmp_path / "photos"
+    write_pngs(shapes_x[:2], folder)
+    write_pngs(shapes_x[2:3], folder / "more" / "deeper")  # read at any depth
+    write_pngs(shapes_x[3:4], folder / "_skipped")  # names starting with _ or . are skipped
+    (folder / ".hidden.png").write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not an input")
+    local = invoke("predict", shapes_onnx, folder, "--json", "--device", "cpu")
+    assert local.exit_code == 0, local.stderr
+    on_ray = invoke("predict", shapes_onnx, folder, "--ray", "-o", tmp_path / "p.parquet")
+    assert on_ray.exit_code == 0, on_ray.stderr
+    items = sorted(row["item"] for row in pq.read_table(tmp_path / "p.parquet").to_pylist())
+    assert items == [json.loads(line)["sample"] for line in local.stdout.splitlines()]
+    assert items == [str(folder / "img_000.png"), str(folder / "img_001.png"), str(folder / "more/deeper/img_000.png")]
+
+
+def test_a_folder_mixing_kinds_is_a_usage_error_naming_both_locally_and_on_ray(ray_cluster, shapes_onnx, tmp_path):
+    write_pngs(np.zeros((1, 3, 16, 16)), tmp_path / "mixed")
+    np.save(tmp_path / "mixed" / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
+    for ray_args in ([], ["--ray", "-o", tmp_path / "p.parquet"]):
+        result = invoke("predict", shapes_onnx, tmp_path / "mixed", *ray_args)
+        assert result.exit_code == 2, result.stderr
+        assert "mixes arrays (" in result.stderr and "x.npy) and images (" in result.stderr
+    assert not (tmp_path / "p.parquet").exists()
+
+
 USAGE_ERRORS = {
     "ray-option-without-ray": (["--actors", "2"], 2, "--actors needs --ray"),
     "no-output": (["--ray"], 2, "--ray writes its predictions to a parquet folder: give -o OUT.parquet"),

@@ -171,7 +171,7 @@ PRECONDITIONS = {
         lambda t, m: (m, [_wrong_shape(t, m)[1], write_pngs(np.zeros((1, 3, 4, 4)), t / "i")[0]]),
         {},
         bnfold.UsageError,
-        "mixes arrays and images",
+        r"^`data` mixes arrays \(.*\.npy\) and images \(.*\.png\): predict one kind of input at a time$",
     ),
 }
 
