@@ -1,7 +1,8 @@
 """The model server's HTTP API (FastAPI): ``POST /predict``, ``GET /metadata``, ``GET /health``.
 
 Every answer to a request that fails is one line of JSON, ``{"error": "..."}``, with a 4xx status
-for what the client can fix (401 token, 400 input, 413 body too large, 415 media type) and 500
+for what the client can fix (401 token, 400 input, 413 body too large or decoding to too many
+elements, 415 media type) and 500
 for a bug, whose traceback goes to the server log only. With a token, ``/predict`` and
 ``/metadata`` answer 401 before reading the body; ``/health`` stays open for load balancers.
 """
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BnfoldError, first_line
 from ..predictor import Predictor
 from .auth import authorized
-from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body, json_bytes
+from .payloads import ARRAY_TYPES, ARRAYS, TooLargeError, answer, body_kind, decode_body, json_bytes
 
 # Serve's replica logger: what it logs lands in the replica's log file (with the request id).
 logger = logging.getLogger("ray.serve")
@@ -36,6 +37,13 @@ class ApiSettings:
     max_body_bytes: int
     token_digest: str | None
     top_k: int
+
+    @property
+    def max_elements(self) -> int:
+        """The most elements a body may decode to: one per byte of the body limit, which no
+        uncompressed array and no JSON body can exceed, so only compressed ``.npz`` files and
+        images reach it."""
+        return self.max_body_bytes
 
 
 ENDPOINTS = "POST /predict, GET /metadata, GET /health"
@@ -99,6 +107,8 @@ async def _answer(request: Request, settings: ApiSettings, work: Callable[[], Aw
         return _json_response(await work())
     except RequestError as exc:
         return _json_response({"error": str(exc)}, exc.status)
+    except TooLargeError as exc:
+        return _json_response({"error": str(exc)}, 413)
     except BnfoldError as exc:  # the input does not fit the model
         return _json_response({"error": first_line(exc)}, 400)
     except Exception:
@@ -119,9 +129,9 @@ async def _predict(request: Request, service: ModelService, settings: ApiSetting
     body = await _read_body(request, settings.max_body_bytes)
     predictor = service.predictor
     if kind == ARRAYS:
-        feeds = decode_body(body, kind, predictor)
+        feeds = decode_body(body, kind, predictor, settings.max_elements)
     else:  # JSON and images take milliseconds to decode: the event loop keeps batching meanwhile
-        feeds = await asyncio.to_thread(decode_body, body, kind, predictor)
+        feeds = await asyncio.to_thread(decode_body, body, kind, predictor, settings.max_elements)
     outputs = await service.infer(feeds)
     return answer(outputs, predictor, settings.top_k)
 

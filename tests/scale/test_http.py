@@ -121,6 +121,17 @@ def test_a_chunked_body_over_the_limit_is_refused_while_reading(predictor):
     assert len(read) == 2 and service.calls == 0
 
 
+def test_a_body_decoding_to_more_elements_than_the_body_limit_is_413_before_it_is_decoded(predictor):
+    app, service = api(predictor, limit=10_000)  # at most 10,000 bytes, decoding to 10,000 elements
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((25_000, 1, 2, 2), np.float32))  # 400 kB of zeros in 1 kB
+    assert len(buffer.getvalue()) < 10_000
+    npz = [("Content-Type", "application/x-npz")]
+    status, body, _ = call(app, "POST", "/predict", headers=npz, chunks=[buffer.getvalue()])
+    assert status == 413 and body["error"].startswith("request body: its arrays hold 100,000 values, more than")
+    assert service.calls == 0
+
+
 def test_an_unsupported_media_type_is_415(predictor):
     app, service = api(predictor)
     status, body, _ = call(app, "POST", "/predict", headers=[("Content-Type", "text/csv")], chunks=[b"1,2"])
