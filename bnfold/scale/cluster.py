@@ -35,8 +35,8 @@ def ray_instance(
 ) -> Iterator[ModuleType]:
     """Ray for the duration: the instance this process already joined, else the cluster at
     ``address`` (``"auto"``, ``"host:port"`` or ``"ray://host:port"``), else a new local instance
-    (``num_cpus``: default all; ``temp_dir``: Ray's session files; no dashboard). What this call
-    started or joined it leaves again at the end.
+    (``num_cpus``: default all; ``temp_dir``: Ray's session files; no dashboard, no metrics, every
+    port on 127.0.0.1). What this call started or joined it leaves again at the end.
 
     ``token_auth=False`` starts a local instance without Ray's token authentication, which
     otherwise writes a token to ``~/.ray/auth_token`` (tests use it to stay hermetic).
@@ -63,17 +63,46 @@ def ray_instance(
 
 def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: object) -> None:
     """``ray.init`` for :func:`ray_instance`: quiet (warnings and worse), its failures a
-    :class:`BnfoldError` naming the ``address``."""
+    :class:`BnfoldError` naming the ``address``; a new local instance on loopback only."""
     options: dict[str, object] = {"logging_level": logging.WARNING}
     if address is None:
         options.update(
-            num_cpus=num_cpus, include_dashboard=False, _temp_dir=None if temp_dir is None else str(temp_dir)
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=None if temp_dir is None else str(temp_dir),
+            _system_config=LOCAL_SYSTEM_CONFIG,
         )
     try:
-        ray.init(address=address, **options)
+        with _loopback_node() if address is None else contextlib.nullcontext():
+            ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at `address` {address!r}" if address else "a local Ray instance"
         raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
+
+
+# A local instance exports no metrics: nothing of bnfold reads them, and the agent's metrics port
+# is one listening socket fewer.
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """A local Ray instance started meanwhile takes 127.0.0.1 as its node address, and so binds
+    every server it opens to loopback: the GCS, the raylet's node and object managers, the
+    workers, the dashboard and runtime-env agents, the metrics exporters (each binds to localhost
+    when the node address is a loopback one, and to all interfaces otherwise).
+
+    Ray 2.60 offers no option for this: ``ray.init(_node_ip_address="127.0.0.1")`` is turned back
+    into the machine's address, except where Ray runs without cluster support (its
+    ``ENABLE_RAY_CLUSTER``, false on macOS and Windows), which is what a local instance is."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def node_resources() -> list[dict[str, float]]:

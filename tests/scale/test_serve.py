@@ -4,14 +4,18 @@ share batches, bad requests get 4xx and the server keeps serving, tokens, a kill
 from __future__ import annotations
 
 import io
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import serve_fixtures
+from listeners import listeners
 from PIL import Image
 from serve_fixtures import post_json, request
 from tiny_onnx import two_in_two_out
@@ -177,6 +181,16 @@ def test_each_bad_request_gets_its_4xx_and_the_next_good_one_succeeds(digits, lo
         got, answer = request(f"{digits}/predict", npy(good), {"Content-Type": "application/x-npy"})
         assert got == 200
         np.testing.assert_allclose(answer["outputs"], local.predict(good), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_every_port_of_the_local_ray_instance_listens_on_loopback_only(digits, serve_url):
+    """GCS, raylet, workers, agents, metrics exporters, Serve's controller, proxy and replicas."""
+    assert request(f"{digits}/health")[0] == 200
+    sockets = listeners(os.getpid())
+    assert any(s.port == urlparse(serve_url).port for s in sockets), sockets  # the listing sees Ray's processes
+    assert len({s.pid for s in sockets}) >= 4, sockets
+    assert [s for s in sockets if not s.loopback] == []
 
 
 def test_metadata_and_health(digits, local):
