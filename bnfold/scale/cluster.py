@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -49,10 +50,10 @@ def ray_instance(
     if not token_auth and address is None:
         os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        _init(ray, address, num_cpus, temp_dir)
         try:
+            _init(ray, address, num_cpus, temp_dir)
             yield ray
-        finally:
+        finally:  # also what an interrupted ray.init had started
             ray.shutdown()
     finally:
         if saved_auth is None:
@@ -63,7 +64,11 @@ def ray_instance(
 
 def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: object) -> None:
     """``ray.init`` for :func:`ray_instance`: quiet (warnings and worse), its failures a
-    :class:`BnfoldError` naming the ``address``; a new local instance on loopback only."""
+    :class:`BnfoldError` naming the ``address``; a new local instance on loopback only.
+
+    ``ray.init`` sets a SIGTERM handler of its own that exits the process with status 15 (a
+    ``SystemExit``); a SIGTERM during ``ray.init`` is an interruption like Ctrl-C here (a
+    ``KeyboardInterrupt``), and a handler the caller had set is set again afterwards."""
     options: dict[str, object] = {"logging_level": logging.WARNING}
     if address is None:
         options.update(
@@ -72,12 +77,20 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
             _temp_dir=None if temp_dir is None else str(temp_dir),
             _system_config=LOCAL_SYSTEM_CONFIG,
         )
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         with _loopback_node() if address is None else contextlib.nullcontext():
             ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at `address` {address!r}" if address else "a local Ray instance"
         raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
+    except SystemExit as exc:  # what Ray's own SIGTERM handler, set by ray.init, raises meanwhile
+        if exc.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from exc
+    finally:
+        if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            signal.signal(signal.SIGTERM, on_sigterm)  # the caller's handler, which ray.init replaced
 
 
 # A local instance exports no metrics: nothing of bnfold reads them, and the agent's metrics port

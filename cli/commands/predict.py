@@ -41,6 +41,7 @@ DEFAULT_PREDICT_BATCH = 32
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
 @ray_options
+@click.option("--verbose", is_flag=True, help="With --ray: show Ray's own log lines and messages, hidden otherwise.")
 def predict_command(
     onnx_model: str,
     inputs: tuple[str, ...],
@@ -50,6 +51,7 @@ def predict_command(
     top_k: int,
     as_json: bool,
     scale: RayOptions,
+    verbose: bool,
 ) -> None:
     """Run ONNX_MODEL on INPUTS: .npy/.npz files, or image files (with the preprocessing the
     model was exported with), or folders of them (read recursively; names starting with . or _
@@ -62,8 +64,10 @@ def predict_command(
     if scale.ray:
         if as_json or device != "auto":
             raise UsageError(f"{'--json' if as_json else '--device'} does not apply to --ray (see --gpus-per-actor)")
-        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale)
+        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale, verbose)
         return
+    if verbose:
+        raise UsageError("--verbose needs --ray")
     check_top_k(top_k)
     if output:
         check_output_path(output)

@@ -1,9 +1,18 @@
-"""``bnfold serve``: serve an exported ONNX model over HTTP on Ray Serve until Ctrl-C or SIGTERM."""
+"""``bnfold serve``: serve an exported ONNX model over HTTP on Ray Serve until Ctrl-C or SIGTERM.
+
+Ctrl-C or SIGTERM before the server is serving stops the start-up, shuts down what it had started
+and exits with code 130; once it serves, either stops it cleanly with code 0.
+"""
 
 from __future__ import annotations
 
-import click
+import signal
+from types import FrameType
 
+import click
+from bnfold.cli.ray_output import ray_output
+
+from bnfold.errors import EXIT_INTERRUPTED, BnfoldError
 from bnfold.scale.serve import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -20,6 +29,13 @@ from bnfold.scale.serve_options import (
 )
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ServeInterrupted(BnfoldError):
+    """Ctrl-C or SIGTERM stopped ``bnfold serve`` before it was serving (or a second one while it
+    stopped): nothing is served, and nothing was written either."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 @click.command("serve")
@@ -79,6 +95,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
     "--ray-address",
     help="Run on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of a new local Ray instance.",
 )
+@click.option("--verbose", is_flag=True, help="Show Ray's own log lines and messages, which are hidden otherwise.")
 def serve_command(
     onnx_model: str,
     host: str,
@@ -92,36 +109,54 @@ def serve_command(
     top_k: int,
     token_file: str | None,
     ray_address: str | None,
+    verbose: bool,
 ) -> None:
     """Serve ONNX_MODEL over HTTP (POST /predict, GET /metadata, GET /health) on Ray Serve, with
     requests batched together, until Ctrl-C or SIGTERM."""
     from bnfold.scale.auth import read_token
 
-    token = read_token(token_file) if token_file else None
-    if host not in LOOPBACK and token is None:
-        click.echo(
-            f"bnfold: warning: serving on {host} without --token-file: anyone who can reach this "
-            "machine can use the model",
-            err=True,
-        )
-    with model_server(
-        onnx_model,
-        host=host,
-        port=port,
-        ray_address=ray_address,
-        replicas=parse_replicas(replicas),
-        cpus_per_replica=cpus_per_replica,
-        gpus_per_replica=gpus_per_replica,
-        max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms,
-        max_body_mb=max_body_mb,
-        token=token,
-        top_k=top_k,
-    ) as server:
-        click.echo(_started(server, onnx_model, replicas, token is not None))
-        wait_for_stop()
-        click.echo("bnfold: stopping the model server", err=True)
+    serving = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # until it serves, SIGTERM is Ctrl-C
+    try:
+        token = read_token(token_file) if token_file else None
+        if host not in LOOPBACK and token is None:
+            click.echo(
+                f"bnfold: warning: serving on {host} without --token-file: anyone who can reach this "
+                "machine can use the model",
+                err=True,
+            )
+        with (
+            ray_output(verbose),
+            model_server(
+                onnx_model,
+                host=host,
+                port=port,
+                ray_address=ray_address,
+                replicas=parse_replicas(replicas),
+                cpus_per_replica=cpus_per_replica,
+                gpus_per_replica=gpus_per_replica,
+                max_batch_size=max_batch_size,
+                batch_wait_ms=batch_wait_ms,
+                max_body_mb=max_body_mb,
+                token=token,
+                top_k=top_k,
+            ) as server,
+        ):
+            click.echo(_started(server, onnx_model, replicas, token is not None))
+            serving = True
+            wait_for_stop()
+            click.echo("bnfold: stopping the model server", err=True)
+    except KeyboardInterrupt as exc:
+        if serving:
+            raise ServeInterrupted("interrupted while the model server was stopping") from exc
+        raise ServeInterrupted("interrupted before the model server was serving; what had started is stopped") from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo("bnfold: stopped", err=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _started(server: RunningServer, model: str, replicas: str, token: bool) -> str:
