@@ -58,6 +58,7 @@ PARAMETER_FLAGS: dict[str, str] = {
     "max_batch_size": "--max-batch-size",
     "batch_wait_ms": "--batch-wait-ms",
     "max_body_mb": "--max-body-mb",
+    "body_timeout_s": "--body-timeout-s",
     "token_file": "--token-file",
     # recalibrate (bnfold export --recalibrate); its batch_size is not predict's --batch-size
     "recalibrate": "--recalibrate",

@@ -22,6 +22,7 @@ from bnfold.scale.serve import (
 )
 from bnfold.scale.serve_options import (
     DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BODY_MB,
     DEFAULT_TOP_K,
@@ -84,6 +85,13 @@ class ServeInterrupted(BnfoldError):
     "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, show_default=True, help="Largest request body (MiB)."
 )
 @click.option(
+    "--body-timeout-s",
+    type=float,
+    default=DEFAULT_BODY_TIMEOUT_S,
+    show_default=True,
+    help="Longest wait for a request's body; a body not received by then is answered 408.",
+)
+@click.option(
     "--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="Classes answered per item (classifiers)."
 )
 @click.option(
@@ -106,6 +114,7 @@ def serve_command(
     max_batch_size: int,
     batch_wait_ms: float,
     max_body_mb: float,
+    body_timeout_s: float,
     top_k: int,
     token_file: str | None,
     ray_address: str | None,
@@ -138,6 +147,7 @@ def serve_command(
                 max_batch_size=max_batch_size,
                 batch_wait_ms=batch_wait_ms,
                 max_body_mb=max_body_mb,
+                body_timeout_s=body_timeout_s,
                 token=token,
                 top_k=top_k,
             ) as server,

@@ -178,6 +178,7 @@ def test_a_port_in_use_is_refused_naming_the_flag_before_ray_starts(digits_onnx)
         (["--max-batch-size", "0"], "--max-batch-size must be positive"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must not be negative"),
         (["--max-body-mb", "0"], "--max-body-mb must be positive"),
+        (["--body-timeout-s", "0"], "--body-timeout-s must be positive"),
         (["--cpus-per-replica", "0"], "--cpus-per-replica must be positive"),
         (["--top-k", "0"], "--top-k must be at least 1"),
         (["--port", "70000"], "--port must be between 0 and 65535 (got 70000)"),
