@@ -70,7 +70,8 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
     ``SystemExit``); a SIGTERM during ``ray.init`` is an interruption like Ctrl-C here (a
     ``KeyboardInterrupt``), and a handler the caller had set is set again afterwards."""
     options: dict[str, object] = {"logging_level": logging.WARNING}
-    if address is None:
+    local = address is None and not os.environ.get("RAY_ADDRESS")  # ray.init joins RAY_ADDRESS
+    if local:
         options.update(
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -79,10 +80,15 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
         )
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        with _loopback_node() if address is None else contextlib.nullcontext():
+        with _loopback_node() if local else contextlib.nullcontext():
             ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = f"the Ray cluster at `address` {address!r}" if address else "a local Ray instance"
+        if local:
+            where = "a local Ray instance"
+        else:
+            where = (
+                f"the Ray cluster at `address` {address!r}" if address else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']!r}"
+            )
         raise BnfoldError(f"cannot start or join {where}: {first_line(exc)}") from exc
     except SystemExit as exc:  # what Ray's own SIGTERM handler, set by ray.init, raises meanwhile
         if exc.code != signal.SIGTERM:
