@@ -76,7 +76,7 @@ def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: 
             num_cpus=num_cpus,
             include_dashboard=False,
             _temp_dir=None if temp_dir is None else str(temp_dir),
-            _system_config=LOCAL_SYSTEM_CONFIG,
+            _system_config=dict(LOCAL_SYSTEM_CONFIG),  # a copy: ray.init adds to it
         )
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
