@@ -16,12 +16,14 @@ one to be batched with: it goes to the run queue at once instead of waiting ``ba
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI
 from ray import serve
 
@@ -57,6 +59,7 @@ class ModelReplica:
     """A model server replica; Ray Serve creates it with :class:`ReplicaSettings`."""
 
     def __init__(self, settings: ReplicaSettings) -> None:
+        _replica_grpc_on_loopback()
         self.settings = settings
         self.threads = actor_threads()
         self.predictor = Predictor(settings.model_path, device=actor_device(), threads=self.threads, spin_wait=False)
@@ -117,6 +120,21 @@ class ModelReplica:
                 **self._runs.stats.summary(),
             },
         }
+
+
+def _replica_grpc_on_loopback() -> None:
+    """On a node whose address is loopback (a local instance of ``bnfold serve``: see
+    :func:`bnfold.on_ray.cluster.ray_instance`), bind this replica's inter-deployment gRPC server
+    to 127.0.0.1 like every other server of the node. Ray Serve 2.60 binds it to all interfaces
+    whatever the node's address (``"[::]:0"``, written in ``ray.serve._private.replica``), once
+    the replica's constructor has run; with Ray's token authentication off it would then take
+    unauthenticated requests from other machines."""
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+    from ray.serve._private import replica as serve_replica
+
+    bind = serve_replica.add_port_to_grpc_server
+    serve_replica.add_port_to_grpc_server = lambda server, address: bind(server, address.replace("[::]", "127.0.0.1"))
 
 
 def _describe(spec: TensorSpec) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -18,7 +17,7 @@ from bnfold.cli.options import RayOptions, output_option, ray_options
 from bnfold.arrays import read_arrays, select_inputs
 from bnfold.batching import Batch, plan_batches
 from bnfold.errors import UsageError
-from bnfold.images import find_images
+from bnfold.inputs import IMAGES, TABLES, local_inputs, one_kind
 from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
 from bnfold.progress import Progress, for_stream
 from bnfold.staging import atomic_write, check_output_path
@@ -43,6 +42,7 @@ DEFAULT_PREDICT_BATCH = 32
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
 @ray_options
+@click.option("--verbose", is_flag=True, help="With --ray: show Ray's own log lines and messages, hidden otherwise.")
 def predict_command(
     onnx_model: str,
     inputs: tuple[str, ...],
@@ -52,9 +52,11 @@ def predict_command(
     top_k: int,
     as_json: bool,
     scale: RayOptions,
+    verbose: bool,
 ) -> None:
-    """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
-    the preprocessing the model was exported with).
+    """Run ONNX_MODEL on INPUTS: .npy/.npz files, or image files (with the preprocessing the
+    model was exported with), or folders of them (read recursively; names starting with . or _
+    skipped).
 
     With --ray: on Ray Data, over any number of image, .npy/.npz or parquet files, folders, glob
     patterns or object-store URLs, writing one row per item to -o OUT.parquet.
@@ -63,8 +65,10 @@ def predict_command(
     if scale.ray:
         if as_json or device != "auto":
             raise UsageError(f"{'--json' if as_json else '--device'} does not apply to --ray (see --gpus-per-actor)")
-        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale)
+        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale, verbose)
         return
+    if verbose:
+        raise UsageError("--verbose needs --ray")
     check_top_k(top_k)
     if output:
         check_output_path(output)
@@ -92,14 +96,31 @@ def predict_command(
 
 
 def _prediction_source(predictor: Predictor, inputs: tuple[str, ...]) -> tuple[list[str], Callable[[Batch], Any]]:
-    """(sample names, the predictions for a batch of them): the arrays of one .npy/.npz file, or
-    image files and folders read with the model's preprocessing."""
-    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
-        arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
-        named = {s.name: a for s, a in zip(predictor.inputs, arrays)}
-        return [str(i) for i in range(arrays[0].shape[0])], lambda batch: predictor.predict(batch.take(named))
-    paths = [p for item in inputs for p in find_images(item)]
-    return [str(p) for p in paths], lambda batch: predictor.predict_images(paths[batch.rows])
+    """(sample names, the predictions for a batch of them): the arrays of .npy/.npz files, or
+    image files read with the model's preprocessing; files and folders as ``--ray`` reads them
+    (:mod:`bnfold.inputs`)."""
+    files = local_inputs(inputs)
+    kind = one_kind(files, "INPUTS")
+    if kind == TABLES:
+        raise UsageError("INPUTS: parquet files are read on Ray Data: add --ray -o OUT.parquet")
+    if kind == IMAGES:
+        return [str(p) for p in files], lambda batch: predictor.predict_images(files[batch.rows])
+    input_names = [s.name for s in predictor.inputs]
+    per_file = [select_inputs(read_arrays(file, "INPUT"), input_names, str(file)) for file in files]
+    for name, arrays in zip(input_names, zip(*per_file)):
+        shapes = {a.shape[1:]: file for a, file in zip(arrays, files)}
+        if len(shapes) > 1:
+            (first, a), (second, b) = list(shapes.items())[:2]
+            raise UsageError(
+                f"INPUTS: samples of input '{name}' have shape {first} in {a} but {second} in {b}; "
+                "predict files of one shape at a time"
+            )
+    named = {name: np.concatenate(arrays) for name, arrays in zip(input_names, zip(*per_file))}
+    if len(files) == 1:
+        names = [str(i) for i in range(per_file[0][0].shape[0])]
+    else:
+        names = [f"{file}:{i}" for file, arrays in zip(files, per_file) for i in range(arrays[0].shape[0])]
+    return names, lambda batch: predictor.predict(batch.take(named))
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

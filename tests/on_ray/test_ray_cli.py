@@ -66,8 +66,35 @@ def test_6_some_rows_failed_the_rest_is_written(ray_cluster, shapes_onnx, shapes
     assert table.num_rows == 4 and table.column("error").null_count == 3
 
 
+def test_a_folder_is_read_the_same_way_locally_and_on_ray(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    folder = tmp_path / "photos"
+    write_pngs(shapes_x[:2], folder)
+    write_pngs(shapes_x[2:3], folder / "more" / "deeper")  # read at any depth
+    write_pngs(shapes_x[3:4], folder / "_skipped")  # names starting with _ or . are skipped
+    (folder / ".hidden.png").write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not an input")
+    local = invoke("predict", shapes_onnx, folder, "--json", "--device", "cpu")
+    assert local.exit_code == 0, local.stderr
+    on_ray = invoke("predict", shapes_onnx, folder, "--ray", "-o", tmp_path / "p.parquet")
+    assert on_ray.exit_code == 0, on_ray.stderr
+    items = sorted(row["item"] for row in pq.read_table(tmp_path / "p.parquet").to_pylist())
+    assert items == [json.loads(line)["sample"] for line in local.stdout.splitlines()]
+    assert items == [str(folder / "img_000.png"), str(folder / "img_001.png"), str(folder / "more/deeper/img_000.png")]
+
+
+def test_a_folder_mixing_kinds_is_a_usage_error_naming_both_locally_and_on_ray(ray_cluster, shapes_onnx, tmp_path):
+    write_pngs(np.zeros((1, 3, 16, 16)), tmp_path / "mixed")
+    np.save(tmp_path / "mixed" / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
+    for ray_args in ([], ["--ray", "-o", tmp_path / "p.parquet"]):
+        result = invoke("predict", shapes_onnx, tmp_path / "mixed", *ray_args)
+        assert result.exit_code == 2, result.stderr
+        assert "mixes arrays (" in result.stderr and "x.npy) and images (" in result.stderr
+    assert not (tmp_path / "p.parquet").exists()
+
+
 USAGE_ERRORS = {
     "ray-option-without-ray": (["--actors", "2"], 2, "--actors needs --ray"),
+    "verbose-without-ray": (["--verbose"], 2, "--verbose needs --ray"),
     "no-output": (["--ray"], 2, "--ray writes its predictions to a parquet folder: give -o OUT.parquet"),
     "json": (["--ray", "--json", "-o", "{tmp}/p.parquet"], 2, "--json does not apply to --ray"),
     "device": (["--ray", "--device", "cpu", "-o", "{tmp}/p.parquet"], 2, "--device does not apply to --ray"),
@@ -105,6 +132,26 @@ def test_ray_without_the_extra_installed_names_it(shapes_onnx, tmp_path, monkeyp
     assert result.stderr == (
         "bnfold: error: running on Ray needs Ray Data, which is not installed: pip install 'bnfold[ray]'\n"
     )
+
+
+def test_a_ray_run_prints_its_summary_and_the_actors_reports_and_none_of_rays_noise(shapes_onnx, shapes_x, tmp_path):
+    """A local instance as a user starts it (token authentication on, a HOME of its own): no Ray
+    log line, no core-worker error about actor arguments, no token notice."""
+    np.save(tmp_path / "x.npy", shapes_x[:4])
+    command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "-o", tmp_path / "p.parquet"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_MODE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "bnfold.cli.main", *map(str, command)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("4 rows, 0 failed") and len(result.stdout.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    assert lines and all("bnfold: prediction actor on " in line for line in lines), result.stderr
 
 
 # A Ray instance of 1 CPU in its own process, as a cluster to join: prints its address, stops when
