@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,8 +28,8 @@ from ray import serve
 
 from .. import __version__
 from ..batching import plan_batches
-from ..metadata import FOLD_REPORT_KEY, VERSION_KEY
-from ..predictor import Predictor, TensorSpec
+from ..predictor import Predictor
+from ..predictor.summary import model_summary
 from .cluster import actor_device, actor_threads
 from .http import ApiSettings, build_api
 from .run_queue import RunQueue, rows_of
@@ -100,20 +99,15 @@ class ModelReplica:
         return self._runs.submit(chunks)
 
     def metadata(self) -> dict[str, Any]:
-        """What ``GET /metadata`` answers: the model's inputs, outputs, labels, preprocessing
-        and fold report, where this replica runs it, and how it batches."""
-        predictor, meta = self.predictor, self.predictor.metadata
-        preprocess = predictor.preprocess
+        """What ``GET /metadata`` answers: the model (see :func:`bnfold.predictor.summary.model_summary`:
+        inputs, outputs, labels, preprocessing, weights, fold report, INT8 facts), where this
+        replica runs it, and how it batches."""
+        predictor = self.predictor
         return {
             "model": os.path.basename(predictor.path),
-            "inputs": [_describe(s) for s in predictor.inputs],
-            "outputs": [_describe(s) for s in predictor.outputs],
-            "labels": predictor.labels,
-            "preprocessing": asdict(preprocess) if preprocess is not None else None,
+            **model_summary(predictor),
             "device": {"device": predictor.device, "providers": predictor.providers, "threads": self.threads},
             "bnfold_version": __version__,
-            "exported_with": meta.get(VERSION_KEY),
-            "fold_report": _json_or_none(meta.get(FOLD_REPORT_KEY)),
             "batching": {
                 "max_batch_size": self.settings.max_batch_size,
                 "batch_wait_ms": self.settings.batch_wait_ms,
@@ -135,19 +129,3 @@ def _replica_grpc_on_loopback() -> None:
 
     bind = serve_replica.add_port_to_grpc_server
     serve_replica.add_port_to_grpc_server = lambda server, address: bind(server, address.replace("[::]", "127.0.0.1"))
-
-
-def _describe(spec: TensorSpec) -> dict[str, Any]:
-    """Name, shape (``null`` for a free dimension such as the batch axis) and dtype."""
-    return {
-        "name": spec.name,
-        "shape": [d if isinstance(d, int) else None for d in spec.shape],
-        "dtype": spec.dtype.name,
-    }
-
-
-def _json_or_none(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text else None
-    except ValueError:
-        return None

@@ -33,9 +33,17 @@ def model_summary(predictor: Predictor) -> dict[str, Any]:
         "preprocessing": asdict(predictor.preprocess) if predictor.preprocess is not None else None,
         "weight_dtype": meta.get(WEIGHT_DTYPE_KEY),
         "exported_with": meta.get(VERSION_KEY),
-        "fold_report": json.loads(meta[FOLD_REPORT_KEY]) if FOLD_REPORT_KEY in meta else None,
+        "fold_report": _json_or_none(meta.get(FOLD_REPORT_KEY)),
         "int8": predictor.int8,
     }
+
+
+def _json_or_none(text: str | None) -> Any:
+    """A metadata entry's JSON, or ``None`` when it is missing or malformed (a file from elsewhere)."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def summary_text(path: str, summary: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ from onnxruntime.quantization import CalibrationDataReader
 from ..arrays import ArraysArg
 from ..batching import plan_batches
 from ..errors import Param, UsageError
-from ..images import IMAGE_SUFFIXES, find_images, load_images
+from ..images import IMAGE_SUFFIXES, load_images
+from ..inputs import IMAGES, file_kind, folder_files
 from ..metadata import Preprocess
 from ..predictor import TensorSpec
 from ..reference import load_inputs
@@ -75,11 +76,15 @@ def _read_images(folder: Path, specs: Sequence[TensorSpec], preprocess: Preproce
             Param("preprocess.std"),
             "), or give .npy/.npz data",
         )
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()):
+    try:  # a folder is read as everywhere else: any depth, hidden names skipped, one kind
+        files = folder_files(folder)
+    except UsageError as exc:
+        raise UsageError(Param("calibration"), " ", *exc.parts) from exc
+    if file_kind(files[0]) != IMAGES:
         raise UsageError(
-            Param("calibration"), f" {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+            Param("calibration"), f" {folder}: holds no image files ({', '.join(IMAGE_SUFFIXES)}) but {files[0].name}"
         )
-    images = load_images(find_images(folder), preprocess)
+    images = load_images(files, preprocess)
     spec = specs[0]
     if not spec.fits(images.shape):
         raise UsageError(

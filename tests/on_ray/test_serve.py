@@ -247,6 +247,7 @@ def test_metadata_and_health(digits, local):
     assert meta["device"] == {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 1}
     assert meta["bnfold_version"] == bnfold.__version__ and meta["exported_with"] == bnfold.__version__
     assert meta["fold_report"]["folded"] == meta["fold_report"]["batch_norms"] > 0
+    assert meta["weight_dtype"] == "float32" and meta["int8"] is None  # what bnfold inspect MODEL.onnx says
     assert meta["batching"]["max_batch_size"] == MAX_BATCH
 
 

@@ -91,11 +91,12 @@ def test_an_image_folder_is_read_with_the_preprocessing(tmp_path):
 @pytest.mark.parametrize(
     ("make", "preprocess", "message"),
     [
-        (lambda folder: None, PREPROCESS, "no image files"),
+        (lambda folder: None, PREPROCESS, "no input files in this folder"),
+        (lambda folder: np.save(folder / "a.npy", data(2)), PREPROCESS, "holds no image files"),
         (lambda folder: write_pngs(data(2), folder), None, "needs a single-input model with image preprocessing"),
         (lambda folder: write_pngs(data(2), folder), Preprocess((4, 4), (0.5,), (0.5,)), "images of shape (3, 4, 4)"),
     ],
-    ids=["empty", "no-preprocessing", "wrong-size"],
+    ids=["empty", "arrays", "no-preprocessing", "wrong-size"],
 )
 def test_a_folder_that_gives_no_usable_images_is_a_usage_error(tmp_path, make, preprocess, message):
     folder = tmp_path / "images"
