@@ -21,7 +21,7 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .predictor import CudaUnavailableWarning, Predictor
+from .predictor import CudaUnavailableWarning, FilePredictions, Predictor, predict_files
 
 # Names imported on first use, by the module that defines them: these modules import torch and
 # onnxscript (seconds), which running an exported model (Predictor, bnfold.on_ray's actors) needs not.
@@ -65,6 +65,7 @@ __all__ = [
     "ExportError",
     "ExportOptions",
     "ExportResult",
+    "FilePredictions",
     "FoldError",
     "FoldReport",
     "FoldResult",
@@ -88,6 +89,7 @@ __all__ = [
     "fold",
     "load_model",
     "parse_shape",
+    "predict_files",
     "recalibrate",
     "verify",
 ]

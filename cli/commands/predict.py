@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import click
 import numpy as np
@@ -14,12 +12,9 @@ from bnfold.cli.commands.predict_ray import predict_on_ray
 from bnfold.cli.flags import LibraryArgument
 from bnfold.cli.options import RayOptions, output_option, ray_options
 
-from bnfold.arrays import read_arrays, select_inputs
-from bnfold.batching import Batch, plan_batches
 from bnfold.errors import UsageError
-from bnfold.inputs import IMAGES, TABLES, local_inputs, one_kind
-from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
-from bnfold.progress import Progress, for_stream
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, predict_files, top_k
+from bnfold.progress import for_stream
 from bnfold.staging import atomic_write, check_output_path
 
 DEFAULT_PREDICT_BATCH = 32
@@ -77,50 +72,13 @@ def predict_command(
         predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
     for warning in caught:
         click.echo(f"bnfold: warning: {warning.message}", err=True)
-    names, predict_batch = _prediction_source(predictor, inputs)
-    plan = plan_batches(len(names), batch_size)
-    progress = for_stream(sys.stderr) if len(plan) > 3 else Progress()
-    progress.start(f"Predicting {len(names)} sample(s) on {predictor.device}")
-    parts: list[dict[str, np.ndarray]] = []
-    for batch in plan:
-        result = predict_batch(batch)
-        parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
-        progress.advance(batch.rows.stop, len(names))
-    progress.finish()
-    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    predictions = predict_files(predictor, inputs, progress=for_stream(sys.stderr))
+    names, outputs = predictions.names, predictions.outputs
     if output:
         _write_npz(output, outputs)
     _print_predictions(next(iter(outputs.values())), names, predictor.labels, top_k, as_json)
     if output and not as_json:
         click.echo(f"Wrote {output}")
-
-
-def _prediction_source(predictor: Predictor, inputs: tuple[str, ...]) -> tuple[list[str], Callable[[Batch], Any]]:
-    """(sample names, the predictions for a batch of them): the arrays of .npy/.npz files, or
-    image files read with the model's preprocessing; files and folders as ``--ray`` reads them
-    (:mod:`bnfold.inputs`)."""
-    files = local_inputs(inputs)
-    kind = one_kind(files, "INPUTS")
-    if kind == TABLES:
-        raise UsageError("INPUTS: parquet files are read on Ray Data: add --ray -o OUT.parquet")
-    if kind == IMAGES:
-        return [str(p) for p in files], lambda batch: predictor.predict_images(files[batch.rows])
-    input_names = [s.name for s in predictor.inputs]
-    per_file = [select_inputs(read_arrays(file, "INPUT"), input_names, str(file)) for file in files]
-    for name, arrays in zip(input_names, zip(*per_file)):
-        shapes = {a.shape[1:]: file for a, file in zip(arrays, files)}
-        if len(shapes) > 1:
-            (first, a), (second, b) = list(shapes.items())[:2]
-            raise UsageError(
-                f"INPUTS: samples of input '{name}' have shape {first} in {a} but {second} in {b}; "
-                "predict files of one shape at a time"
-            )
-    named = {name: np.concatenate(arrays) for name, arrays in zip(input_names, zip(*per_file))}
-    if len(files) == 1:
-        names = [str(i) for i in range(per_file[0][0].shape[0])]
-    else:
-        names = [f"{file}:{i}" for file, arrays in zip(files, per_file) for i in range(arrays[0].shape[0])]
-    return names, lambda batch: predictor.predict(batch.take(named))
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

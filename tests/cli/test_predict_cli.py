@@ -226,7 +226,11 @@ PREDICT_ERRORS = {
         2,
         "samples of input 'x' have shape (3, 16, 16) in",
     ),
-    "parquet": (lambda t, m: ["predict", m, (t / "x.parquet", (t / "x.parquet").write_text(""))[0]], 2, "add --ray"),
+    "parquet": (
+        lambda t, m: ["predict", m, (t / "x.parquet", (t / "x.parquet").write_text(""))[0]],
+        2,
+        "bnfold predict --ray",
+    ),
     "bad-device": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--device", "tpu"], 2, "tpu"),
     "bad-top-k": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--top-k", "0"], 2, "--top-k"),
     "bad-batch-size": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--batch-size", "0"], 2, "--batch-size"),
