@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 from bnfold.cli.options import RayOptions
 from bnfold.cli.ray_output import ray_output
+from bnfold.cli.signals import sigterm_interrupts
 
 from bnfold.errors import EXIT_ROWS_FAILED, BnfoldError, UsageError
 
@@ -32,7 +33,7 @@ def predict_on_ray(
     from bnfold.on_ray import predict_dataset, ray_instance, write_predictions
 
     actors = scale.pool()
-    with ray_output(verbose), ray_instance(scale.ray_address):
+    with sigterm_interrupts(), ray_output(verbose), ray_instance(scale.ray_address):
         predictions = predict_dataset(
             model,
             list(inputs),

@@ -6,12 +6,10 @@ and exits with code 130; once it serves, either stops it cleanly with code 0.
 
 from __future__ import annotations
 
-import signal
-from types import FrameType
-
 import click
 from bnfold.cli.flags import LibraryOption
 from bnfold.cli.ray_output import ray_output
+from bnfold.cli.signals import sigterm_interrupts
 
 from bnfold.errors import EXIT_INTERRUPTED, BnfoldError
 from bnfold.on_ray.serve import (
@@ -128,7 +126,6 @@ def serve_command(
     from bnfold.on_ray.auth import read_token
 
     serving = False
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # until it serves, SIGTERM is Ctrl-C
     try:
         token = read_token(token_file) if token_file else None
         if host not in LOOPBACK and token is None:
@@ -138,6 +135,7 @@ def serve_command(
                 err=True,
             )
         with (
+            sigterm_interrupts(),
             ray_output(verbose),
             model_server(
                 onnx_model,
@@ -163,13 +161,7 @@ def serve_command(
         if serving:
             raise ServeInterrupted("interrupted while the model server was stopping") from exc
         raise ServeInterrupted("interrupted before the model server was serving; what had started is stopped") from exc
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     click.echo("bnfold: stopped", err=True)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def _started(server: RunningServer, model: str, replicas: str, token: bool) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -152,6 +154,36 @@ def test_a_ray_run_prints_its_summary_and_the_actors_reports_and_none_of_rays_no
     assert result.stdout.startswith("4 rows, 0 failed") and len(result.stdout.splitlines()) == 1
     lines = result.stderr.splitlines()
     assert lines and all("bnfold: prediction actor on " in line for line in lines), result.stderr
+
+
+def test_sigterm_during_a_ray_job_exits_130_and_leaves_no_output(shapes_onnx, shapes_x, tmp_path):
+    """SIGTERM (a service manager's stop) is Ctrl-C: once the job writes into its temporary folder,
+    the run stops with 130 and the one-line message, and nothing is left beside -o."""
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(tmp_path / "x.npy", np.repeat(shapes_x, 200, axis=0))  # long enough to be interrupted
+    command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "-o", out / "p.parquet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnfold.cli.main", *map(str, command)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.name.endswith(".tmp") for p in out.iterdir()):  # the job is writing
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never started writing"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "bnfold: error: interrupted; nothing was written"
+    assert list(out.iterdir()) == []
 
 
 # A Ray instance of 1 CPU in its own process, as a cluster to join: prints its address, stops when
