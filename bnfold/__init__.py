@@ -21,7 +21,7 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .predictor import CudaUnavailableWarning, Predictor
+from .predictor import CudaUnavailableWarning, FilePredictions, Predictor, predict_files
 
 # Names imported on first use, by the module that defines them: these modules import torch and
 # onnxscript (seconds), which running an exported model (Predictor, bnfold.on_ray's actors) needs not.
@@ -33,6 +33,9 @@ _LAZY = {
     "ExportResult": "report",
     "FoldReport": "report",
     "FoldResult": "folding",
+    "Int8Layer": "report",
+    "Int8Output": "report",
+    "Int8Report": "report",
     "LoadedModel": "loading",
     "OutputCheck": "report",
     "RecalibratedLayer": "report",
@@ -62,9 +65,13 @@ __all__ = [
     "ExportError",
     "ExportOptions",
     "ExportResult",
+    "FilePredictions",
     "FoldError",
     "FoldReport",
     "FoldResult",
+    "Int8Layer",
+    "Int8Output",
+    "Int8Report",
     "LoadedModel",
     "ModelLoadError",
     "OutputCheck",
@@ -82,6 +89,7 @@ __all__ = [
     "fold",
     "load_model",
     "parse_shape",
+    "predict_files",
     "recalibrate",
     "verify",
 ]

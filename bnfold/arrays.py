@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -74,6 +76,43 @@ def stream_arrays(stream: BinaryIO, label: Label) -> dict[str, np.ndarray]:
         raise _unreadable(label, exc) from exc
 
 
+def declared_elements(data: bytes, label: str) -> int:
+    """How many elements the arrays of the ``.npy``/``.npz`` file ``data`` declare, read from
+    their headers alone: a ``.npz`` member is decompressed only as far as its header, so a
+    compressed bomb is measured without being expanded. A member that is not a ``.npy`` file
+    counts its bytes (``np.load`` returns it as bytes); data that is neither format counts 0
+    (:func:`load_arrays` refuses it). A header that cannot be read is a :class:`UsageError`
+    starting with ``label``."""
+    try:
+        if data[:4] in ZIP_MAGIC:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                total = 0
+                for member in archive.infolist():
+                    if not member.filename.endswith(".npy"):
+                        total += member.file_size
+                        continue
+                    with archive.open(member) as stream:
+                        total += _header_elements(stream)
+                return total
+        if data.startswith(NPY_MAGIC):
+            return _header_elements(io.BytesIO(data))
+    except Exception as exc:  # zipfile's and numpy's header parsers raise BadZipFile, ValueError, TypeError...
+        raise _unreadable(label, exc) from exc
+    return 0
+
+
+def _header_elements(stream: BinaryIO) -> int:
+    """The elements the ``.npy`` header at the start of ``stream`` declares (a structured dtype
+    counts each item's bytes); a ``ValueError`` if it is not a readable header."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    per_item = dtype.itemsize if dtype.names else math.prod(dtype.shape)
+    return math.prod(shape) * per_item
+
+
+# .npz files are zip archives (numpy.load tells them by these first bytes: a member, or an empty archive).
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 # .npy files start with the magic string and the format's version (numpy.lib.format); versions
 # 1.0 and 2.0 have latin-1 headers, which numpy's public functions parse (3.0: UTF-8 field names).
 NPY_MAGIC = b"\x93NUMPY"

@@ -1,6 +1,7 @@
 """Measure what folding buys and what it costs: eager PyTorch (original, folded, and the BN-free
-floor) and ONNX Runtime (plain ``torch.onnx.export`` vs bnfold, optimizations on and off),
-median of interleaved repeated runs after warm-up, plus session-creation times."""
+floor) and ONNX Runtime (plain ``torch.onnx.export`` vs bnfold, optimizations on and off, and
+optionally bnfold's INT8 model), median of interleaved repeated runs after warm-up, plus
+session-creation times and file sizes."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from onnxscript import ir
 from torch import fx, nn
 
+from .arrays import ArraysArg
+from .defaults import CALIBRATION_METHODS
 from .errors import Param, UsageError
 from .exporting import output_count, to_onnx
 from .folding import fold
 from .folding.capture import CAPTURE_BATCH, batch_dynamic_shapes, capture, with_batch
 from .folding.sites import batchnorm_nodes
-from .predictor import session_options
+from .predictor import Predictor, session_options
 from .progress import Progress
 from .user_module import quiet_torch, run_eval
 
@@ -34,7 +38,10 @@ ORT_PLAIN = "ORT plain export, default opts"
 ORT_PLAIN_NOOPT = "ORT plain export, opts disabled"
 ORT_BNFOLD = "ORT bnfold, default opts"
 ORT_BNFOLD_NOOPT = "ORT bnfold, opts disabled"
+ORT_INT8 = "ORT bnfold INT8, default opts"
+FILE_FP32, FILE_INT8 = "bnfold float32", "bnfold INT8"
 VARIANTS = (EAGER_ORIGINAL, EAGER_FOLDED, EAGER_FLOOR, ORT_PLAIN, ORT_PLAIN_NOOPT, ORT_BNFOLD, ORT_BNFOLD_NOOPT)
+"""The variants every run times; ``int8=True`` adds :data:`ORT_INT8`."""
 
 
 @dataclass
@@ -46,6 +53,8 @@ class BenchReport:
     repeats: int
     median_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     session_creation_ms: dict[str, float] = field(default_factory=dict)
+    file_bytes: dict[str, int] = field(default_factory=dict)
+    """With ``int8``: the sizes of bnfold's float32 and INT8 ONNX files."""
 
     def ratio(self, a: str, b: str, batch: int) -> float:
         return self.median_ms[a][batch] / self.median_ms[b][batch]
@@ -59,6 +68,8 @@ class BenchReport:
             "ORT bnfold default / ORT plain default": (ORT_BNFOLD, ORT_PLAIN),
             "ORT bnfold opts disabled / ORT plain opts disabled": (ORT_BNFOLD_NOOPT, ORT_PLAIN_NOOPT),
         }
+        if ORT_INT8 in self.median_ms:
+            pairs["ORT bnfold INT8 / ORT bnfold default"] = (ORT_INT8, ORT_BNFOLD)
         return {name: {b: self.ratio(x, y, b) for b in self.batch_sizes} for name, (x, y) in pairs.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +86,10 @@ class BenchReport:
         lines.append(
             "session creation (ms): " + ", ".join(f"{k}: {v:.1f}" for k, v in self.session_creation_ms.items())
         )
+        if self.file_bytes:
+            sizes = ", ".join(f"{k}: {v / 1e6:.2f} MB" for k, v in self.file_bytes.items())
+            fp32, int8 = self.file_bytes[FILE_FP32], self.file_bytes[FILE_INT8]
+            lines.append(f"file size: {sizes} (INT8 / float32: {int8 / fp32:.3f})")
         return "\n".join(lines)
 
 
@@ -116,11 +131,19 @@ def bench(
     repeats: int = 10,
     warmup: int = 2,
     progress: Progress | None = None,
+    int8: bool = False,
+    calibration: ArraysArg | None = None,
 ) -> BenchReport:
-    """Time the six variants of ``module`` (see :data:`VARIANTS`) at each batch size, interleaved,
-    after ``warmup`` runs each; CPU only (ONNX Runtime's CPU provider, torch's threads)."""
+    """Time the variants of ``module`` (see :data:`VARIANTS`) at each batch size, interleaved,
+    after ``warmup`` runs each; CPU only (ONNX Runtime's CPU provider, torch's threads).
+
+    ``int8`` also times bnfold's ONNX quantized to INT8 as :func:`bnfold.export` quantizes it
+    (calibrated on the calibration part of ``calibration``, every supported layer quantized; its
+    accuracy is not checked here) and reports both file sizes."""
     if repeats < 1:
         raise UsageError(Param("repeats"), f" must be at least 1 (got {repeats})")
+    if int8 != (calibration is not None):
+        raise UsageError(Param("int8", True), " and ", Param("calibration"), " go together")
     progress = progress or Progress()
     report = BenchReport(name, list(batch_sizes), repeats)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,6 +173,11 @@ def bench(
             ORT_BNFOLD: _session(ours_path, True),
             ORT_BNFOLD_NOOPT: _session(ours_path, False),
         }
+        if calibration is not None:
+            int8_path = Path(tmp) / "int8.onnx"
+            quantize_unchecked(ours_path, int8_path, calibration, Path(tmp) / "calibration.json")
+            sessions[ORT_INT8] = _session(int8_path, True)
+            report.file_bytes = {FILE_FP32: ours_path.stat().st_size, FILE_INT8: int8_path.stat().st_size}
         report.session_creation_ms = {
             "plain export": _creation_ms(plain_path, True),
             "bnfold": _creation_ms(ours_path, True),
@@ -175,6 +203,20 @@ def bench(
                 report.median_ms.setdefault(variant, {})[batch] = statistics.median(times)
             progress.finish()
     return report
+
+
+def quantize_unchecked(fp32_path: Path, int8_path: Path, calibration: ArraysArg, cache: Path) -> None:
+    """Quantize ``fp32_path`` into ``int8_path`` as :func:`bnfold.export` does before its check:
+    the same calibration samples of ``calibration``, every layer ONNX Runtime supports quantized."""
+    from .quantization.calibration import BatchReader, split_data  # ONNX Runtime's quantization tool
+    from .quantization.layers import weight_layers
+    from .quantization.quantize import quantize
+
+    specs = Predictor(fp32_path, device="cpu", optimize=False).inputs
+    data = split_data(calibration, specs, None, None)
+    unsupported = [layer.node for layer in weight_layers(onnx.load(str(fp32_path))) if layer.unsupported]
+    reader = BatchReader(data.calibration, None)
+    quantize(fp32_path, int8_path, reader=reader, method=CALIBRATION_METHODS[0], exclude=unsupported, cache=cache)
 
 
 def _runners(

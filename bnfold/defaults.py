@@ -14,3 +14,10 @@ FP16_ATOL = 1e-3
 REFERENCES = ("float32", "float64")
 # Samples per forward pass when recalibrating batch-norm statistics.
 RECALIBRATION_BATCH_SIZE = 64
+# INT8 export (`int8=True`): ONNX Runtime's calibration methods by bnfold's name, the first the
+# default; the accuracy budget, justified in the README ("INT8") by docs/performance.md's
+# measurements; and how many layers the budget may leave in float.
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT8_MIN_AGREEMENT = 0.99
+INT8_MIN_SQNR_DB = 20.0
+INT8_MAX_FLOAT_LAYERS = 3

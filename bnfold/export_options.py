@@ -10,11 +10,19 @@ Imports neither torch nor ONNX, so the CLI can build options before loading a mo
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .arrays import ArraysArg
-from .defaults import REFERENCES
+from .defaults import (
+    CALIBRATION_METHODS,
+    INT8_MAX_FLOAT_LAYERS,
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_SQNR_DB,
+    REFERENCES,
+)
 from .errors import Param, UsageError
 from .metadata import Preprocess
 
@@ -60,6 +68,24 @@ class ExportOptions:
     """Apply only these fold rules (by name); ``None``: all (see :func:`bnfold.fold`)."""
     skip_rules: tuple[str, ...] | None = None
     """Apply every fold rule except these."""
+    int8: bool = False
+    """After the float32 export passed verification, quantize it to INT8 with ONNX Runtime's
+    static quantization (QDQ, per-channel int8 weights, uint8 activations calibrated on
+    ``calibration``), check it against the PyTorch model on data held apart from calibration,
+    and write it only if it meets the accuracy budget (see :mod:`bnfold.quantization`)."""
+    calibration: ArraysArg | None = None
+    """With ``int8``: the data (``.npy``/``.npz`` path, array, arrays by input name, or a folder
+    of images read with ``preprocess``), split into calibration samples and held-out samples."""
+    calibration_method: str = CALIBRATION_METHODS[0]
+    """With ``int8``: how activation ranges are calibrated: ``minmax``, ``entropy`` or ``percentile``."""
+    calibration_samples: int | None = None
+    """With ``int8``: samples that calibrate (the rest verify); ``None``: half the data, at most 256."""
+    int8_min_agreement: float = INT8_MIN_AGREEMENT
+    """With ``int8``: the least top-1 agreement with the PyTorch model, per classifier output."""
+    int8_min_sqnr: float = INT8_MIN_SQNR_DB
+    """With ``int8``: the least signal-to-quantization-noise ratio (dB) of every output."""
+    int8_max_float_layers: int = INT8_MAX_FLOAT_LAYERS
+    """With ``int8``: how many of the most sensitive layers the budget may leave in float (0: none)."""
 
     def __post_init__(self) -> None:
         for name in ("labels", "rules", "skip_rules"):  # any sequence in, a hashable tuple kept
@@ -84,6 +110,75 @@ class ExportOptions:
             )
         if self.opset is not None and self.opset < 1:
             raise UsageError(Param("opset"), f" must be a positive opset version (got {self.opset})")
+        self._check_int8()
+
+    def _check_int8(self) -> None:
+        if not self.int8:
+            given = [f.name for f in fields(self) if f.name in INT8_ONLY and _given(getattr(self, f.name), f.default)]
+            if given:
+                raise UsageError(Param(given[0]), " only applies with ", Param("int8", True))
+            return
+        if self.fp16:
+            raise UsageError(
+                Param("int8", True),
+                " and ",
+                Param("fp16", True),
+                " exclude each other: INT8 quantizes the float32 model",
+            )
+        if self.dynamic_size:
+            raise UsageError(
+                Param("int8", True),
+                " does not take ",
+                Param("dynamic_size", True),
+                " (yet): its accuracy is measured at the calibration data's size only",
+            )
+        if not self.verify:
+            raise UsageError(
+                Param("verify", False),
+                " cannot be used with ",
+                Param("int8", True),
+                ": an INT8 model is written only after its accuracy check",
+            )
+        if self.calibration is None:
+            raise UsageError(
+                Param("int8", True),
+                " needs ",
+                Param("calibration"),
+                ": data (.npy/.npz or an image folder) to calibrate activation ranges on",
+            )
+        if isinstance(self.calibration, (str, os.PathLike)) and not os.path.exists(self.calibration):
+            raise UsageError(Param("calibration"), f" {self.calibration}: no such file or folder")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise UsageError(
+                Param("calibration_method"),
+                f" {self.calibration_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}",
+            )
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise UsageError(Param("calibration_samples"), f" must be at least 1 (got {self.calibration_samples})")
+        if not 0 <= self.int8_min_agreement <= 1:  # NaN fails too
+            raise UsageError(
+                Param("int8_min_agreement"), f" must be a fraction from 0 to 1 (got {self.int8_min_agreement})"
+            )
+        if not math.isfinite(self.int8_min_sqnr):
+            raise UsageError(Param("int8_min_sqnr"), f" must be a finite number of dB (got {self.int8_min_sqnr})")
+        if self.int8_max_float_layers < 0:
+            raise UsageError(Param("int8_max_float_layers"), f" must be 0 or more (got {self.int8_max_float_layers})")
+
+
+# The fields that only mean something with ``int8=True``.
+INT8_ONLY = (
+    "calibration",
+    "calibration_method",
+    "calibration_samples",
+    "int8_min_agreement",
+    "int8_min_sqnr",
+    "int8_max_float_layers",
+)
+
+
+def _given(value: object, default: object) -> bool:
+    """Whether a field holds something else than its default (an array counts as given)."""
+    return value is not default and (default is None or value != default)
 
 
 def _names(field: str, value: Sequence[str]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from onnxscript import ir
 from torch import fx, nn
@@ -29,6 +30,7 @@ from .metadata import (
     WEIGHT_DTYPE_KEY,
     Preprocess,
     image_size_props,
+    int8_props,
     metadata_props,
 )
 from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
@@ -36,7 +38,14 @@ from .onnx_writer import release_weights
 from .progress import Progress
 from .report import ExportResult, FoldReport
 from .sizes import ImageSizes
-from .staging import EXTERNAL_DATA_THRESHOLD, Staged, check_output_path, collect_garbage, interrupts_held
+from .staging import (
+    EXTERNAL_DATA_THRESHOLD,
+    Staged,
+    check_output_path,
+    collect_garbage,
+    interrupts_held,
+    write_failed,
+)
 from .user_module import module_dtype, quiet_torch
 from .verification import default_tolerances
 from .verification import verify as verify_onnx
@@ -202,9 +211,20 @@ def export(
 
     ``fp16`` folds first (float64 math, float32 weights), checks every stored tensor fits float16,
     then converts. Verification's tolerances default to the float32 or float16 ones (see
-    :mod:`bnfold.verify`).
+    :mod:`bnfold.verification`).
+
+    ``int8`` quantizes the verified float32 file with ONNX Runtime's static quantization,
+    calibrated on part of ``calibration``, checks it against ``module`` on the rest, leaves the
+    most sensitive layers in float when it misses the budget (see :mod:`bnfold.quantization`),
+    and writes the INT8 model at ``path`` only if it then meets it: ``result.int8_report`` says
+    how; a missed budget raises :class:`VerificationError` carrying that report.
     """
     options = dataclasses.replace(options or ExportOptions(), **fields)
+    if options.int8 and module_dtype(module) != torch.float32:
+        raise UsageError(
+            Param("int8", True),
+            f" quantizes a float32 model; this one is {module_dtype(module)}: convert it to float32",
+        )
     low_precision = options.fp16 or module_dtype(module) in (torch.float16, torch.bfloat16)
     rtol, atol = default_tolerances(low_precision, options.rtol, options.atol)
     progress = progress or Progress()
@@ -242,8 +262,50 @@ def export(
                 f"report keeps {kept}; the export is inconsistent and was not written",
                 report=result.verify_report,
             )
+        if options.int8:
+            staged = _quantized(module, staged, out, cleanup, options, result, progress)
         staged.commit(source)
     return result
+
+
+def _quantized(
+    module: nn.Module,
+    fp32: Staged,
+    out: Path,
+    cleanup: contextlib.ExitStack,
+    options: ExportOptions,
+    result: ExportResult,
+    progress: Progress,
+) -> Staged:
+    """The verified float32 file ``fp32`` quantized to INT8 into another staged file beside
+    ``out``, checked against ``module`` within the accuracy budget, with its INT8 facts in the
+    metadata; ``result.int8_report`` says how. A missed budget is a :class:`VerificationError`."""
+    from .quantization import quantize_within_budget  # ONNX Runtime's quantization tool: only for INT8
+
+    with interrupts_held():
+        staged = Staged(out, external=False)
+        cleanup.callback(staged.cleanup)
+    try:
+        report = quantize_within_budget(module, fp32.path, staged.path, options, progress)
+    except BnfoldError as exc:  # name the target, not the temporary files
+        raise exc.reworded(
+            lambda text: text.replace(str(fp32.path), str(out)).replace(str(staged.path), str(out))
+        ) from exc
+    result.int8_report = report
+    if not report.passed:
+        raise VerificationError(
+            f"the INT8 model misses the accuracy budget, {out} was not written: " + "; ".join(report.failures()),
+            report=report,
+        )
+    model = onnx.load(str(staged.path))
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, **int8_props(report.summary())}
+    )
+    try:
+        onnx.save(model, str(staged.path))
+    except OSError as exc:
+        raise write_failed(out, exc) from exc
+    return staged
 
 
 def _fold_and_write(

@@ -6,8 +6,10 @@ Needs Pillow: ``pip install 'bnfold[images]'``.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
 
 import numpy as np
@@ -15,21 +17,23 @@ import numpy as np
 from .errors import UsageError
 from .metadata import Preprocess
 
-PILLOW_NEEDED = "reading images needs Pillow: pip install 'bnfold[images]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def find_images(path: str | os.PathLike[str]) -> list[Path]:
-    """An image file, or the image files of a folder (sorted, not recursive)."""
-    root = Path(path)
-    if root.is_dir():
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise UsageError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return files
-    if not root.is_file():
-        raise UsageError(f"{root} does not exist")
-    return [root]
+def image_elements(source: BinaryIO) -> int:
+    """The values an image file decodes to (width x height x bands), read from its header only; 0
+    when it is not an image Pillow can identify (:func:`load_image` then says why), and
+    ``sys.maxsize`` for an image over Pillow's own decompression-bomb limit."""
+    pil = _pillow()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pil.DecompressionBombWarning)
+            with pil.open(source) as img:
+                return img.width * img.height * len(img.getbands())
+    except pil.DecompressionBombError:
+        return sys.maxsize
+    except Exception:  # not an image, or a corrupt header: load_image reports it
+        return 0
 
 
 def load_images(paths: Sequence[str | os.PathLike[str]], preprocess: Preprocess) -> np.ndarray:
@@ -53,14 +57,11 @@ def load_images(paths: Sequence[str | os.PathLike[str]], preprocess: Preprocess)
 def image_size(source: str | os.PathLike[str]) -> tuple[int, int]:
     """The ``(height, width)`` of an image file (read from its header); a :class:`UsageError` if
     it is not a readable image."""
+    pil = _pillow()
     try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as exc:
-        raise UsageError(PILLOW_NEEDED) from exc
-    try:
-        with Image.open(source) as img:
+        with pil.open(source) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (pil.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UsageError(f"{source}: not a readable image ({exc})") from exc
     return height, width
 
@@ -80,25 +81,23 @@ def load_image(
     source: str | os.PathLike[str] | BinaryIO, preprocess: Preprocess, name: str | None = None
 ) -> np.ndarray:
     """One image (a file, or an open binary file such as the bytes of an object in storage) read,
-    resized (unless the preprocessing keeps each image's size) and normalised into a float32 ``[C, H, W]`` array; errors name ``name`` (default: the
-    path). A :class:`UsageError` if it is not a readable image."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as exc:
-        raise UsageError(PILLOW_NEEDED) from exc
+    resized (unless the preprocessing keeps each image's size) and normalised into a float32
+    ``[C, H, W]`` array; errors name ``name`` (default: the path). A :class:`UsageError` if it is
+    not a readable image."""
+    pil = _pillow()
     label = name if name is not None else source
     try:
-        with Image.open(source) as img:
+        with pil.open(source) as img:
             mode = "L" if preprocess.channel_order == "L" else "RGB"
             img = img.convert(mode)
             if preprocess.size is not None:
-                img = img.resize((preprocess.size[1], preprocess.size[0]), Image.BILINEAR)
+                img = img.resize((preprocess.size[1], preprocess.size[0]), pil.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32)
-    except UnidentifiedImageError as exc:
+    except pil.UnidentifiedImageError as exc:
         # Pillow names an open file by its repr (`<_io.BytesIO object at 0x...>`): name it ourselves.
         reason = str(exc) if isinstance(source, (str, os.PathLike)) else "cannot identify the image format"
         raise UsageError(f"{label}: not a readable image ({reason})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, pil.DecompressionBombError) as exc:
         # What Pillow raises for truncated, corrupt or oversized files (OSError covers most).
         raise UsageError(f"{label}: not a readable image ({exc})") from exc
     chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -107,3 +106,12 @@ def load_image(
     mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(preprocess.std, dtype=np.float32).reshape(-1, 1, 1)
     return (chw * preprocess.scale - mean) / std
+
+
+def _pillow() -> ModuleType:
+    """``PIL.Image``, or a :class:`UsageError` saying which extra to install."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise UsageError("reading images needs Pillow: pip install 'bnfold[images]'") from exc
+    return Image

@@ -1,6 +1,7 @@
 """What an exported model carries besides its graph, and every ONNX ``metadata_props`` key
 bnfold writes: the bnfold version, the fold report (counts, kept reasons, the float64 proof),
-input and output names, the weights' dtype, class labels and image preprocessing.
+input and output names, the weights' dtype, class labels, image preprocessing and, for an INT8
+model, its quantization and accuracy check.
 
 Labels and preprocessing are stored as JSON and read back by the Predictor; model files may carry
 them too (TorchScript/torch.export ``bnfold.json`` extra file, checkpoint-dict keys ``labels`` /
@@ -25,6 +26,10 @@ INPUT_NAMES_KEY = "bnfold_input_names"
 OUTPUT_NAMES_KEY = "bnfold_output_names"
 WEIGHT_DTYPE_KEY = "bnfold_weight_dtype"
 """The dtype of the model's weights (``float32``, ``float16``): picks ``bnfold verify``'s tolerances."""
+INT8_KEY = "bnfold_int8"
+"""An INT8 model's calibration, float layers and measured accuracy (JSON), see :func:`int8_props`."""
+INT8_WEIGHT_DTYPE = "int8"
+"""``WEIGHT_DTYPE_KEY``'s value for an INT8 model."""
 LABELS_KEY = "bnfold_labels"
 PREPROCESS_KEY = "bnfold_preprocess"
 IMAGE_SIZES_KEY = "bnfold_image_sizes"
@@ -171,3 +176,14 @@ def from_metadata(props: dict[str, str]) -> tuple[list[str] | None, Preprocess |
     labels = json.loads(props[LABELS_KEY]) if LABELS_KEY in props else None
     preprocess = Preprocess.from_dict(json.loads(props[PREPROCESS_KEY])) if PREPROCESS_KEY in props else None
     return labels, preprocess
+
+
+def int8_props(summary: dict[str, Any]) -> dict[str, str]:
+    """The ONNX metadata entries of an INT8 model: ``summary`` (what
+    :meth:`bnfold.report.Int8Report.summary` returns) and the weights' dtype."""
+    return {INT8_KEY: json.dumps(summary, separators=(",", ":")), WEIGHT_DTYPE_KEY: INT8_WEIGHT_DTYPE}
+
+
+def int8_from_metadata(props: dict[str, str]) -> dict[str, Any] | None:
+    """An INT8 model's quantization facts read back from ONNX metadata; ``None`` for other models."""
+    return json.loads(props[INT8_KEY]) if INT8_KEY in props else None

@@ -315,6 +315,154 @@ class RecalibrationReport:
         return "\n".join(lines)
 
 
+INT8 = "int8"
+FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class Int8Output:
+    """How far one output of the INT8 model is from the float32 PyTorch model on held-out data."""
+
+    name: str
+    sqnr_db: float
+    """Signal-to-quantization-noise ratio: ``10·log10(Σ y_ref² / Σ (y - y_ref)²)`` (inf: identical)."""
+    max_rel_error: float
+    """Normwise: ``max|y - y_ref| / max|y_ref|`` (reported, not judged: one outlier sets it)."""
+    top1_agreement: float | None
+    """Fraction of rows with the same top-1 (2-D ``[N, C]`` outputs, C >= 2); ``None`` otherwise."""
+    passed: bool
+    problem: str | None = None
+    """What made it fail besides the numbers (NaN/inf, another shape)."""
+
+
+@dataclass(frozen=True)
+class Int8Layer:
+    """One weight layer (Conv, ConvTranspose, Gemm, MatMul) of the model: quantized or left in float."""
+
+    name: str
+    """The PyTorch module it came from (e.g. ``layers.0.conv1``), else the ONNX node name."""
+    node: str
+    """The ONNX node."""
+    op_type: str
+    status: str
+    """``"int8"`` or ``"float"``."""
+    reason: str | None = None
+    """Why it stayed float."""
+    sensitivity_db: float | None = None
+    """Measured only when the budget failed: how many dB the lowest output SQNR gains (on the
+    calibration samples) when this layer alone is left in float."""
+
+
+@dataclass
+class Int8Report:
+    """What INT8 quantization did and how the INT8 model compares with the PyTorch model."""
+
+    calibration_method: str
+    calibration_samples: int
+    verification_samples: int
+    data_source: str
+    split: str
+    """How the data was split between calibration and verification."""
+    min_agreement: float
+    min_sqnr_db: float
+    max_float_layers: int
+    outputs: list[Int8Output] = field(default_factory=list)
+    layers: list[Int8Layer] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)
+    """One line per quantization tried: which layers stayed float and the lowest SQNR it reached."""
+    fp32_bytes: int = 0
+    int8_bytes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    @property
+    def float_layers(self) -> list[Int8Layer]:
+        return [layer for layer in self.layers if layer.status == FLOAT]
+
+    def failures(self) -> list[str]:
+        """One sentence per failed output."""
+        out = []
+        for o in self.outputs:
+            if o.problem:
+                out.append(f"output '{o.name}': {o.problem}")
+                continue
+            if o.top1_agreement is not None and o.top1_agreement < self.min_agreement:
+                out.append(
+                    f"output '{o.name}': top-1 agreement {100 * o.top1_agreement:.2f}% < {100 * self.min_agreement:g}%"
+                )
+            if o.sqnr_db < self.min_sqnr_db:
+                out.append(f"output '{o.name}': SQNR {o.sqnr_db:.1f} dB < {self.min_sqnr_db:g} dB")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The facts stored in the INT8 model's metadata."""
+        return _json_safe(
+            {
+                "calibration_method": self.calibration_method,
+                "calibration_samples": self.calibration_samples,
+                "verification_samples": self.verification_samples,
+                "min_agreement": self.min_agreement,
+                "min_sqnr_db": self.min_sqnr_db,
+                "max_float_layers": self.max_float_layers,
+                "float_layers": [layer.name for layer in self.float_layers],
+                "top1_agreement": {o.name: o.top1_agreement for o in self.outputs if o.top1_agreement is not None},
+                "sqnr_db": {o.name: round(o.sqnr_db, 2) for o in self.outputs},
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return _json_safe(data)
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        quantized = len(self.layers) - len(self.float_layers)
+        layers = f"; {quantized} of {len(self.layers)} weight layer(s) quantized" if self.layers else ""
+        lines = [
+            f"INT8 check {verdict}: ONNX Runtime INT8 vs eval-mode PyTorch float32 on {self.verification_samples} "
+            f"held-out sample(s) ({self.data_source}; {self.split})",
+            f"  calibration: {self.calibration_method}, {self.calibration_samples} sample(s); QDQ, per-channel int8 "
+            f"weights, uint8 activations{layers}",
+            f"  pass iff top-1 agreement >= {100 * self.min_agreement:g}% (classifier outputs) and SQNR >= "
+            f"{self.min_sqnr_db:g} dB (every output)",
+        ]
+        rows = [
+            [
+                o.name,
+                f"{o.sqnr_db:.1f}",
+                f"{o.max_rel_error:.3e}",
+                "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%",
+                "pass" if o.passed else "FAIL",
+            ]
+            for o in self.outputs
+        ]
+        lines.append(_table(["output", "SQNR dB", "max rel err", "top-1 agree", ""], rows))
+        layer_rows = [
+            [
+                layer.name,
+                layer.op_type,
+                layer.status,
+                "-" if layer.sensitivity_db is None else f"{layer.sensitivity_db:+.1f}",
+                layer.reason or "",
+            ]
+            for layer in self.layers
+        ]
+        if layer_rows:
+            lines.append(_table(["layer", "op", "status", "float gain dB", "reason"], layer_rows))
+        if len(self.attempts) > 1:
+            lines.extend(f"  tried: {attempt}" for attempt in self.attempts)
+        if self.int8_bytes:
+            lines.append(
+                f"  size: {self.fp32_bytes / 1e6:.2f} MB float32 -> {self.int8_bytes / 1e6:.2f} MB INT8 "
+                f"({self.int8_bytes / self.fp32_bytes:.2f}x)"
+            )
+        lines.extend(f"  FAILED: {m}" for m in self.failures())
+        return "\n".join(lines)
+
+
 @dataclass
 class ExportResult:
     """The outcome of :func:`bnfold.export`."""
@@ -326,6 +474,8 @@ class ExportResult:
     opset: int
     input_names: list[str]
     output_names: list[str]
+    int8_report: Int8Report | None = None
+    """With ``int8=True``: the INT8 model written at ``path`` and its check."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -336,6 +486,7 @@ class ExportResult:
             "onnx_batchnorm_count": self.onnx_batchnorm_count,
             "fold": self.fold_report.to_dict(),
             "verify": None if self.verify_report is None else self.verify_report.to_dict(),
+            "int8": None if self.int8_report is None else self.int8_report.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -347,4 +498,6 @@ class ExportResult:
             f"{self.onnx_batchnorm_count} BatchNormalization node(s))"
         )
         parts.append("Verification skipped" if self.verify_report is None else str(self.verify_report))
+        if self.int8_report is not None:
+            parts.append(str(self.int8_report))
         return "\n".join(parts)

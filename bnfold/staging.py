@@ -3,6 +3,8 @@
 Every write goes to a temporary name in the target's folder and is renamed into place only when
 complete (and, for an exported model, verified); a write failure (disk full, read-only file
 system) is an :class:`~bnfold.errors.OutputError`, and nothing is left behind, not even on Ctrl-C.
+What appears under the target name has the modes of a file or folder created there directly (the
+umask's), not the owner-only modes of a temporary one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from .errors import ExportError, OutputError, Param, Part, UsageError
 
 if TYPE_CHECKING:  # onnxscript takes a second to import: only where an ONNX model is saved
     from onnxscript import ir
+
+# The umask is read from here where the kernel reports it (Linux 4.7+), without changing it.
+PROC_STATUS = Path("/proc/self/status")
+_UMASK_LOCK = threading.Lock()
 
 # Protobuf cannot serialize a message of 2 GiB or more: models whose tensors exceed this many bytes
 # are written with their tensors in a separate file, ``<name>.onnx.data`` beside ``<name>.onnx``.
@@ -64,6 +70,30 @@ def write_failed(out: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {out}: {reason}; nothing was written. Free some space or write elsewhere")
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask. Linux reports it in ``/proc/self/status``; elsewhere
+    it can only be read by setting it, which affects the whole process for an instant: that is
+    done under a lock, and restored at once."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike[str]) -> None:
+    """Give a staged file or folder the mode it would have had if created directly under the
+    umask (``0o666``/``0o777`` without the umask's bits): temporary files are created owner-only
+    (``tempfile.mkstemp``: 0600, ``mkdtemp``: 0700) and keep that mode when renamed."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
     """Write a file through ``write(fh)`` to a temporary file beside ``path``, then rename it.
 
@@ -78,6 +108,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        publish_mode(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         raise write_failed(target, exc) from exc
@@ -135,6 +166,7 @@ class Staged:
             if self.external:
                 os.replace(self.path.with_name(data.name), data)
             try:
+                publish_mode(self.path)
                 os.replace(self.path, self.out)
             except OSError:
                 if self.external:

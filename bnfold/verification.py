@@ -13,15 +13,15 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from .arrays import ArraysArg, read_arrays, select_inputs
 from .batching import plan_batches
 from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
-from .errors import BnfoldError, Param, UsageError, label_parts
+from .errors import BnfoldError, Param, UsageError
 from .metadata import WEIGHT_DTYPE_KEY
 from .predictor import Predictor, TensorSpec
 from .progress import Progress
-from .report import OutputCheck, VerifyReport
-from .user_module import model_failures, module_device, module_dtype, quiet_torch, run_eval
+from .reference import DATA_CHUNK, InputsArg, load_inputs, reference_outputs
+from .report import Int8Report, OutputCheck, VerifyReport
+from .user_module import module_device, module_dtype, quiet_torch
 
 # Two batch sizes, neither the capture's example batch of 2 (a size baked into the graph by
 # mistake would pass there); small, since each sample already covers every channel.
@@ -31,25 +31,7 @@ RANDOM_BATCH_SIZES = (1, 3)
 # and PyTorch's kernels), round differently. Measured on ill-conditioned correct exports: 0.97 to
 # 2.2 times (tests/test_verification.py); a fold with one channel 0.1% off is 280 to 680 times as far.
 FLOAT32_ERROR_FACTOR = 4.0
-DATA_CHUNK = 64
 LOW_PRECISION_ONNX = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
-
-InputsArg = ArraysArg | None
-
-
-def load_inputs(source: InputsArg, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    """Arrays for every model input (see :func:`bnfold.arrays.select_inputs`), shape-checked."""
-    label = (Param("inputs"), f" {source}") if isinstance(source, (str, os.PathLike)) else Param("inputs")
-    arrays = select_inputs(read_arrays(source, Param("inputs")), [s.name for s in specs], label)
-    for spec, arr in zip(specs, arrays):
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(w, int) and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])
-        ):
-            raise UsageError(
-                *label_parts(label),
-                f": array for input '{spec.name}' has shape {arr.shape}; the model takes {spec.shape}",
-            )
-    return {spec.name: arr for spec, arr in zip(specs, arrays)}
 
 
 def random_inputs(
@@ -154,17 +136,6 @@ def default_tolerances(
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
 
 
-def _reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The module's outputs on ``inputs``; a model that fails on them is the user's to fix."""
-    with model_failures(
-        inputs,
-        BnfoldError,
-        "the PyTorch model fails on the verification input",
-        "Is the ONNX file exported from this model?",
-    ):
-        return run_eval(module, inputs)
-
-
 def is_low_precision_onnx(predictor: Predictor) -> bool:
     """Whether the model that ``predictor`` runs has float16 or bfloat16 weights: as bnfold's
     export records in the metadata, else (a file from elsewhere) as its initializers say, read
@@ -203,9 +174,13 @@ def verify(
     seed: int = 0,
     reference: str = "float32",
     progress: Progress | None = None,
-) -> VerifyReport:
+) -> VerifyReport | Int8Report:
     """Compare ONNX Runtime (CPU, graph optimizations off) on ``onnx_path`` with ``module`` in
     eval mode under ``no_grad``.
+
+    An INT8 model (exported with ``int8=True``) is judged instead by the INT8 check against the
+    accuracy budget stored in its metadata, on every sample of ``inputs`` (required), and an
+    :class:`Int8Report` is returned; ``rtol``, ``atol`` and ``reference`` do not apply to it.
 
     ``rtol``/``atol`` default to 1e-4/1e-5, or 1e-2/1e-3 for a float16 ONNX model or a
     float16/bfloat16 module. ``inputs``: a ``.npy``/``.npz`` path, an array or a name -> array map; by default seeded
@@ -224,10 +199,12 @@ def verify(
         raise UsageError(Param("rtol"), "/", Param("atol"), f" must be non-negative (got rtol={rtol}, atol={atol})")
     if reference not in REFERENCES:
         raise UsageError(Param("reference"), f" {reference!r}: expected one of {', '.join(REFERENCES)}")
-    module64 = float64_copy(module) if reference == "float64" else None
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
     predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
+    if predictor.int8 is not None:
+        return _verify_int8(module, predictor, inputs, rtol, atol, reference)
+    module64 = float64_copy(module) if reference == "float64" else None
     ref_dtype = module_dtype(module)
     if rtol is None or atol is None:  # float16 weights or module pick the default tolerances
         low_precision = ref_dtype in (torch.float16, torch.bfloat16) or is_low_precision_onnx(predictor)
@@ -282,6 +259,30 @@ def _image_sizes(predictor: Predictor, batches: list[tuple[dict[str, np.ndarray]
     return list(dict.fromkeys(f"{b[name].shape[-2]}x{b[name].shape[-1]}" for b, _ in batches))
 
 
+def _verify_int8(
+    module: nn.Module, predictor: Predictor, inputs: InputsArg, rtol: float | None, atol: float | None, reference: str
+) -> Int8Report:
+    """An INT8 model is judged by its accuracy budget on real data, not by float tolerances."""
+    if rtol is not None or atol is not None or reference != "float32":
+        raise UsageError(
+            Param("rtol"),
+            ", ",
+            Param("atol"),
+            " and ",
+            Param("reference"),
+            f" do not apply to {predictor.path}, an INT8 model: it is checked against the accuracy budget stored at export",
+        )
+    if inputs is None:
+        raise UsageError(
+            f"{predictor.path} is an INT8 model: give ",
+            Param("inputs"),
+            " (real data held apart from its calibration data; random inputs fall outside its calibrated ranges)",
+        )
+    from .quantization.check import verify_int8  # ONNX Runtime's quantization tool: only for INT8 models
+
+    return verify_int8(module, predictor.path, inputs, predictor.int8)
+
+
 def _compare(
     module: nn.Module,
     module64: nn.Module | None,
@@ -299,8 +300,8 @@ def _compare(
         # PyTorch first, then ONNX Runtime: PyTorch's activations are freed before ORT runs, so
         # ORT reuses that memory instead of adding to the peak.
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(device) for s in specs]
-        ref = _reference(module, [t.to(ref_dtype) for t in tensors])
-        ref64 = _reference(module64, [t.double() for t in tensors]) if module64 is not None else None
+        ref = reference_outputs(module, [t.to(ref_dtype) for t in tensors])
+        ref64 = reference_outputs(module64, [t.double() for t in tensors]) if module64 is not None else None
         got = predictor.run({s.name: predictor.check_input(s, feeds[s.name]) for s in specs})
         if len(ref) != len(got):
             checks["outputs"] = f"the ONNX model has {len(got)} output(s), the PyTorch model {len(ref)}"

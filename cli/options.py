@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING, Any
 import click
 from bnfold.cli.flags import LibraryOption
 
-from bnfold.defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
+from bnfold.defaults import (
+    CALIBRATION_METHODS,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    FP16_ATOL,
+    FP16_RTOL,
+    INT8_MAX_FLOAT_LAYERS,
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_SQNR_DB,
+    REFERENCES,
+)
 from bnfold.errors import UsageError
 from bnfold.metadata import CHANNEL_ORDERS, DYNAMIC, Preprocess, parse_floats, preprocess_for, read_labels
 from bnfold.shapes import parse_shape
@@ -137,6 +147,51 @@ export_options = library_options(
         ),
         click.option(
             "--keep-io-types", is_flag=True, cls=LibraryOption, help="With --fp16: keep float32 inputs and outputs."
+        ),
+        click.option(
+            "--int8",
+            is_flag=True,
+            cls=LibraryOption,
+            help="Quantize the verified float32 model to INT8 (ONNX Runtime, QDQ, per-channel weights) "
+            "calibrated on --calibration, and write it only if it meets the accuracy budget.",
+        ),
+        click.option(
+            "--calibration",
+            type=click.Path(),
+            cls=LibraryOption,
+            help="With --int8: data (.npy/.npz, or a folder of images read with the preprocessing), split into "
+            "calibration samples and held-out samples that verify.",
+        ),
+        click.option(
+            "--calibration-method",
+            type=click.Choice(CALIBRATION_METHODS),
+            cls=LibraryOption,
+            help=f"With --int8: how activation ranges are calibrated [default: {CALIBRATION_METHODS[0]}].",
+        ),
+        click.option(
+            "--calibration-samples",
+            type=int,
+            cls=LibraryOption,
+            help="With --int8: samples that calibrate; the others verify [default: half the data, at most 256].",
+        ),
+        click.option(
+            "--int8-min-agreement",
+            type=float,
+            cls=LibraryOption,
+            help=f"With --int8: least top-1 agreement with PyTorch, a fraction [default: {INT8_MIN_AGREEMENT:g}].",
+        ),
+        click.option(
+            "--int8-min-sqnr",
+            type=float,
+            cls=LibraryOption,
+            help=f"With --int8: least SQNR of every output, in dB [default: {INT8_MIN_SQNR_DB:g}].",
+        ),
+        click.option(
+            "--int8-max-float-layers",
+            type=int,
+            cls=LibraryOption,
+            help="With --int8: most sensitive layers the budget may leave in float (0: none) "
+            f"[default: {INT8_MAX_FLOAT_LAYERS}].",
         ),
         click.option(
             "--rules",

@@ -1,7 +1,10 @@
-"""Shared test helpers: non-trivial batch-norm statistics, tolerance checks, ONNX inspection, image files."""
+"""Shared test helpers: non-trivial batch-norm statistics, tolerance checks, ONNX inspection, image files,\na umask for the duration."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +104,13 @@ def write_pngs(x: np.ndarray, folder: Path) -> list[Path]:
         paths.append(folder / f"img_{i:03d}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """The process's umask set to ``mask`` for the duration."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,6 +12,8 @@ from torch import nn
 import bnfold
 from bnfold.errors import Param
 from bnfold.export_options import ExportOptions
+
+CALIBRATION = np.zeros((40, 3, 4, 4), dtype=np.float32)
 
 
 def test_defaults_are_bnfold_exports():
@@ -35,6 +38,17 @@ def test_sequences_are_kept_as_tuples():
         ({"opset": 0}, Param("opset")),
         ({"rules": "conv_bn"}, Param("rules")),  # one string, not names
         ({"skip_rules": ["nonesuch"]}, Param("skip_rules")),
+        ({"int8": True}, Param("int8", True)),  # no calibration data
+        ({"calibration": CALIBRATION}, Param("calibration")),  # without int8
+        ({"int8_max_float_layers": 0}, Param("int8_max_float_layers")),  # without int8
+        ({"int8": True, "calibration": CALIBRATION, "fp16": True}, Param("int8", True)),
+        ({"int8": True, "calibration": CALIBRATION, "verify": False}, Param("verify", False)),
+        ({"int8": True, "calibration": "missing.npz"}, Param("calibration")),
+        ({"int8": True, "calibration": CALIBRATION, "calibration_method": "kl"}, Param("calibration_method")),
+        ({"int8": True, "calibration": CALIBRATION, "calibration_samples": 0}, Param("calibration_samples")),
+        ({"int8": True, "calibration": CALIBRATION, "int8_min_agreement": 1.5}, Param("int8_min_agreement")),
+        ({"int8": True, "calibration": CALIBRATION, "int8_min_sqnr": float("nan")}, Param("int8_min_sqnr")),
+        ({"int8": True, "calibration": CALIBRATION, "int8_max_float_layers": -1}, Param("int8_max_float_layers")),
     ],
 )
 def test_a_bad_value_is_a_usage_error_naming_its_field(fields, param):
@@ -44,7 +58,13 @@ def test_a_bad_value_is_a_usage_error_naming_its_field(fields, param):
 
 
 @pytest.mark.parametrize(
-    "fields", [{"keep_io_types": True, "fp16": True}, {"rtol": 0.0, "atol": 0.0}, {"reference": "float64"}]
+    "fields",
+    [
+        {"keep_io_types": True, "fp16": True},
+        {"rtol": 0.0, "atol": 0.0},
+        {"reference": "float64"},
+        {"int8": True, "calibration": CALIBRATION, "int8_min_agreement": 1.0, "int8_max_float_layers": 0},
+    ],
 )
 def test_the_edge_values_are_accepted(fields):
     ExportOptions(**fields)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from types import ModuleType
 
-from ..errors import BnfoldError, Param, UsageError, first_line
+from ..errors import BnfoldError, Param, Part, UsageError, first_line
 
 RAY_EXTRA = "pip install 'bnfold[ray]'"
 
@@ -35,8 +36,8 @@ def ray_instance(
 ) -> Iterator[ModuleType]:
     """Ray for the duration: the instance this process already joined, else the cluster at
     ``address`` (``"auto"``, ``"host:port"`` or ``"ray://host:port"``), else a new local instance
-    (``num_cpus``: default all; ``temp_dir``: Ray's session files; no dashboard). What this call
-    started or joined it leaves again at the end.
+    (``num_cpus``: default all; ``temp_dir``: Ray's session files; no dashboard, no metrics, every
+    port on 127.0.0.1). What this call started or joined it leaves again at the end.
 
     ``token_auth=False`` starts a local instance without Ray's token authentication, which
     otherwise writes a token to ``~/.ray/auth_token`` (tests use it to stay hermetic).
@@ -49,10 +50,10 @@ def ray_instance(
     if not token_auth and address is None:
         os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        _init(ray, address, num_cpus, temp_dir)
         try:
+            _init(ray, address, num_cpus, temp_dir)
             yield ray
-        finally:
+        finally:  # also what an interrupted ray.init had started
             ray.shutdown()
     finally:
         if saved_auth is None:
@@ -63,17 +64,64 @@ def ray_instance(
 
 def _init(ray: ModuleType, address: str | None, num_cpus: int | None, temp_dir: object) -> None:
     """``ray.init`` for :func:`ray_instance`: quiet (warnings and worse), its failures a
-    :class:`BnfoldError` naming the ``address``."""
+    :class:`BnfoldError` naming the ``address``; a new local instance on loopback only.
+
+    ``ray.init`` sets a SIGTERM handler of its own that exits the process with status 15 (a
+    ``SystemExit``); a SIGTERM during ``ray.init`` is an interruption like Ctrl-C here (a
+    ``KeyboardInterrupt``), and a handler the caller had set is set again afterwards."""
     options: dict[str, object] = {"logging_level": logging.WARNING}
-    if address is None:
+    local = address is None and not os.environ.get("RAY_ADDRESS")  # ray.init joins RAY_ADDRESS
+    if local:
         options.update(
-            num_cpus=num_cpus, include_dashboard=False, _temp_dir=None if temp_dir is None else str(temp_dir)
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=None if temp_dir is None else str(temp_dir),
+            _system_config=dict(LOCAL_SYSTEM_CONFIG),  # a copy: ray.init adds to it
         )
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address=address, **options)
+        with _loopback_node() if local else contextlib.nullcontext():
+            ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = ("the Ray cluster at ", Param("address"), f" {address!r}") if address else ("a local Ray instance",)
+        if local:
+            where: tuple[Part, ...] = ("a local Ray instance",)
+        elif address:
+            where = ("the Ray cluster at ", Param("address"), f" {address!r}")
+        else:
+            where = (f"RAY_ADDRESS {os.environ['RAY_ADDRESS']!r}",)
         raise BnfoldError("cannot start or join ", *where, f": {first_line(exc)}") from exc
+    except SystemExit as exc:  # what Ray's own SIGTERM handler, set by ray.init, raises meanwhile
+        if exc.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from exc
+    finally:
+        if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            signal.signal(signal.SIGTERM, on_sigterm)  # the caller's handler, which ray.init replaced
+
+
+# A local instance exports no metrics: nothing of bnfold reads them, and the agent's metrics port
+# is one listening socket fewer.
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """A local Ray instance started meanwhile takes 127.0.0.1 as its node address, and so binds
+    every server it opens to loopback: the GCS, the raylet's node and object managers, the
+    workers, the dashboard and runtime-env agents, the metrics exporters (each binds to localhost
+    when the node address is a loopback one, and to all interfaces otherwise).
+
+    Ray 2.60 offers no option for this: ``ray.init(_node_ip_address="127.0.0.1")`` is turned back
+    into the machine's address, except where Ray runs without cluster support (its
+    ``ENABLE_RAY_CLUSTER``, false on macOS and Windows), which is what a local instance is."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -24,7 +24,7 @@ from ray.data import ActorPoolStrategy, Dataset
 
 from ..errors import BnfoldError, Param, UsageError
 from ..predictor import Predictor, check_top_k
-from ..staging import PATH, check_output_path, write_failed
+from ..staging import PATH, check_output_path, publish_mode, write_failed
 from .actor import IMAGE_BYTES, InputColumns, PredictionActor, predict_rows, row_inputs
 from .cluster import bnfold_cause, default_cpus_per_actor, node_resources
 from .rows import PredictionRows
@@ -161,7 +161,8 @@ def write_predictions(predictions: Dataset, path: str | os.PathLike[str]) -> Pre
     or an object-store URL); count its rows and failed rows.
 
     A local ``path`` must not exist yet: the files are written into a temporary folder beside it,
-    renamed to ``path`` only when complete (nothing is left on failure or interrupt). An
+    renamed to ``path`` only when complete (nothing is left on failure or interrupt), with the mode
+    of a folder created under the umask. An
     object-store URL is written in place.
     """
     target = str(path)
@@ -176,6 +177,7 @@ def write_predictions(predictions: Dataset, path: str | os.PathLike[str]) -> Pre
         _run(lambda: predictions.write_parquet(staging, min_bytes_per_file=FILE_BYTES, ray_remote_args={"num_cpus": 0}))
         errors_column = pads.dataset(staging, format="parquet").to_table(columns=["error"]).column("error")
         if local:
+            publish_mode(staging)
             os.rename(staging, target)
     except BaseException:
         if local:

@@ -1,7 +1,8 @@
 """The model server's HTTP API (FastAPI): ``POST /predict``, ``GET /metadata``, ``GET /health``.
 
 Every answer to a request that fails is one line of JSON, ``{"error": "..."}``, with a 4xx status
-for what the client can fix (401 token, 400 input, 413 body too large, 415 media type) and 500
+for what the client can fix (401 token, 400 input, 408 body not received in time, 413 body too
+large or decoding to too many elements, 415 media type) and 500
 for a bug, whose traceback goes to the server log only. With a token, ``/predict`` and
 ``/metadata`` answer 401 before reading the body; ``/health`` stays open for load balancers.
 """
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BnfoldError, first_line
 from ..predictor import Predictor
 from .auth import authorized
-from .payloads import ARRAY_TYPES, ARRAYS, answer, body_kind, decode_body, json_bytes
+from .bodies import BodyReaders, RequestError
+from .payloads import ARRAY_TYPES, ARRAYS, TooLargeError, answer, body_kind, decode_body, json_bytes
 
 # Serve's replica logger: what it logs lands in the replica's log file (with the request id).
 logger = logging.getLogger("ray.serve")
@@ -30,12 +32,21 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """How the API answers: the largest body it reads, the digest of the bearer token it wants
-    (``None``: no authentication) and the classes it lists per item of a classifier."""
+    """How the API answers: the largest body it reads and how long it waits for one, the digest
+    of the bearer token it wants (``None``: no authentication) and the classes it lists per item
+    of a classifier."""
 
     max_body_bytes: int
     token_digest: str | None
     top_k: int
+    body_timeout_s: float
+
+    @property
+    def max_elements(self) -> int:
+        """The most elements a body may decode to: one per byte of the body limit, which no
+        uncompressed array and no JSON body can exceed, so only compressed ``.npz`` files and
+        images reach it."""
+        return self.max_body_bytes
 
 
 ENDPOINTS = "POST /predict, GET /metadata, GET /health"
@@ -51,17 +62,10 @@ class ModelService(Protocol):
     def metadata(self) -> dict[str, Any]: ...
 
 
-class RequestError(Exception):
-    """A request the API refuses with ``status`` and a one-line ``message``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def build_api(service: ModelService, settings: ApiSettings) -> FastAPI:
     """The FastAPI app answering for ``service`` (no docs pages: the API is the README's)."""
     app = FastAPI(title="bnfold", docs_url=None, redoc_url=None, openapi_url=None)
+    bodies = BodyReaders()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -76,7 +80,7 @@ def build_api(service: ModelService, settings: ApiSettings) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        return await _answer(request, settings, lambda: _predict(request, service, settings))
+        return await _answer(request, settings, lambda: _predict(request, service, settings, bodies))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -98,7 +102,9 @@ async def _answer(request: Request, settings: ApiSettings, work: Callable[[], Aw
     try:
         return _json_response(await work())
     except RequestError as exc:
-        return _json_response({"error": str(exc)}, exc.status)
+        return _json_response({"error": str(exc)}, exc.status, exc.headers)
+    except TooLargeError as exc:
+        return _json_response({"error": str(exc)}, 413)
     except BnfoldError as exc:  # the input does not fit the model
         return _json_response({"error": first_line(exc)}, 400)
     except Exception:
@@ -106,9 +112,11 @@ async def _answer(request: Request, settings: ApiSettings, work: Callable[[], Aw
         return _json_response({"error": "internal error; the server log has the traceback"}, 500)
 
 
-async def _predict(request: Request, service: ModelService, settings: ApiSettings) -> dict[str, Any]:
-    """Decode the body (off the event loop unless it is a cheap array file), run it batched
-    with other requests, and answer with its outputs."""
+async def _predict(
+    request: Request, service: ModelService, settings: ApiSettings, bodies: BodyReaders
+) -> dict[str, Any]:
+    """Read the body (see :mod:`bnfold.on_ray.bodies`), decode it (off the event loop unless it
+    is a cheap array file), run it batched with other requests, and answer with its outputs."""
     kind = body_kind(request.headers.get("content-type"))
     if kind is None:
         raise RequestError(
@@ -116,34 +124,15 @@ async def _predict(request: Request, service: ModelService, settings: ApiSetting
             f"unsupported Content-Type {request.headers.get('content-type')!r}: send application/json, "
             f"{', '.join(ARRAY_TYPES)} or an image/* file",
         )
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await bodies.read(request, settings.max_body_bytes, settings.body_timeout_s)
     predictor = service.predictor
     if kind == ARRAYS:
-        feeds = decode_body(body, kind, predictor)
+        feeds = decode_body(body, kind, predictor, settings.max_elements)
     else:  # JSON and images take milliseconds to decode: the event loop keeps batching meanwhile
-        feeds = await asyncio.to_thread(decode_body, body, kind, predictor)
+        feeds = await asyncio.to_thread(decode_body, body, kind, predictor, settings.max_elements)
     outputs = await service.infer(feeds)
     return answer(outputs, predictor, settings.top_k)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body; a 413 as soon as it is known to exceed ``limit`` bytes (from its
-    ``Content-Length`` before reading anything, or while reading a chunked body)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # the HTTP server already refused malformed ones
-        raise RequestError(413, _too_large(int(declared), limit))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, _too_large(size, limit))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json_bytes(body), status_code=status, headers=headers, media_type="application/json")
-
-
-def _too_large(size: int, limit: int) -> str:
-    return f"request body too large: {size} bytes, the limit is {limit} bytes ({limit / 2**20:g} MiB)"

@@ -3,6 +3,11 @@
 A body is JSON (``{"inputs": X}``, ``X`` a nested list with the batch axis, or an object of input
 name -> nested list), a ``.npy``/``.npz`` file, or one image file (for a model exported with
 preprocessing). Decoding reuses what ``bnfold predict`` reads files with; nothing here needs Ray.
+
+What a body decodes to is capped: arrays and images declare their size in their headers, which are
+read first, so a compressed body that would expand past the cap (an ``.npz`` of zeros, a huge
+blank PNG) is refused before anything is decompressed. A JSON body needs no check: it holds fewer
+numbers than bytes, and the caller caps its bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ..arrays import INPUT_KEYS, load_arrays, select_inputs
+from ..arrays import INPUT_KEYS, declared_elements, load_arrays, select_inputs
 from ..errors import UsageError, first_line
-from ..images import load_image
+from ..images import image_elements, load_image
 from ..predictor import Predictor, TensorSpec, class_label, top_k
 
 JSON = "json"
@@ -30,6 +35,10 @@ BODY = "request body"
 # their own precision (a float32 as its shortest float32 form), some 15x faster than json.dumps of
 # tolist() for a 1,000-class answer; NaN and infinities become null, as JSON has neither.
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class TooLargeError(UsageError):
+    """A body that would decode to more elements than the server decodes per request."""
 
 
 def body_kind(content_type: str | None) -> str | None:
@@ -45,15 +54,19 @@ def body_kind(content_type: str | None) -> str | None:
     return None
 
 
-def decode_body(body: bytes, kind: str, predictor: Predictor) -> dict[str, np.ndarray]:
+def decode_body(body: bytes, kind: str, predictor: Predictor, max_elements: int) -> dict[str, np.ndarray]:
     """The checked model feeds (input name -> array with the batch axis) a body of ``kind``
-    holds; a one-line :class:`UsageError` naming the problem if it holds none."""
+    holds; a one-line :class:`UsageError` naming the problem if it holds none, a
+    :class:`TooLargeError` if its arrays or image would decode to more than ``max_elements``
+    elements (known from their headers, before decoding)."""
     specs = predictor.inputs
     if kind == IMAGE:
         if len(specs) != 1:
             raise UsageError(f"{BODY}: an image is one input, but this model has {len(specs)}: send JSON or .npz")
+        _check_size(image_elements(io.BytesIO(body)), max_elements, "its image decodes to")
         arrays = [load_image(io.BytesIO(body), predictor.image_preprocessing(), name=BODY)[None]]
     elif kind == ARRAYS:
+        _check_size(declared_elements(body, BODY), max_elements, "its arrays hold")
         arrays = select_inputs(_known(load_arrays(io.BytesIO(body), BODY), specs), [s.name for s in specs], BODY)
     else:
         arrays = select_inputs(_known(_json_arrays(body, specs), specs), [s.name for s in specs], BODY)
@@ -62,6 +75,13 @@ def decode_body(body: bytes, kind: str, predictor: Predictor) -> dict[str, np.nd
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UsageError(f"{BODY}: input '{name}' holds NaN or infinite values, which the model gives no meaning")
     return feeds
+
+
+def _check_size(elements: int, limit: int, what: str) -> None:
+    if elements > limit:
+        raise TooLargeError(
+            f"{BODY}: {what} {elements:,} values, more than the {limit:,} this server decodes per request"
+        )
 
 
 def _known(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

@@ -16,19 +16,20 @@ one to be batched with: it goes to the run queue at once instead of waiting ``ba
 from __future__ import annotations
 
 import asyncio
-import json
+import ipaddress
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI
 from ray import serve
 
 from .. import __version__
 from ..batching import plan_batches
-from ..metadata import FOLD_REPORT_KEY, VERSION_KEY
-from ..predictor import Predictor, TensorSpec
+from ..predictor import Predictor
+from ..predictor.summary import model_summary
 from .cluster import actor_device, actor_threads
 from .http import ApiSettings, build_api
 from .run_queue import RunQueue, rows_of
@@ -57,6 +58,7 @@ class ModelReplica:
     """A model server replica; Ray Serve creates it with :class:`ReplicaSettings`."""
 
     def __init__(self, settings: ReplicaSettings) -> None:
+        _replica_grpc_on_loopback()
         self.settings = settings
         self.threads = actor_threads()
         self.predictor = Predictor(settings.model_path, device=actor_device(), threads=self.threads, spin_wait=False)
@@ -97,22 +99,15 @@ class ModelReplica:
         return self._runs.submit(chunks)
 
     def metadata(self) -> dict[str, Any]:
-        """What ``GET /metadata`` answers: the model's inputs, outputs, the image sizes a
-        dynamic-size model takes, labels, preprocessing and fold report, where this replica runs
-        it, and how it batches."""
-        predictor, meta = self.predictor, self.predictor.metadata
-        preprocess = predictor.preprocess
+        """What ``GET /metadata`` answers: the model (see :func:`bnfold.predictor.summary.model_summary`:
+        inputs, outputs, labels, preprocessing, weights, fold report, INT8 facts), where this
+        replica runs it, and how it batches."""
+        predictor = self.predictor
         return {
             "model": os.path.basename(predictor.path),
-            "inputs": [_describe(s) for s in predictor.inputs],
-            "outputs": [_describe(s) for s in predictor.outputs],
-            "image_sizes": {name: sizes.to_dict() for name, sizes in predictor.image_sizes.items()},
-            "labels": predictor.labels,
-            "preprocessing": asdict(preprocess) if preprocess is not None else None,
+            **model_summary(predictor),
             "device": {"device": predictor.device, "providers": predictor.providers, "threads": self.threads},
             "bnfold_version": __version__,
-            "exported_with": meta.get(VERSION_KEY),
-            "fold_report": _json_or_none(meta.get(FOLD_REPORT_KEY)),
             "batching": {
                 "max_batch_size": self.settings.max_batch_size,
                 "batch_wait_ms": self.settings.batch_wait_ms,
@@ -121,17 +116,16 @@ class ModelReplica:
         }
 
 
-def _describe(spec: TensorSpec) -> dict[str, Any]:
-    """Name, shape (``null`` for a free dimension such as the batch axis) and dtype."""
-    return {
-        "name": spec.name,
-        "shape": [d if isinstance(d, int) else None for d in spec.shape],
-        "dtype": spec.dtype.name,
-    }
+def _replica_grpc_on_loopback() -> None:
+    """On a node whose address is loopback (a local instance of ``bnfold serve``: see
+    :func:`bnfold.on_ray.cluster.ray_instance`), bind this replica's inter-deployment gRPC server
+    to 127.0.0.1 like every other server of the node. Ray Serve 2.60 binds it to all interfaces
+    whatever the node's address (``"[::]:0"``, written in ``ray.serve._private.replica``), once
+    the replica's constructor has run; with Ray's token authentication off it would then take
+    unauthenticated requests from other machines."""
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+    from ray.serve._private import replica as serve_replica
 
-
-def _json_or_none(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text else None
-    except ValueError:
-        return None
+    bind = serve_replica.add_port_to_grpc_server
+    serve_replica.add_port_to_grpc_server = lambda server, address: bind(server, address.replace("[::]", "127.0.0.1"))

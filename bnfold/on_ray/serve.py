@@ -68,10 +68,12 @@ def _application(model: str | Path, options: ServeOptions) -> Any:
     import ray
 
     from .auth import token_digest
+    from .bodies import BODY_SLOTS
     from .http import ApiSettings
     from .replica import ModelReplica, ReplicaSettings
 
-    api = ApiSettings(options.max_body_bytes, token_digest(options.token) if options.token else None, options.top_k)
+    digest = token_digest(options.token) if options.token else None
+    api = ApiSettings(options.max_body_bytes, digest, options.top_k, options.body_timeout_s)
     lowest, highest = options.replica_range
     scaling: dict[str, Any] = (
         {"num_replicas": lowest}
@@ -89,7 +91,9 @@ def _application(model: str | Path, options: ServeOptions) -> Any:
         cpus = default_cpus_per_actor(highest, node_resources()) if ray.is_initialized() else 1.0
     deployment = ModelReplica.options(
         name=APP_NAME,
-        max_ongoing_requests=ONGOING_PER_BATCH_ROW * options.max_batch_size,
+        # Enough for batching, and for the requests that wait for their body (which the body
+        # slots keep to a few, so that clients sending slowly leave the rest free).
+        max_ongoing_requests=ONGOING_PER_BATCH_ROW * options.max_batch_size + BODY_SLOTS,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": cpus, "num_gpus": options.gpus_per_replica},
         **scaling,

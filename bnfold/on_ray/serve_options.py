@@ -11,6 +11,7 @@ from ..predictor import check_top_k
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_MAX_BODY_MB = 32.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_TOP_K = 5
 # Requests a replica takes at once, per row of its largest batch: enough waiting behind the
 # running batch to fill the next one (Serve's default of 5 would cap every batch at 5).
@@ -29,7 +30,8 @@ class ServeOptions:
     the replicas). ``gpus_per_replica`` > 0: the replica runs on CUDA. Requests are run together
     in batches of up to ``max_batch_size`` rows, waiting up to ``batch_wait_ms`` to fill one (a
     request alone on an idle replica runs at once).
-    Bodies over ``max_body_mb`` MiB are refused. ``token``: requests must carry
+    Bodies over ``max_body_mb`` MiB are refused, and so are those not received within
+    ``body_timeout_s`` seconds (see :mod:`bnfold.on_ray.bodies`). ``token``: requests must carry
     ``Authorization: Bearer <token>``. Classifiers answer with their ``top_k`` best classes.
     """
 
@@ -39,6 +41,7 @@ class ServeOptions:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     max_body_mb: float = DEFAULT_MAX_BODY_MB
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     token: str | None = field(default=None, repr=False)
     top_k: int = DEFAULT_TOP_K
 
@@ -50,6 +53,7 @@ class ServeOptions:
             )
         _check(self.max_batch_size > 0, "max_batch_size", "must be positive", self.max_batch_size)
         _check(self.max_body_mb > 0, "max_body_mb", "must be positive", self.max_body_mb)
+        _check(self.body_timeout_s > 0, "body_timeout_s", "must be positive", self.body_timeout_s)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "must not be negative", self.batch_wait_ms)
         _check(self.gpus_per_replica >= 0, "gpus_per_replica", "must not be negative", self.gpus_per_replica)
         if self.cpus_per_replica is not None:

@@ -14,7 +14,6 @@ import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,48 +26,34 @@ from ray.data.extensions import ArrowTensorArray
 from ..arrays import select_inputs, stream_arrays
 from ..errors import Param, UsageError, first_line
 from ..images import IMAGE_SUFFIXES
+from ..inputs import ARRAY_SUFFIXES, IMAGES, TABLES, local_inputs, one_kind
 from ..predictor import TensorSpec
 
-IMAGES, ARRAYS, TABLES = "images", "arrays", "tables"
-ARRAY_SUFFIXES = (".npy", ".npz")
-TABLE_SUFFIXES = (".parquet",)
-_KINDS = {**dict.fromkeys(IMAGE_SUFFIXES, IMAGES), **dict.fromkeys(ARRAY_SUFFIXES, ARRAYS), ".parquet": TABLES}
 # Rows of one array file per block: about this many bytes of samples.
 BLOCK_BYTES = 64 << 20
 # Files read on the driver, before the job, to find a row that fits the model (see InputRows).
 FIRST_FILES_CHECKED = 8
 
 
-def input_kind(path: str) -> str:
-    """``"images"``, ``"arrays"`` or ``"tables"`` (parquet): from the name's suffix; a local
-    folder by the first file in it with a known suffix; other names (object-store prefixes) are
-    read as folders of images."""
-    suffix = Path(path.rstrip("/")).suffix.lower()
-    if suffix in _KINDS:
-        return _KINDS[suffix]
-    if os.path.isdir(path):
-        for _, _, files in os.walk(path):
-            for name in sorted(files):
-                if Path(name).suffix.lower() in _KINDS and not name.startswith((".", "_")):
-                    return _KINDS[Path(name).suffix.lower()]
-        raise UsageError(f"{path}: no image, .npy/.npz or .parquet files in this folder")
-    if "://" not in path and not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
-    return IMAGES
-
-
-def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """``paths`` with local glob patterns (``data/*.npy``) replaced by the files they match."""
-    expanded = []
+def input_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, list[str]]:
+    """The kind and the files or object-store URLs that ``paths`` name: local glob patterns
+    (``data/*.npy``) expanded, local folders listed as ``bnfold predict`` lists them
+    (:mod:`bnfold.inputs`), object-store URLs kept for Ray to list; a :class:`UsageError` if they
+    mix kinds."""
+    files: list[str] = []
     for path in map(str, paths):
-        if "://" not in path and any(c in path for c in "*?["):
+        if "://" in path:
+            files.append(path)
+        elif any(c in path for c in "*?["):
             matches = sorted(glob.glob(path, recursive=True))
             if not matches:
                 raise UsageError(f"{path}: no file matches this pattern")
-            expanded.extend(matches)
+            files += map(str, local_inputs(matches))
         else:
-            expanded.append(path)
-    return expanded
+            files += map(str, local_inputs([path]))
+    if not files:
+        raise UsageError(Param("data"), " names no input")
+    return one_kind(files, Param("data")), files
 
 
 @dataclass(frozen=True)
@@ -106,16 +91,13 @@ class InputRows:
 
 
 def read_inputs(paths: Sequence[str | os.PathLike[str]], inputs: Sequence[TensorSpec], concurrency: int) -> InputRows:
-    """The inputs at ``paths``: image files, ``.npy``/``.npz`` arrays or parquet tables, all of one
-    kind, for a model with ``inputs``. ``concurrency``: read tasks at a time. Read tasks reserve no
-    CPU: the prediction actors, which decode the files, hold the CPUs."""
-    files = expand_paths(paths)
-    if not files:
-        raise UsageError(Param("data"), " names no input")
-    kinds = {input_kind(path) for path in files}
-    if len(kinds) > 1:
-        raise UsageError(Param("data"), f" mixes {' and '.join(sorted(kinds))}: predict one kind of input at a time")
-    kind = kinds.pop()
+    """The inputs at ``paths`` (see :func:`input_files`): image files, ``.npy``/``.npz`` arrays or
+    parquet tables, all of one kind, for a model with ``inputs``. ``concurrency``: read tasks at a
+    time, at most one per file. Read tasks reserve no CPU: the prediction actors, which decode the
+    files, hold the CPUs."""
+    kind, files = input_files(paths)
+    if not any("://" in file for file in files):
+        concurrency = min(concurrency, len(files))
     try:  # Ray lists the files now: its errors say what it found (nothing, or no such path)
         if kind == TABLES:
             return InputRows(read_parquet(files, num_cpus=0, concurrency=concurrency), kind)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from ..batching import Batch, plan_batches, run_in_batches
 from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
 from ..images import group_by_size, load_images
-from ..metadata import Preprocess, from_metadata, image_sizes_from_metadata
+from ..metadata import Preprocess, from_metadata, image_sizes_from_metadata, int8_from_metadata
 from ..sizes import ImageSizes
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
@@ -68,11 +68,14 @@ class Predictor:
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         try:
             self.labels, self.preprocess = from_metadata(self.metadata)
+            self.int8: dict[str, Any] | None = int8_from_metadata(self.metadata)
+            """For a model bnfold exported with ``int8=True``: its calibration, float layers and
+            measured accuracy (see :meth:`bnfold.report.Int8Report.summary`); ``None`` otherwise."""
             self.image_sizes: dict[str, ImageSizes] = image_sizes_from_metadata(self.metadata)
             """The sizes each image-like input of a dynamic-size model takes, by input name."""
         except (ValueError, KeyError, TypeError, BnfoldError) as exc:
             raise ModelLoadError(
-                f"{self.path}: its labels/preprocessing/image size metadata is malformed ({exc})"
+                f"{self.path}: its labels/preprocessing/INT8/image size metadata is malformed ({exc})"
             ) from exc
 
     @property

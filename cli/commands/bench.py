@@ -25,18 +25,30 @@ from bnfold.staging import check_output_path
     show_default=True,
     help="Timed runs per variant and batch size (after 2 warm-up runs).",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also time bnfold's ONNX quantized to INT8 as `bnfold export --int8` quantizes it (no accuracy check), "
+    "and compare the file sizes.",
+)
+@click.option(
+    "--calibration", type=click.Path(), help="With --int8: calibration data (.npy/.npz), split as by bnfold export."
+)
 @click.option("--json", "json_path", type=click.Path(), help="Also write the medians and ratios as JSON here.")
 def bench_command(
     model: str,
     batch_sizes: str,
     repeats: int,
+    int8: bool,
+    calibration: str | None,
     json_path: str | None,
     *,
     loading: ModelOptions,
     input_shape: InputShapeOptions,
 ) -> None:
     """Time MODEL eager (original, folded, BN-free floor) and in ONNX Runtime (plain torch.onnx.export
-    vs bnfold, optimizations on and off) on the CPU; prints medians and ratios."""
+    vs bnfold, optimizations on and off; with --int8 also bnfold's INT8 model) on the CPU; prints
+    medians and ratios."""
     from bnfold.bench import bench  # imports torch: only when the command runs
 
     sizes = list(parse_shape(batch_sizes, parameter="batch_sizes", example="1,32"))
@@ -46,7 +58,14 @@ def bench_command(
     loaded = loading.load(model)
     example = loaded.example_inputs(shapes)
     report = bench(
-        loaded.module, example, name=model, batch_sizes=sizes, repeats=repeats, progress=for_stream(sys.stderr)
+        loaded.module,
+        example,
+        name=model,
+        batch_sizes=sizes,
+        repeats=repeats,
+        progress=for_stream(sys.stderr),
+        int8=int8,
+        calibration=calibration,
     )
     click.echo(str(report))
     if json_path:

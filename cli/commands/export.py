@@ -27,6 +27,7 @@ from bnfold.defaults import RECALIBRATION_BATCH_SIZE
 from bnfold.errors import VerificationError
 from bnfold.export_options import ExportOptions
 from bnfold.progress import for_stream
+from bnfold.report import Int8Report
 from bnfold.staging import check_output_path
 
 
@@ -101,7 +102,8 @@ def export_command(
         result = export(loaded.module, example, out, options, source=model, progress=progress)
     except VerificationError as exc:
         if report_path and exc.report is not None:
-            write_json(report_path, {"model": model, "passed": False, "verify": exc.report.to_dict()})
+            section = "int8" if isinstance(exc.report, Int8Report) else "verify"
+            write_json(report_path, {"model": model, "passed": False, section: exc.report.to_dict()})
         raise
     click.echo(f"Model: {model} ({loaded.format})")
     click.echo(str(result))

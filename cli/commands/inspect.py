@@ -1,8 +1,10 @@
-"""``bnfold inspect``: what export would do with each batch-norm, without exporting."""
+"""``bnfold inspect``: what export would do with each batch-norm, without exporting; for an
+exported ``.onnx`` file, what it is (inputs, outputs, weights' dtype or INT8, fold summary)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from bnfold.cli.flags import LibraryOption
@@ -37,7 +39,15 @@ def inspect_command(
     loading: ModelOptions,
     input_shape: InputShapeOptions,
 ) -> None:
-    """List every batch-norm of MODEL and what export would do with it, without exporting."""
+    """List every batch-norm of MODEL and what export would do with it, without exporting.
+
+    For an exported MODEL.onnx: its inputs, outputs, image size (fixed, or dynamic and the sizes it
+    takes), weights (float32, float16 or INT8, with the INT8 check's figures), fold summary, labels
+    and preprocessing.
+    """
+    if Path(model).suffix.lower() == ".onnx":
+        _inspect_onnx(model, as_json)
+        return
     from bnfold.folding import fold  # imports torch: only when the command runs
 
     shapes = input_shape.shapes()
@@ -57,3 +67,11 @@ def inspect_command(
         f"image size {report.size_summary()}"
     )
     click.echo(str(report))
+
+
+def _inspect_onnx(path: str, as_json: bool) -> None:
+    from bnfold.predictor import Predictor
+    from bnfold.predictor.summary import model_summary, summary_text
+
+    summary = model_summary(Predictor(path, device="cpu"))
+    click.echo(json.dumps({"model": path, **summary}, indent=2) if as_json else summary_text(path, summary))

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
@@ -15,12 +12,9 @@ from bnfold.cli.commands.predict_ray import predict_on_ray
 from bnfold.cli.flags import LibraryArgument
 from bnfold.cli.options import RayOptions, output_option, ray_options
 
-from bnfold.arrays import read_arrays, select_inputs
-from bnfold.batching import plan_batches
 from bnfold.errors import UsageError
-from bnfold.images import find_images, group_by_size
-from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, top_k
-from bnfold.progress import Progress, for_stream
+from bnfold.predictor import DEVICES, CudaUnavailableWarning, Predictor, check_top_k, class_label, predict_files, top_k
+from bnfold.progress import for_stream
 from bnfold.staging import atomic_write, check_output_path
 
 DEFAULT_PREDICT_BATCH = 32
@@ -43,6 +37,7 @@ DEFAULT_PREDICT_BATCH = 32
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes printed per sample (2-D outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of text.")
 @ray_options
+@click.option("--verbose", is_flag=True, help="With --ray: show Ray's own log lines and messages, hidden otherwise.")
 def predict_command(
     onnx_model: str,
     inputs: tuple[str, ...],
@@ -52,9 +47,11 @@ def predict_command(
     top_k: int,
     as_json: bool,
     scale: RayOptions,
+    verbose: bool,
 ) -> None:
-    """Run ONNX_MODEL on INPUTS: a .npy/.npz file, or image files and folders of images (with
-    the preprocessing the model was exported with).
+    """Run ONNX_MODEL on INPUTS: .npy/.npz files, or image files (with the preprocessing the
+    model was exported with), or folders of them (read recursively; names starting with . or _
+    skipped).
 
     With --ray: on Ray Data, over any number of image, .npy/.npz or parquet files, folders, glob
     patterns or object-store URLs, writing one row per item to -o OUT.parquet.
@@ -63,8 +60,10 @@ def predict_command(
     if scale.ray:
         if as_json or device != "auto":
             raise UsageError(f"{'--json' if as_json else '--device'} does not apply to --ray (see --gpus-per-actor)")
-        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale)
+        predict_on_ray(onnx_model, inputs, output, batch_size, top_k, scale, verbose)
         return
+    if verbose:
+        raise UsageError("--verbose needs --ray")
     check_top_k(top_k)
     if output:
         check_output_path(output)
@@ -73,17 +72,8 @@ def predict_command(
         predictor = Predictor(onnx_model, device=device, batch_size=batch_size)
     for warning in caught:
         click.echo(f"bnfold: warning: {warning.message}", err=True)
-    names, predict_batch, order = _prediction_source(predictor, inputs)
-    plan = [batch for group in _groups(order) for batch in _planned(group, batch_size)]
-    progress = for_stream(sys.stderr) if len(plan) > 3 else Progress()
-    progress.start(f"Predicting {len(names)} sample(s) on {predictor.device}")
-    parts: list[dict[str, np.ndarray]] = []
-    for done, batch in enumerate(plan):
-        result = predict_batch(batch)
-        parts.append(result if isinstance(result, dict) else {predictor.outputs[0].name: result})
-        progress.advance(done + 1, len(plan))
-    progress.finish()
-    outputs = _in_order(parts, [i for group in order for i in group])
+    predictions = predict_files(predictor, inputs, progress=for_stream(sys.stderr))
+    names, outputs = predictions.names, predictions.outputs
     if output:
         _write_npz(output, outputs)
     _print_predictions(next(iter(outputs.values())), names, predictor.labels, top_k, as_json)
@@ -91,54 +81,7 @@ def predict_command(
         click.echo(f"Wrote {output}")
 
 
-def _prediction_source(
-    predictor: Predictor, inputs: tuple[str, ...]
-) -> tuple[list[str], Callable[[list[int]], Any], list[list[int]]]:
-    """(sample names, the predictions for a batch of them by index, the samples' groups): the
-    arrays of one .npy/.npz file (one group), or image files and folders read with the model's
-    preprocessing (a dynamic-size model's images keeping their own size are grouped by size: a
-    batch is of one size, never padded)."""
-    if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".npy", ".npz"):
-        arrays = select_inputs(read_arrays(inputs[0], "INPUT"), [s.name for s in predictor.inputs], inputs[0])
-        named = {s.name: a for s, a in zip(predictor.inputs, arrays)}
-        samples = arrays[0].shape[0]
-        return [str(i) for i in range(samples)], lambda rows: predictor.predict(_take(named, rows)), [range(samples)]
-    paths = [p for item in inputs for p in find_images(item)]
-    groups = group_by_size(paths, predictor.image_preprocessing())
-    return [str(p) for p in paths], lambda rows: predictor.predict_images([paths[i] for i in rows]), groups
-
-
-def _take(arrays: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
-    """The samples ``rows`` (consecutive) of every array."""
-    return {name: a[rows[0] : rows[-1] + 1] for name, a in arrays.items()}
-
-
-def _groups(order: list[list[int]]) -> list[list[int]]:
-    return [list(group) for group in order if len(group)]
-
-
-def _planned(group: list[int], batch_size: int) -> list[list[int]]:
-    """The batches of one group of samples (their indices), ``batch_size`` at a time."""
-    return [group[batch.rows] for batch in plan_batches(len(group), batch_size)]
-
-
-def _in_order(parts: list[dict[str, np.ndarray]], order: list[int]) -> dict[str, Any]:
-    """Each output of the batches ``parts`` (samples in the order ``order``) back in the samples'
-    order: one array, or, when samples give outputs of different shapes (a dynamic-size model's
-    segmentation of images of several sizes), a list of one array per sample."""
-    inverse = np.argsort(np.asarray(order))
-    outputs: dict[str, Any] = {}
-    for name in parts[0]:
-        pieces = [p[name] for p in parts]
-        if len({piece.shape[1:] for piece in pieces}) == 1:
-            outputs[name] = np.concatenate(pieces)[inverse]
-        else:
-            samples = [row for piece in pieces for row in piece]
-            outputs[name] = [samples[i] for i in inverse]
-    return outputs
-
-
-def _write_npz(path: str, outputs: dict[str, Any]) -> None:
+def _write_npz(path: str, outputs: dict[str, np.ndarray | list[np.ndarray]]) -> None:
     """Write ``outputs`` to ``path`` atomically (temp file beside it, then rename): an array per
     output, or ``<output>_<i>`` per sample of an output whose samples differ in shape."""
     arrays = {}

@@ -3,10 +3,10 @@ a parquet folder, with a one-line summary; exit code 6 when some rows failed."""
 
 from __future__ import annotations
 
-import logging
-
 import click
 from bnfold.cli.options import RayOptions
+from bnfold.cli.ray_output import ray_output
+from bnfold.cli.signals import sigterm_interrupts
 
 from bnfold.errors import EXIT_ROWS_FAILED, BnfoldError, UsageError
 
@@ -18,17 +18,22 @@ class RowsFailedError(BnfoldError):
 
 
 def predict_on_ray(
-    model: str, inputs: tuple[str, ...], output: str | None, batch_size: int, top_k: int, scale: RayOptions
+    model: str,
+    inputs: tuple[str, ...],
+    output: str | None,
+    batch_size: int,
+    top_k: int,
+    scale: RayOptions,
+    verbose: bool,
 ) -> None:
     """Predict ``inputs`` on Ray (a local instance, or the cluster at ``--ray-address``) into
-    ``output``, then print the summary."""
+    ``output``, then print the summary; Ray's own output only if ``verbose``."""
     if not output:
         raise UsageError("--ray writes its predictions to a parquet folder: give -o OUT.parquet")
     from bnfold.on_ray import predict_dataset, ray_instance, write_predictions
 
     actors = scale.pool()
-    with ray_instance(scale.ray_address):
-        _quiet_ray_data()
+    with sigterm_interrupts(), ray_output(verbose), ray_instance(scale.ray_address):
         predictions = predict_dataset(
             model,
             list(inputs),
@@ -49,9 +54,3 @@ def predict_on_ray(
         raise RowsFailedError(
             f"{summary.errors} of {summary.rows} rows failed: their 'error' column in {summary.path} says why"
         )
-
-
-def _quiet_ray_data() -> None:
-    """None of Ray Data's informational log lines (execution plans, and its progress, which it
-    logs every few seconds off a terminal); its progress bars stay, on a terminal."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)

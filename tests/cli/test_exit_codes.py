@@ -32,6 +32,7 @@ import bnfold.loading
 from bnfold import errors
 
 README = (ROOT / "README.md").read_text()
+CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +40,9 @@ def _repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
-def test_the_readme_documents_exactly_the_codes_the_cli_uses():
-    table = README.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+@pytest.mark.parametrize(("text", "heading"), [(README, "| exit code |"), (CLI_DOC, "## Exit codes")])
+def test_the_docs_document_exactly_the_codes_the_cli_uses(text, heading):
+    table = text.split(heading, 1)[1].split("\n\n", 2)[0 if heading.startswith("|") else 1]
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
     used = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
     assert documented == used == {0, 1, 2, 3, 4, 5, 6, 130}

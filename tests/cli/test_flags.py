@@ -161,6 +161,10 @@ def test_a_library_error_reaches_the_cli_with_the_flag(tmp_path, static):
         (["--keep-io-types"], "--keep-io-types only applies with --fp16"),
         (["--opset", "0"], "--opset must be a positive opset version"),
         (["--rules", "nonesuch"], "--rules: unknown fold rule(s) nonesuch"),
+        (["--int8", "--fp16"], "--int8 and --fp16 exclude each other"),
+        (["--int8"], "--int8 needs --calibration"),
+        (["--calibration-samples", "10"], "--calibration-samples only applies with --int8"),
+        (["--int8", "--calibration", "nonesuch.npz"], "--calibration nonesuch.npz: no such file or folder"),
     ],
 )
 def test_export_option_errors_name_the_flag_before_loading(tmp_path, args, flag):

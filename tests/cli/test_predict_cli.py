@@ -80,6 +80,20 @@ def test_predict_a_folder_of_images(shapes_onnx, tmp_path):
     assert [Path(r["sample"]).name for r in rows] == [f"{i}.png" for i in range(5)]
 
 
+def test_predict_a_folder_of_arrays_names_each_row_by_file_and_row(shapes_onnx, tmp_path):
+    x = np.load(SHAPES / "test.npz")["x"][:5]
+    np.save(tmp_path / "b.npy", x[3:])
+    np.savez(tmp_path / "a.npz", x=x[:3])
+    result = invoke("predict", shapes_onnx, tmp_path, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["sample"] for r in rows] == [f"{tmp_path / 'a.npz'}:{i}" for i in range(3)] + [
+        f"{tmp_path / 'b.npy'}:{i}" for i in range(2)
+    ]
+    best = bnfold.Predictor(shapes_onnx, device="cpu").predict(x).argmax(1)
+    assert [r["top_k"][0]["class"] for r in rows] == best.tolist()
+
+
 def test_the_input_is_run_in_batches_of_batch_size(shapes_onnx, monkeypatch):
     seen: list[int] = []
     real_predict = bnfold.Predictor.predict
@@ -202,7 +216,21 @@ PREDICT_ERRORS = {
         2,
         "not a readable image",
     ),
-    "empty-folder": (lambda t, m: ["predict", m, (t / "d", (t / "d").mkdir())[0]], 2, "no image files"),
+    "empty-folder": (lambda t, m: ["predict", m, (t / "d", (t / "d").mkdir())[0]], 2, "no input files"),
+    "mixed-sample-shapes": (
+        lambda t, m: [
+            "predict",
+            m,
+            *[(t / n, np.save(t / n, np.zeros((1, 3, s, s), np.float32)))[0] for n, s in (("a.npy", 16), ("b.npy", 8))],
+        ],
+        2,
+        "samples of input 'x' have shape (3, 16, 16) in",
+    ),
+    "parquet": (
+        lambda t, m: ["predict", m, (t / "x.parquet", (t / "x.parquet").write_text(""))[0]],
+        2,
+        "bnfold predict --ray",
+    ),
     "bad-device": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--device", "tpu"], 2, "tpu"),
     "bad-top-k": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--top-k", "0"], 2, "--top-k"),
     "bad-batch-size": (lambda t, m: ["predict", m, SHAPES / "test.npz", "--batch-size", "0"], 2, "--batch-size"),

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -97,8 +98,67 @@ def test_serve_answers_with_a_token_and_stops_cleanly_on_sigterm(digits_onnx, tm
             server.wait(timeout=30)
     output = started + "".join(iter(stdout.get, None)) + "".join(iter(stderr.get, None))
     assert "bnfold: stopped" in output and TOKEN not in output
+    # Nothing but bnfold's own lines: none of Ray's log lines (Serve's "Started Serve ...") nor the
+    # failed-task lines of Serve's shutdown ("(raylet) Task ServeController.graceful_shutdown failed").
+    assert [line for line in output.splitlines() if not line.startswith("bnfold: ")] == []
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command) of the processes below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], list(children.get(pid, []))
+    while pending:
+        child = pending.pop()
+        try:
+            found.append((child, (Path("/proc") / str(child) / "cmdline").read_bytes().decode(errors="replace")))
+        except OSError:
+            continue
+        pending += children.get(child, [])
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_before_serving_stops_the_start_up_with_130_and_leaves_nothing_running(digits_onnx, signum):
+    # A replica needing 64 CPUs never starts: the server can only be interrupted before it serves.
+    server = bnfold_serve(digits_onnx, "--port", free_port(), "--cpus-per-replica", 64)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not any("raylet" in command for _, command in descendants(server.pid)):  # Ray is starting
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate()
+            time.sleep(0.05)
+        started = [pid for pid, _ in descendants(server.pid)]
+        server.send_signal(signum)
+        out, err = server.communicate(timeout=STOP_TIMEOUT_S)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    assert server.returncode == 130, (out, err)
+    assert out == ""
+    assert err.strip().splitlines()[-1] == (
+        "bnfold: error: interrupted before the model server was serving; what had started is stopped"
+    )
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(running(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in started if running(pid)] == []
 
 
 def test_a_port_in_use_is_refused_naming_the_flag_before_ray_starts(digits_onnx):
@@ -118,6 +178,7 @@ def test_a_port_in_use_is_refused_naming_the_flag_before_ray_starts(digits_onnx)
         (["--max-batch-size", "0"], "--max-batch-size must be positive"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must not be negative"),
         (["--max-body-mb", "0"], "--max-body-mb must be positive"),
+        (["--body-timeout-s", "0"], "--body-timeout-s must be positive"),
         (["--cpus-per-replica", "0"], "--cpus-per-replica must be positive"),
         (["--top-k", "0"], "--top-k must be at least 1"),
         (["--port", "70000"], "--port must be between 0 and 65535 (got 70000)"),

@@ -366,3 +366,31 @@ def test_a_negative_running_var_is_named_as_such():
     model[1].running_var[2] = -0.5
     with pytest.raises(FoldError, match=r"batch-norm '1' has 1 negative running_var value\(s\) \(min -0.5\)"):
         fold(model, (random_input(2, 3, 6, 6),))
+
+
+class DecayingScale(nn.Module):
+    """A per-channel scale the forward updates after reading it: state, not a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("scale", torch.rand(1, 4, 1, 1, generator=torch.Generator().manual_seed(3)) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) * self.scale
+        self.scale.mul_(0.5)
+        return y
+
+
+def test_a_buffer_a_functional_program_declares_mutated_is_not_folded_as_a_constant():
+    """In a functionalised program (``run_decompositions``, as saved ``.pt2`` files may hold) the
+    update is a declared buffer mutation, not an in-place op: folding the scale's current value
+    would make every later call wrong, which a proof on one call cannot see."""
+    from bnfold.folding.capture import capture
+    from bnfold.folding.driver import fold_program
+
+    program = capture(DecayingScale().eval(), (random_input(2, 3, 5, 5),)).run_decompositions()
+    assert "scale" in program.graph_signature.buffers_to_mutate.values()
+    assert not [n for n in program.graph.nodes if str(n.target).endswith("_.Tensor")]  # no in-place op left
+    folded = fold_program(program)
+    assert not folded.applied and not folded.report.entries

@@ -58,6 +58,19 @@ def test_fp16_overflow_names_the_layer_and_the_value(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fp16_overflow_on_the_negative_side_is_caught_too(tmp_path):
+    """Every folded weight very negative, the largest one small: the range check is on magnitudes."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_().add_(0.1)  # all positive ...
+        model[1].weight.fill_(-1000.0)  # ... times s = -1e6: all below -65504
+        model[1].running_var.fill_(1e-6)
+        model[1].eps = 1e-9
+    with pytest.raises(bnfold.FoldError, match=r"does not fit float16: its largest magnitude is [0-9.]+e\+05"):
+        bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fp16_conversion_leaves_the_users_model_untouched(tmp_path):
     model = conv_bn()
     bnfold.export(model, (random_input(1, 3, 8, 8),), tmp_path / "m.onnx", fp16=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bnfold
+from bnfold.on_ray import cluster
 from bnfold.on_ray.actor import InputColumns, PredictionActor
 from bnfold.on_ray.cluster import bnfold_cause, default_cpus_per_actor, require_ray
 from bnfold.on_ray.rows import PredictionRows
@@ -63,3 +64,45 @@ def test_a_bnfold_error_raised_in_a_worker_is_found_in_rays_error(ray_cluster):
     cause = bnfold_cause(caught.value)
     assert isinstance(cause, bnfold.ModelLoadError) and str(cause) == "m.onnx cannot be loaded"
     assert bnfold_cause(ValueError("other")) is None
+
+
+class FakeRay:
+    """Records how ``ray.init`` was called, and whether Ray then saw itself without cluster
+    support (which gives a new node the address 127.0.0.1)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, bool]] = []
+
+    def init(self, **options) -> None:
+        from ray._private import ray_constants
+
+        self.calls.append((options, ray_constants.ENABLE_RAY_CLUSTER))
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "local"), [(None, None, True), ("auto", None, False), (None, "10.0.0.1:6379", False)]
+)
+def test_only_a_new_local_instance_is_started_on_loopback_without_metrics(monkeypatch, address, env, local):
+    from ray._private import ray_constants
+
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)  # ray.init(address=None) joins it
+    ray = FakeRay()
+    monkeypatch.setattr(cluster, "require_ray", lambda: ray)
+    with cluster.ray_instance(address):
+        pass
+    ((options, cluster_support),) = ray.calls
+    assert options["address"] == address
+    assert ("_system_config" in options) is local and cluster_support is not local
+    if local:
+        assert options["include_dashboard"] is False
+        assert options["_system_config"] == {"enable_metrics_collection": False}
+    assert ray_constants.ENABLE_RAY_CLUSTER  # as it was

@@ -4,13 +4,15 @@ starts."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import write_pngs
+from helpers import umask, write_pngs
 from torch import nn
 
 import bnfold
@@ -58,7 +60,9 @@ def test_npz_and_npy_files_give_one_row_per_sample_named_file_and_row(ray_cluste
     np.save(tmp_path / "b.npy", shapes_x[15:].astype(np.float64))
     out = tmp_path / "preds.parquet"
     inputs = [tmp_path / "a.npz", tmp_path / "b.npy"]
-    write_predictions(predict_dataset(shapes_onnx, inputs, batch_size=8, top_k=2, actors=(1, 1)), out)
+    with umask(0o027):
+        write_predictions(predict_dataset(shapes_onnx, inputs, batch_size=8, top_k=2, actors=(1, 1)), out)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o750  # a folder made under the umask, not mkdtemp's 0700
     rows = rows_of(out)
     items = [f"{tmp_path / 'a.npz'}:{i}" for i in range(15)] + [f"{tmp_path / 'b.npy'}:{i}" for i in range(9)]
     assert sorted(rows) == sorted(items)
@@ -167,7 +171,7 @@ PRECONDITIONS = {
         lambda t, m: (m, [_wrong_shape(t, m)[1], write_pngs(np.zeros((1, 3, 4, 4)), t / "i")[0]]),
         {},
         bnfold.UsageError,
-        "mixes arrays and images",
+        r"^`data` mixes arrays \(.*\.npy\) and images \(.*\.png\): predict one kind of input at a time$",
     ),
 }
 

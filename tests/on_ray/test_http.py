@@ -81,9 +81,10 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def api(predictor, *, token=None, limit=10_000, failure=None):
+def api(predictor, *, token=None, limit=10_000, failure=None, body_timeout_s=30.0):
     service = StandIn(predictor, failure)
-    return build_api(service, ApiSettings(limit, token_digest(token) if token else None, 2)), service
+    settings = ApiSettings(limit, token_digest(token) if token else None, 2, body_timeout_s)
+    return build_api(service, settings), service
 
 
 def test_predict_answers_outputs_and_top_k(predictor):
@@ -119,6 +120,38 @@ def test_a_chunked_body_over_the_limit_is_refused_while_reading(predictor):
     status, body, read = call(app, "POST", "/predict", chunks=[b"[" * 60, b"1" * 60, b"]" * 60])
     assert status == 413 and "limit is 100 bytes" in body["error"]
     assert len(read) == 2 and service.calls == 0
+
+
+def test_a_body_decoding_to_more_elements_than_the_body_limit_is_413_before_it_is_decoded(predictor):
+    app, service = api(predictor, limit=10_000)  # at most 10,000 bytes, decoding to 10,000 elements
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((25_000, 1, 2, 2), np.float32))  # 400 kB of zeros in 1 kB
+    assert len(buffer.getvalue()) < 10_000
+    npz = [("Content-Type", "application/x-npz")]
+    status, body, _ = call(app, "POST", "/predict", headers=npz, chunks=[buffer.getvalue()])
+    assert status == 413 and body["error"].startswith("request body: its arrays hold 100,000 values, more than")
+    assert service.calls == 0
+
+
+def test_a_body_not_received_in_time_is_408_and_the_connection_closed(predictor):
+    app, service = api(predictor, body_timeout_s=0.2)
+    sent = []
+
+    async def stalls():  # a part of the body, then nothing
+        if not sent:
+            sent.append(b"{")
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""}
+    asyncio.run(asyncio.wait_for(app(scope, stalls, send), 10))
+    start = next(m for m in sent if isinstance(m, dict) and m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if isinstance(m, dict) and "body" in m))
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert body == {"error": "request body not received within 0.2 s"} and service.calls == 0
 
 
 def test_an_unsupported_media_type_is_415(predictor):

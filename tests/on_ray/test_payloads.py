@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ from tiny_onnx import image_classifier, two_in_two_out
 
 import bnfold
 from bnfold.images import load_image
-from bnfold.on_ray.payloads import ARRAYS, IMAGE, JSON, answer, body_kind, decode_body, json_bytes
+from bnfold.on_ray import payloads
+from bnfold.on_ray.payloads import ARRAYS, IMAGE, JSON, TooLargeError, answer, body_kind, decode_body, json_bytes
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 1, 2, 2)
+LIMIT = 10**6  # elements a body may decode to
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +68,24 @@ def test_body_kind_from_the_content_type(header, kind):
 
 
 def test_json_npy_and_npz_bodies_give_the_same_feeds(classifier):
-    from_json = decode_body(json.dumps({"inputs": X.tolist()}).encode(), JSON, classifier)
-    from_npy = decode_body(npy(X), ARRAYS, classifier)
+    from_json = decode_body(json.dumps({"inputs": X.tolist()}).encode(), JSON, classifier, LIMIT)
+    from_npy = decode_body(npy(X), ARRAYS, classifier, LIMIT)
     buffer = io.BytesIO()
     np.savez(buffer, x=X)
-    from_npz = decode_body(buffer.getvalue(), ARRAYS, classifier)
+    from_npz = decode_body(buffer.getvalue(), ARRAYS, classifier, LIMIT)
     for feeds in (from_json, from_npy, from_npz):
         assert list(feeds) == ["x"] and feeds["x"].dtype == np.float32
         np.testing.assert_array_equal(feeds["x"], X)
 
 
 def test_json_integers_are_read_as_the_input_float_type(classifier):
-    feeds = decode_body(json.dumps({"inputs": [[[[0, 1], [2, 3]]]]}).encode(), JSON, classifier)
+    feeds = decode_body(json.dumps({"inputs": [[[[0, 1], [2, 3]]]]}).encode(), JSON, classifier, LIMIT)
     assert feeds["x"].dtype == np.float32 and feeds["x"].tolist() == [[[[0.0, 1.0], [2.0, 3.0]]]]
 
 
 def test_an_image_body_is_one_item_read_with_the_stored_preprocessing(classifier):
     pixels = np.array([[0, 64], [128, 255]], dtype=np.uint8)
-    feeds = decode_body(png(pixels), IMAGE, classifier)
+    feeds = decode_body(png(pixels), IMAGE, classifier, LIMIT)
     expected = load_image(io.BytesIO(png(pixels)), classifier.preprocess)[None]
     np.testing.assert_array_equal(feeds["x"], expected)
     np.testing.assert_allclose(feeds["x"].ravel(), (pixels.ravel() / 255 - 0.5) / 0.25, atol=1e-5)
@@ -89,12 +93,12 @@ def test_an_image_body_is_one_item_read_with_the_stored_preprocessing(classifier
 
 def test_several_inputs_by_name_in_json_and_npz(pair):
     a, b = np.ones((2, 3), np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
-    feeds = decode_body(json.dumps({"inputs": {"b": b.tolist(), "a": a.tolist()}}).encode(), JSON, pair)
+    feeds = decode_body(json.dumps({"inputs": {"b": b.tolist(), "a": a.tolist()}}).encode(), JSON, pair, LIMIT)
     assert list(feeds) == ["a", "b"]
     np.testing.assert_array_equal(feeds["b"], b)
     buffer = io.BytesIO()
     np.savez(buffer, a=a, b=b)
-    np.testing.assert_array_equal(decode_body(buffer.getvalue(), ARRAYS, pair)["a"], a)
+    np.testing.assert_array_equal(decode_body(buffer.getvalue(), ARRAYS, pair, LIMIT)["a"], a)
 
 
 @pytest.mark.parametrize(
@@ -121,23 +125,77 @@ def test_several_inputs_by_name_in_json_and_npz(pair):
 )
 def test_bad_bodies_are_one_line_usage_errors(classifier, body, kind, message):
     with pytest.raises(bnfold.UsageError) as caught:
-        decode_body(body, kind, classifier)
+        decode_body(body, kind, classifier, LIMIT)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def npz_bomb(elements: int) -> bytes:
+    """A compressed .npz of ``elements`` float32 zeros (a thousandth of their size)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((elements, 1, 2, 2), np.float32))
+    return buffer.getvalue()
+
+
+def test_a_compressed_bomb_is_refused_from_its_header_without_being_decompressed(classifier, monkeypatch):
+    body = npz_bomb(10**6)  # 4 million elements in 16 MB, sent as 16 kB
+    assert len(body) < 10**5
+
+    def not_decompressed(*args):
+        raise AssertionError("the body was decoded")
+
+    monkeypatch.setattr(payloads, "load_arrays", not_decompressed)
+    start = time.perf_counter()
+    with pytest.raises(TooLargeError, match=r"its arrays hold 4,000,000 values, more than the 100,000 this server"):
+        decode_body(body, ARRAYS, classifier, 100_000)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "values"),
+    [
+        (npy_header((10**13, 1, 2, 2)), ARRAYS, "40,000,000,000,000"),  # a .npy header without its data
+        (png(np.zeros((400, 300), np.uint8)), IMAGE, "120,000"),  # a blank image: its pixels
+        (png(np.zeros((200, 300, 3), np.uint8)), IMAGE, "180,000"),
+    ],
+)
+def test_arrays_and_images_over_the_element_limit_are_refused_from_their_headers(classifier, body, kind, values):
+    with pytest.raises(TooLargeError, match=f"{values} values, more than the 100,000"):
+        decode_body(body, kind, classifier, 100_000)
+
+
+def test_zip_members_that_are_not_arrays_count_their_bytes(classifier):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", npy(X))
+        archive.writestr("notes", b"\0" * 200_000)
+    with pytest.raises(TooLargeError, match="its arrays hold 200,008 values"):
+        decode_body(buffer.getvalue(), ARRAYS, classifier, 100_000)
+
+
+def test_bodies_at_the_element_limit_are_decoded(classifier):
+    assert decode_body(npy(X), ARRAYS, classifier, X.size)["x"].shape == X.shape
+    assert decode_body(png(np.zeros((2, 2), np.uint8)), IMAGE, classifier, 4)["x"].shape == (1, 1, 2, 2)
 
 
 def test_pickled_object_arrays_are_refused(classifier):
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(bnfold.UsageError, match=r"not a readable \.npy/\.npz file"):
-        decode_body(buffer.getvalue(), ARRAYS, classifier)
+        decode_body(buffer.getvalue(), ARRAYS, classifier, LIMIT)
 
 
 def test_images_need_stored_preprocessing_and_a_single_input(tmp_path, pair):
     plain = bnfold.Predictor(image_classifier(tmp_path / "plain.onnx", preprocess=False), device="cpu")
     with pytest.raises(bnfold.UsageError, match="no preprocessing metadata"):
-        decode_body(png(np.zeros((2, 2), np.uint8)), IMAGE, plain)
+        decode_body(png(np.zeros((2, 2), np.uint8)), IMAGE, plain, LIMIT)
     with pytest.raises(bnfold.UsageError, match="an image is one input, but this model has 2"):
-        decode_body(png(np.zeros((2, 2), np.uint8)), IMAGE, pair)
+        decode_body(png(np.zeros((2, 2), np.uint8)), IMAGE, pair, LIMIT)
 
 
 def test_a_classifier_answer_has_outputs_and_top_k_with_labels(classifier):
@@ -184,4 +242,4 @@ def test_json_bodies_with_nan_and_infinity_as_python_writes_them_are_read_and_re
     x = X.copy()
     x[0, 0, 0, 0], x[1, 0, 1, 1] = np.nan, np.inf
     with pytest.raises(bnfold.UsageError, match="input 'x' holds NaN or infinite values"):
-        decode_body(json.dumps({"inputs": x.tolist()}).encode(), JSON, classifier)
+        decode_body(json.dumps({"inputs": x.tolist()}).encode(), JSON, classifier, LIMIT)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,8 +68,35 @@ def test_6_some_rows_failed_the_rest_is_written(ray_cluster, shapes_onnx, shapes
     assert table.num_rows == 4 and table.column("error").null_count == 3
 
 
+def test_a_folder_is_read_the_same_way_locally_and_on_ray(ray_cluster, shapes_onnx, shapes_x, tmp_path):
+    folder = tmp_path / "photos"
+    write_pngs(shapes_x[:2], folder)
+    write_pngs(shapes_x[2:3], folder / "more" / "deeper")  # read at any depth
+    write_pngs(shapes_x[3:4], folder / "_skipped")  # names starting with _ or . are skipped
+    (folder / ".hidden.png").write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not an input")
+    local = invoke("predict", shapes_onnx, folder, "--json", "--device", "cpu")
+    assert local.exit_code == 0, local.stderr
+    on_ray = invoke("predict", shapes_onnx, folder, "--ray", "-o", tmp_path / "p.parquet")
+    assert on_ray.exit_code == 0, on_ray.stderr
+    items = sorted(row["item"] for row in pq.read_table(tmp_path / "p.parquet").to_pylist())
+    assert items == [json.loads(line)["sample"] for line in local.stdout.splitlines()]
+    assert items == [str(folder / "img_000.png"), str(folder / "img_001.png"), str(folder / "more/deeper/img_000.png")]
+
+
+def test_a_folder_mixing_kinds_is_a_usage_error_naming_both_locally_and_on_ray(ray_cluster, shapes_onnx, tmp_path):
+    write_pngs(np.zeros((1, 3, 16, 16)), tmp_path / "mixed")
+    np.save(tmp_path / "mixed" / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
+    for ray_args in ([], ["--ray", "-o", tmp_path / "p.parquet"]):
+        result = invoke("predict", shapes_onnx, tmp_path / "mixed", *ray_args)
+        assert result.exit_code == 2, result.stderr
+        assert "mixes arrays (" in result.stderr and "x.npy) and images (" in result.stderr
+    assert not (tmp_path / "p.parquet").exists()
+
+
 USAGE_ERRORS = {
     "ray-option-without-ray": (["--actors", "2"], 2, "--actors needs --ray"),
+    "verbose-without-ray": (["--verbose"], 2, "--verbose needs --ray"),
     "no-output": (["--ray"], 2, "--ray writes its predictions to a parquet folder: give -o OUT.parquet"),
     "json": (["--ray", "--json", "-o", "{tmp}/p.parquet"], 2, "--json does not apply to --ray"),
     "device": (["--ray", "--device", "cpu", "-o", "{tmp}/p.parquet"], 2, "--device does not apply to --ray"),
@@ -105,6 +134,56 @@ def test_ray_without_the_extra_installed_names_it(shapes_onnx, tmp_path, monkeyp
     assert result.stderr == (
         "bnfold: error: running on Ray needs Ray Data, which is not installed: pip install 'bnfold[ray]'\n"
     )
+
+
+def test_a_ray_run_prints_its_summary_and_the_actors_reports_and_none_of_rays_noise(shapes_onnx, shapes_x, tmp_path):
+    """A local instance as a user starts it (token authentication on, a HOME of its own): no Ray
+    log line, no core-worker error about actor arguments, no token notice."""
+    np.save(tmp_path / "x.npy", shapes_x[:4])
+    command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "-o", tmp_path / "p.parquet"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_MODE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "bnfold.cli.main", *map(str, command)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("4 rows, 0 failed") and len(result.stdout.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    assert lines and all("bnfold: prediction actor on " in line for line in lines), result.stderr
+
+
+def test_sigterm_during_a_ray_job_exits_130_and_leaves_no_output(shapes_onnx, shapes_x, tmp_path):
+    """SIGTERM (a service manager's stop) is Ctrl-C: once the job writes into its temporary folder,
+    the run stops with 130 and the one-line message, and nothing is left beside -o."""
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(tmp_path / "x.npy", np.repeat(shapes_x, 200, axis=0))  # long enough to be interrupted
+    command = ["predict", shapes_onnx, tmp_path / "x.npy", "--ray", "-o", out / "p.parquet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnfold.cli.main", *map(str, command)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.name.endswith(".tmp") for p in out.iterdir()):  # the job is writing
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never started writing"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "bnfold: error: interrupted; nothing was written"
+    assert list(out.iterdir()) == []
 
 
 # A Ray instance of 1 CPU in its own process, as a cluster to join: prints its address, stops when

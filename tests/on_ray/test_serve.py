@@ -4,16 +4,23 @@ share batches, bad requests get 4xx and the server keeps serving, tokens, a kill
 from __future__ import annotations
 
 import io
+import os
+import select
+import socket
+import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import serve_fixtures
+from listeners import listeners
 from PIL import Image
-from serve_fixtures import post_json, request
+from serve_fixtures import REQUEST_TIMEOUT_S, post_json, request
 from tiny_onnx import two_in_two_out
 
 import bnfold
@@ -156,6 +163,47 @@ def test_a_request_alone_on_the_replica_does_not_wait_for_a_batch(digits, test_x
     assert sorted(times)[1] < BATCH_WAIT_MS / 1000 / 2
 
 
+STALLED_CLIENTS = 40  # more than a replica's body slots (32)
+
+
+def test_clients_stalling_their_body_do_not_hold_up_the_others(digits, test_x):
+    """Clients that send their headers and then no body: a normal client is still answered about
+    as fast as before, and the stalled clients that give up their slot get a 408 and a closed
+    connection (the others, 408 once the body time limit is over)."""
+    body, headers = npy(test_x[:1]), {"Content-Type": "application/x-npy"}
+
+    def latency() -> float:
+        started = time.perf_counter()
+        status, answer = request(f"{digits}/predict", body, headers)
+        assert status == 200, answer
+        return time.perf_counter() - started
+
+    latency()  # warm
+    baseline = statistics.median(latency() for _ in range(5))
+    url = urlparse(digits)
+    head = (
+        f"POST {url.path}/predict HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/x-npy\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stalled = [
+        socket.create_connection((url.hostname, url.port), timeout=REQUEST_TIMEOUT_S) for _ in range(STALLED_CLIENTS)
+    ]
+    try:
+        for client in stalled:
+            client.sendall(head)
+        loaded = statistics.median(latency() for _ in range(5))
+        answered = []
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while not answered and time.monotonic() < deadline:  # the replies of the evicted ones are on their way
+            answered, _, _ = select.select(stalled, [], [], deadline - time.monotonic())
+        replies = [client.recv(100) for client in answered]
+    finally:
+        for client in stalled:
+            client.close()
+    assert loaded < max(4 * baseline, baseline + 1.0), (baseline, loaded)
+    assert replies and all(reply.startswith(b"HTTP/1.1 408 ") for reply in replies), replies
+
+
 BAD_REQUESTS = [
     ({"Content-Type": "application/json"}, b'{"inputs": [[1, 2, 3]]}', 400, "expected shape Nx1x8x8, got 1x3"),
     ({"Content-Type": "application/json"}, b'{"inputs": [[[1]], [[2, 3]]]}', 400, "not a rectangular nested list"),
@@ -179,6 +227,16 @@ def test_each_bad_request_gets_its_4xx_and_the_next_good_one_succeeds(digits, lo
         np.testing.assert_allclose(answer["outputs"], local.predict(good), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_every_port_of_the_local_ray_instance_listens_on_loopback_only(digits, serve_url):
+    """GCS, raylet, workers, agents, metrics exporters, Serve's controller, proxy and replicas."""
+    assert request(f"{digits}/health")[0] == 200
+    sockets = listeners(os.getpid())
+    assert any(s.port == urlparse(serve_url).port for s in sockets), sockets  # the listing sees Ray's processes
+    assert len({s.pid for s in sockets}) >= 4, sockets
+    assert [s for s in sockets if not s.loopback] == []
+
+
 def test_metadata_and_health(digits, local):
     assert request(f"{digits}/health") == (200, {"status": "ok"})
     status, meta = request(f"{digits}/metadata")
@@ -189,6 +247,7 @@ def test_metadata_and_health(digits, local):
     assert meta["device"] == {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 1}
     assert meta["bnfold_version"] == bnfold.__version__ and meta["exported_with"] == bnfold.__version__
     assert meta["fold_report"]["folded"] == meta["fold_report"]["batch_norms"] > 0
+    assert meta["weight_dtype"] == "float32" and meta["int8"] is None  # what bnfold inspect MODEL.onnx says
     assert meta["batching"]["max_batch_size"] == MAX_BATCH
 
 
@@ -284,6 +343,7 @@ def _replica_actor(ray, app: str) -> tuple[str, str]:
         ({"replicas": (3, 2)}, "`replicas` must be at least 1, or \\(min, max\\)"),
         ({"max_batch_size": 0}, "`max_batch_size` must be positive"),
         ({"max_body_mb": 0}, "`max_body_mb` must be positive"),
+        ({"body_timeout_s": 0}, "`body_timeout_s` must be positive"),
         ({"batch_wait_ms": -1}, "`batch_wait_ms` must not be negative"),
         ({"gpus_per_replica": -0.5}, "`gpus_per_replica` must not be negative"),
         ({"cpus_per_replica": 0}, "`cpus_per_replica` must be positive"),

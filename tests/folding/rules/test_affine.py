@@ -232,3 +232,16 @@ def test_a_constant_with_a_batch_axis_of_its_own_is_no_affine_map():
     model = ConvThen(lambda m, y: y * m.c, (2, 4, 1, 1)).eval()
     result = assert_fold_exact(model, random_input(2, 3, 5, 5), [], dynamic_batch=False)
     assert graph_ops(result, "mul") == 1
+
+
+@pytest.mark.parametrize("op", [torch.add, torch.sub], ids=["add", "sub"])
+def test_an_add_or_sub_with_alpha_is_no_affine_map(op):
+    """``add(y, c, alpha=3)`` is ``y + 3c``: read as a shift of ``c``, it would fold the wrong
+    shift (the float64 proof would undo it, which ``assert_fold_exact`` also fails on)."""
+    model = ConvThen(lambda m, y: op(y, m.c, alpha=3.0), (1, 4, 1, 1)).eval()
+    x = random_input(2, 3, 5, 5)
+    result = assert_fold_exact(model, x, [])
+    assert graph_ops(result, op.__name__) == 1
+    m = float64_copy(model)
+    y = m.conv(x.double())
+    assert_wrong(op(y, m.c, alpha=3.0), op(y, m.c))  # the shift without alpha
