@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -101,3 +102,9 @@ def test_preprocessing_keeps_each_images_size_only_with_a_dynamic_size(tmp_path)
             model(UNetLike), (random_input(1, 3, 32, 32),), tmp_path / "m.onnx", dynamic_size=True, preprocess=odd
         )
     assert not Path(tmp_path / "m.onnx").exists()
+
+
+def test_int8_does_not_take_a_dynamic_size_yet(tmp_path):
+    np.save(tmp_path / "calibration.npy", np.zeros((4, 3, 32, 32), np.float32))
+    with pytest.raises(bnfold.UsageError, match=r"`int8=True` does not take `dynamic_size=True` \(yet\)"):
+        bnfold.ExportOptions(int8=True, calibration=tmp_path / "calibration.npy", dynamic_size=True)
