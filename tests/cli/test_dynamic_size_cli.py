@@ -1,5 +1,5 @@
 """``--dynamic-size`` on the command line: export states the sizes and verifies at three, the
-preprocessing keeps each image's size, inspect says fixed or dynamic, predict runs images of
+preprocessing keeps each image's size, inspect (of the model or the ONNX file) says fixed or dynamic, predict runs images of
 several sizes, and a model that fixes its size is exit 3 naming the flag."""
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def test_export_states_the_sizes_and_verifies_at_three(unet_onnx):
     predictor = Predictor(path, device="cpu")
     assert predictor.preprocess.size is None  # the stored preprocessing keeps each image's size
     assert predictor.image_sizes["x"].example == (32, 32)
+    inspected = invoke("inspect", path)
+    assert inspected.exit_code == 0, inspected.output
+    assert "  image size: dynamic, input 'x': height a multiple of 8, at least 16; width" in inspected.stdout
+    assert "  preprocessing: each image at its own size, RGB" in inspected.stdout
 
 
 def test_inspect_says_whether_the_size_is_fixed_or_dynamic(tmp_path):
