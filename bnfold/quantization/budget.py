@@ -25,7 +25,7 @@ from ..predictor import Predictor, TensorSpec
 from ..progress import Progress
 from ..report import FLOAT, INT8, Int8Layer, Int8Output, Int8Report
 from .calibration import BatchReader, SplitData, split_data
-from .check import judge, lowest_sqnr, measure, pytorch_outputs
+from .check import deployed_predictor, judge, lowest_sqnr, measure, pytorch_outputs
 from .layers import WEIGHT_OPS, WeightLayer, weight_layers
 from .quantize import quantize
 
@@ -73,7 +73,7 @@ class _Quantizer:
             exclude=list(excluded),
             cache=self.cache,
         )
-        errors = measure(out, arrays, reference)
+        errors = measure(deployed_predictor(out), arrays, reference)
         outputs = judge(errors, self.options.int8_min_agreement, self.options.int8_min_sqnr)
         return _Attempt(list(excluded), outputs, lowest_sqnr(errors))
 

@@ -45,11 +45,9 @@ def deployed_predictor(path: str | os.PathLike[str]) -> Predictor:
     return Predictor(path, device="cpu", optimize=True, spin_wait=False, batch_size=DATA_CHUNK)
 
 
-def measure(
-    path: str | os.PathLike[str], arrays: dict[str, np.ndarray], reference: list[np.ndarray]
-) -> list[OutputError]:
-    """Each output's distance between the model at ``path`` on ``arrays`` and ``reference``."""
-    predictor = deployed_predictor(path)
+def measure(predictor: Predictor, arrays: dict[str, np.ndarray], reference: list[np.ndarray]) -> list[OutputError]:
+    """Each output's distance between ``predictor``'s model (see :func:`deployed_predictor`) on
+    ``arrays`` and ``reference``."""
     got = predictor.run({s.name: predictor.check_input(s, arrays[s.name]) for s in predictor.inputs})
     errors = [OutputError(spec.name) for spec in predictor.outputs]
     if len(got) != len(reference):
@@ -78,7 +76,7 @@ def verify_int8(module: nn.Module, path: str | os.PathLike[str], inputs: ArraysA
     predictor = deployed_predictor(path)
     arrays = load_inputs(inputs, predictor.inputs)
     reference = pytorch_outputs(module, arrays, predictor.inputs)
-    errors = measure(path, arrays, reference)
+    errors = measure(predictor, arrays, reference)
     return Int8Report(
         calibration_method=facts["calibration_method"],
         calibration_samples=facts["calibration_samples"],
