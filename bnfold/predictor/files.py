@@ -16,8 +16,9 @@ import numpy as np
 from ..arrays import read_arrays, select_inputs
 from ..batching import plan_batches
 from ..errors import Param, UsageError
-from ..images import group_by_size
+from ..images import group_by_size, load_images
 from ..inputs import IMAGES, TABLES, local_inputs, one_kind
+from ..metadata import Preprocess
 from ..progress import Progress
 from .runner import Predictor
 
@@ -92,8 +93,11 @@ def _source(predictor: Predictor, files: list[Path]) -> tuple[list[str], list[_G
             DATA, ": parquet files are read on Ray Data (bnfold predict --ray, or bnfold.on_ray.predict_dataset)"
         )
     if kind == IMAGES:
-        groups = group_by_size(files, predictor.image_preprocessing())
-        return [str(p) for p in files], [_image_group(predictor, [files[i] for i in rows], rows) for rows in groups]
+        preprocess = predictor.image_preprocessing()
+        groups = group_by_size(files, preprocess)
+        return [str(p) for p in files], [
+            _image_group(predictor, preprocess, [files[i] for i in rows], rows) for rows in groups
+        ]
     input_names = [s.name for s in predictor.inputs]
     per_file = [select_inputs(read_arrays(file, DATA), input_names, (DATA, f" {file}")) for file in files]
     by_shape: dict[tuple[tuple[int, ...], ...], list[int]] = {}  # sample shapes -> files
@@ -121,5 +125,6 @@ def _source(predictor: Predictor, files: list[Path]) -> tuple[list[str], list[_G
     return names, groups
 
 
-def _image_group(predictor: Predictor, paths: list[Path], rows: list[int]) -> _Group:
-    return _Group(rows, lambda part: predictor.predict_images(paths[part]))
+def _image_group(predictor: Predictor, preprocess: Preprocess, paths: list[Path], rows: list[int]) -> _Group:
+    """Images that come out of ``preprocess`` at one size (already grouped: read once, not sized again)."""
+    return _Group(rows, lambda part: predictor.predict(load_images(paths[part], preprocess)))
