@@ -1,5 +1,10 @@
-"""Defaults of verification and recalibration, apart from :mod:`bnfold.verify` and
-:mod:`bnfold.recalibrate` so that the CLI can show them without importing torch."""
+"""Defaults of verification, recalibration and INT8 export, and the check of verification's
+settings, apart from :mod:`bnfold.verification` and :mod:`bnfold.recalibration` so that the CLI
+and :class:`bnfold.ExportOptions` can use them without importing torch."""
+
+from __future__ import annotations
+
+from .errors import Param, UsageError
 
 # Defaults, justified in the README ("Verification tolerances"): fp32 re-association error of a
 # folded network is ~1e-6 of the output scale; a wrong fold (dropped eps, one mis-scaled channel)
@@ -21,3 +26,13 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT8_MIN_AGREEMENT = 0.99
 INT8_MIN_SQNR_DB = 20.0
 INT8_MAX_FLOAT_LAYERS = 3
+
+
+def check_verification_settings(rtol: float | None, atol: float | None, reference: str) -> None:
+    """A :class:`~bnfold.errors.UsageError` naming the setting unless ``rtol``/``atol`` are unset
+    or non-negative (NaN is not) and ``reference`` is one of :data:`REFERENCES`."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value >= 0:
+            raise UsageError(Param(name), f" must be non-negative (got {value})")
+    if reference not in REFERENCES:
+        raise UsageError(Param("reference"), f" {reference!r}: expected one of {', '.join(REFERENCES)}")

@@ -21,7 +21,7 @@ from .defaults import (
     INT8_MAX_FLOAT_LAYERS,
     INT8_MIN_AGREEMENT,
     INT8_MIN_SQNR_DB,
-    REFERENCES,
+    check_verification_settings,
 )
 from .errors import Param, UsageError
 from .metadata import Preprocess
@@ -94,12 +94,7 @@ class ExportOptions:
                 object.__setattr__(self, name, _names(name, value))
         if self.keep_io_types and not self.fp16:
             raise UsageError(Param("keep_io_types", True), " only applies with ", Param("fp16", True))
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:  # NaN fails too
-                raise UsageError(Param(name), f" must be non-negative (got {value})")
-        if self.reference not in REFERENCES:
-            raise UsageError(Param("reference"), f" {self.reference!r}: expected one of {', '.join(REFERENCES)}")
+        check_verification_settings(self.rtol, self.atol, self.reference)
         if self.rules is not None or self.skip_rules is not None:
             from .folding.rules import select  # imports torch: only when rules are chosen
 

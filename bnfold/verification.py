@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from .batching import plan_batches
-from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, REFERENCES
+from .defaults import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, check_verification_settings
 from .errors import BnfoldError, Param, UsageError
 from .metadata import WEIGHT_DTYPE_KEY
 from .predictor import Predictor, TensorSpec
@@ -195,10 +195,7 @@ def verify(
     comparison that fails on the numbers alone is arbitrated that way before it fails (see
     :func:`_arbitrate`); the report says so (``float64_arbitration``).
     """
-    if (rtol is not None and rtol < 0) or (atol is not None and atol < 0):
-        raise UsageError(Param("rtol"), "/", Param("atol"), f" must be non-negative (got rtol={rtol}, atol={atol})")
-    if reference not in REFERENCES:
-        raise UsageError(Param("reference"), f" {reference!r}: expected one of {', '.join(REFERENCES)}")
+    check_verification_settings(rtol, atol, reference)
     progress = progress or Progress()
     # ORT and PyTorch take turns on the same cores: ORT threads spinning after a run would slow PyTorch down.
     predictor = Predictor(onnx_path, device="cpu", optimize=False, spin_wait=False)
