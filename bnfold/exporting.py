@@ -22,6 +22,7 @@ from .export_options import ExportOptions
 from .folding import fold
 from .folding.capture import CAPTURE_BATCH, dynamic_shapes, with_batch
 from .folding.precision import to_float16, with_float32_io
+from .image_sizes import ImageSizes
 from .metadata import (
     FOLD_REPORT_KEY,
     INPUT_NAMES_KEY,
@@ -37,7 +38,6 @@ from .onnx_ir import count_ops, onnx_opset, tensor_bytes, weight_dtype
 from .onnx_writer import release_weights
 from .progress import Progress
 from .report import ExportResult, FoldReport
-from .sizes import ImageSizes
 from .staging import (
     EXTERNAL_DATA_THRESHOLD,
     Staged,

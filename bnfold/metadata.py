@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Param, UsageError
-from .sizes import ImageSizes
+from .image_sizes import ImageSizes
 
 VERSION_KEY = "bnfold_version"
 FOLD_REPORT_KEY = "bnfold_fold_report"
@@ -34,7 +34,7 @@ LABELS_KEY = "bnfold_labels"
 PREPROCESS_KEY = "bnfold_preprocess"
 IMAGE_SIZES_KEY = "bnfold_image_sizes"
 """A dynamic-size model's image sizes: input name -> ``{"height": {"min", "multiple_of", "max"},
-"width": {...}, "example": [h, w]}`` (see :mod:`bnfold.sizes`); absent when the size is fixed."""
+"width": {...}, "example": [h, w]}`` (see :mod:`bnfold.image_sizes`); absent when the size is fixed."""
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
 DYNAMIC = "dynamic"
 """``--preprocess-size dynamic``: each image keeps its own size (a dynamic-size model)."""

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .sizes import ImageSizes
+from .image_sizes import ImageSizes
 
 FOLDED = "folded"
 KEPT = "kept"

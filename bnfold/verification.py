@@ -57,7 +57,7 @@ def random_inputs(
 def other_size_inputs(predictor: Predictor, seed: int) -> list[dict[str, np.ndarray]]:
     """For a dynamic-size model: seeded random inputs of one sample (the static batch if fixed)
     at each size besides the example's that verification tries (see
-    :meth:`bnfold.sizes.ImageSizes.verification_sizes`); none for a model of fixed size."""
+    :meth:`bnfold.image_sizes.ImageSizes.verification_sizes`); none for a model of fixed size."""
     plans = {name: rule.verification_sizes() for name, rule in predictor.image_sizes.items()}
     count = max((len(plan) for plan in plans.values()), default=0)
     batch = predictor.static_batch or 1

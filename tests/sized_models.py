@@ -14,8 +14,8 @@ from helpers import randomize_batchnorms
 from onnx import TensorProto, helper
 from torch import nn
 
+from bnfold.image_sizes import AxisSizes, ImageSizes
 from bnfold.metadata import Preprocess, image_size_props, metadata_props
-from bnfold.sizes import AxisSizes, ImageSizes
 
 
 def block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -17,9 +17,9 @@ from sized_models import DeepLabLike, FPNLike, UNetLike, YoloLike, model
 from torch import nn
 
 import bnfold
+from bnfold.image_sizes import AxisSizes
 from bnfold.metadata import Preprocess
 from bnfold.predictor import Predictor
-from bnfold.sizes import AxisSizes
 
 # kind, example HxW, the sizes each axis takes
 MODELS = {

@@ -14,11 +14,11 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from ..errors import FoldError, Param, UsageError, first_line
-from ..sizes import ImageSizes
+from ..image_sizes import ImageSizes
 from ..user_module import attributes_restored, eval_mode, model_failures, quiet_torch, run_eval
 from .batch_guard import batch_fixing_line
+from .captured_sizes import image_sizes, is_image
 from .guard_log import GuardLog
-from .sizes import image_sizes, is_image
 
 # torch.export specialises a dimension whose example size is 0 or 1, so a dynamic batch is
 # captured with this example batch size (inputs are repeated along dim 0 to reach it).
@@ -35,7 +35,7 @@ def dynamic_shapes(module: nn.Module, inputs: Sequence[torch.Tensor], *, batch: 
     """A ``dynamic_shapes`` spec for ``module.forward``'s signature (a ``*args`` parameter takes a
     tuple of specs): with ``batch``, dim 0 of every input is one shared batch dimension; with
     ``size``, the height and width of every image-like input are free (``Dim.AUTO``: torch finds
-    their constraints, see :mod:`bnfold.folding.sizes`)."""
+    their constraints, see :mod:`bnfold.folding.captured_sizes`)."""
     shared = torch.export.Dim("batch", min=1)
 
     def axes(x: torch.Tensor) -> dict[int, Any]:
@@ -149,7 +149,7 @@ def capture_sized(
 ) -> tuple[ExportedProgram, tuple[ImageSizes | None, ...]]:
     """:func:`capture` with the height and width of every image-like input (``NxCxHxW``) free:
     the program, and the sizes each input takes (``None`` for one that is not image-like; see
-    :mod:`bnfold.folding.sizes`). A model whose code fixes a size is a :class:`FoldError` naming
+    :mod:`bnfold.folding.captured_sizes`). A model whose code fixes a size is a :class:`FoldError` naming
     the op and the line; a model without an image-like input is a :class:`UsageError`."""
     module = unwrap(module)
     inputs = tuple(example_inputs)

@@ -14,9 +14,9 @@ import onnxruntime as ort
 
 from ..batching import Batch, plan_batches, run_in_batches
 from ..errors import BnfoldError, ModelLoadError, Param, UsageError, first_line
+from ..image_sizes import ImageSizes
 from ..images import group_by_size, load_images
 from ..metadata import Preprocess, from_metadata, image_sizes_from_metadata, int8_from_metadata
-from ..sizes import ImageSizes
 from .binding import is_torch, run_bound
 from .session import CudaUnavailableWarning, open_session, placement, session_options
 from .specs import TensorSpec, tensor_spec

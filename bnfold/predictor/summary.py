@@ -8,8 +8,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from ..image_sizes import ImageSizes
 from ..metadata import FOLD_REPORT_KEY, VERSION_KEY, WEIGHT_DTYPE_KEY
-from ..sizes import ImageSizes
 from .runner import Predictor
 from .specs import TensorSpec
 

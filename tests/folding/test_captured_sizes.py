@@ -11,7 +11,7 @@ import torch
 from sized_models import CachedGrid, HardReshape, PositionalEmbedding, UNetLike, model
 
 import bnfold
-from bnfold.sizes import AxisSizes
+from bnfold.image_sizes import AxisSizes
 
 
 def test_an_encoder_decoder_takes_multiples_of_its_stride_and_is_proven_at_a_second_size():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bnfold.sizes import AxisSizes, ImageSizes
+from bnfold.image_sizes import AxisSizes, ImageSizes
 
 STRIDE_8 = AxisSizes(16, 8)
 

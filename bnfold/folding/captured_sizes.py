@@ -6,7 +6,7 @@ axis are evaluated (as torch evaluates them) for every size in a window from 1 t
 traced size and more. Away from the smallest sizes they repeat with a period (the total stride,
 when a decoder concatenates upsampled features with skip connections); the sizes stated are
 those of the traced size's class modulo that period, from the smallest after which the whole
-class is allowed: ``min + k·multiple_of`` (:class:`bnfold.sizes.AxisSizes`), a safe subset of
+class is allowed: ``min + k·multiple_of`` (:class:`bnfold.image_sizes.AxisSizes`), a safe subset of
 what the program takes when ``ceil`` rounding allows a few more. A model whose code fixes a size (a hard-coded reshape, a positional embedding of fixed length, a cached grid)
 specialises the axis, or allows only sizes near the traced one: it is refused, naming the op
 and the model's line that added the guard.
@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import FoldError, Param
-from ..sizes import AXES, IMAGE_RANK, AxisSizes, ImageSizes
+from ..image_sizes import AXES, IMAGE_RANK, AxisSizes, ImageSizes
 from .guard_log import GuardLog, GuardSite
 
 # Sizes tried per axis: 1 to twice the traced size plus this.

@@ -3,7 +3,7 @@
 Each spatial axis of an image-like input (``NxCxHxW``) takes the sizes ``min + k·multiple_of``
 (``k = 0, 1, ...``), up to ``max`` when there is one: for the usual network, the multiples of its
 total stride from some smallest size. The export finds them in the captured program (see
-:mod:`bnfold.folding.sizes`), stores them in the ONNX metadata, and everything that runs the model
+:mod:`bnfold.folding.captured_sizes`), stores them in the ONNX metadata, and everything that runs the model
 checks an input against them before ONNX Runtime sees it.
 
 Imports neither torch nor ONNX: the Predictor and the serving code read these rules too.
